@@ -1,0 +1,1 @@
+"""Data: manifests (schema, importers, validation), image decoding, views, datasets, cache."""

@@ -1,0 +1,258 @@
+"""The manifest: one table, one row per image, saved as CSV or Parquet with its root and hash.
+
+Columns (see data_manifests/README.md):
+    image_id  str, unique
+    path      str, relative to the dataset root (POSIX separators)
+    label     str, class name; "" for unlabeled images
+    split     one of train, val, test, unlabeled
+    bbox_x, bbox_y, bbox_w, bbox_h   optional float pixels (all four or none; NaN = no box)
+Extra columns are kept as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from finegrain.errors import ManifestError
+from finegrain.fsutil import atomic_path
+
+REQUIRED_COLUMNS = ("image_id", "path", "label", "split")
+BBOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
+SPLITS = ("train", "val", "test", "unlabeled")
+FORMAT_VERSION = 1
+_CSV_MAGIC = "# finegrain-manifest "
+_PARQUET_KEY = b"finegrain"
+
+
+def _examples(values, n: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:n])
+    return shown + (f" ... ({len(values)} in all)" if len(values) > n else "")
+
+
+def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Check a table against the manifest schema and return a normalised copy.
+
+    Raises:
+        ManifestError: listing every schema problem found (missing columns, unknown splits,
+            empty or duplicated ids/paths, labels where there should be none, bad boxes).
+    """
+    problems: list[str] = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"manifest is missing column(s) {', '.join(missing)}; it has {', '.join(map(str, table.columns))}. "
+            f"Required: {', '.join(REQUIRED_COLUMNS)}."
+        )
+    df = table.copy().reset_index(drop=True)
+    for col in REQUIRED_COLUMNS:
+        df[col] = df[col].fillna("").astype(str).str.strip()
+    df["split"] = df["split"].str.lower()
+    df["path"] = df["path"].str.replace("\\", "/", regex=False)
+
+    bad_split = sorted(set(df["split"]) - set(SPLITS))
+    if bad_split:
+        problems.append(f"unknown split value(s) {_examples(bad_split)}; allowed: {', '.join(SPLITS)}")
+    empty_path = df.index[df["path"] == ""]
+    if len(empty_path):
+        problems.append(f"{len(empty_path)} row(s) have an empty path (rows {_examples(empty_path.tolist())})")
+    empty_id = df.index[df["image_id"] == ""]
+    if len(empty_id):
+        problems.append(f"{len(empty_id)} row(s) have an empty image_id (rows {_examples(empty_id.tolist())})")
+    dup_ids = df["image_id"][df["image_id"].duplicated() & (df["image_id"] != "")]
+    if len(dup_ids):
+        problems.append(f"duplicated image_id(s): {_examples(sorted(set(dup_ids)))}")
+    dup_paths = df["path"][df["path"].duplicated() & (df["path"] != "")]
+    if len(dup_paths):
+        problems.append(f"duplicated row(s) for path(s): {_examples(sorted(set(dup_paths)))}")
+    labelled_split = df["split"].isin(["train", "val", "test"])
+    no_label = df.loc[labelled_split & (df["label"] == ""), "path"]
+    if len(no_label):
+        problems.append(
+            f"{len(no_label)} train/val/test row(s) have no label (use split 'unlabeled' for "
+            f"images without one): {_examples(no_label.tolist())}"
+        )
+    hidden = df.loc[(df["split"] == "unlabeled") & (df["label"] != ""), "path"]
+    if len(hidden):
+        problems.append(
+            f"{len(hidden)} row(s) in split 'unlabeled' have a label; leave it empty: {_examples(hidden.tolist())}"
+        )
+
+    present = [c for c in BBOX_COLUMNS if c in df.columns]
+    if present and len(present) != len(BBOX_COLUMNS):
+        problems.append(f"bounding boxes need all of {', '.join(BBOX_COLUMNS)}; found only {', '.join(present)}")
+    elif present:
+        for c in BBOX_COLUMNS:
+            raw = df[c].replace("", np.nan)
+            num = pd.to_numeric(raw, errors="coerce")
+            bad = df.loc[num.isna() & raw.notna(), "path"]
+            if len(bad):
+                problems.append(f"column {c} has non-numeric values for {_examples(bad.tolist())}")
+            df[c] = num.astype("float64")
+        boxes = df[list(BBOX_COLUMNS)]
+        partial = boxes.isna().any(axis=1) & boxes.notna().any(axis=1)
+        if partial.any():
+            problems.append(f"{int(partial.sum())} row(s) have a partial bounding box: {_examples(df.loc[partial, 'path'].tolist())}")
+    if problems:
+        raise ManifestError("invalid manifest:\n  - " + "\n  - ".join(problems))
+    return df
+
+
+@dataclass
+class Manifest:
+    """A validated manifest table and the folder its paths are relative to.
+
+    Attributes:
+        table: the normalised DataFrame (one row per image, columns as in the module docstring).
+        root: absolute dataset root folder.
+    """
+
+    table: pd.DataFrame
+    root: Path
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, root: str | os.PathLike) -> "Manifest":
+        """Build a manifest from a DataFrame, checking the schema (raises ManifestError)."""
+        return cls(normalize_table(table), Path(root).expanduser().resolve())
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def has_bboxes(self) -> bool:
+        """True when the table has bounding-box columns with at least one box."""
+        return all(c in self.table.columns for c in BBOX_COLUMNS) and bool(self.table["bbox_w"].notna().any())
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted names of every class that appears in the manifest (any split)."""
+        return sorted(set(self.table["label"]) - {""})
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 (hex) of the table's schema columns, in row order; independent of file format."""
+        cols = list(REQUIRED_COLUMNS) + [c for c in BBOX_COLUMNS if c in self.table.columns]
+        text = self.table[cols].to_csv(index=False, lineterminator="\n", float_format="%.4f")
+        return hashlib.sha256(f"finegrain-manifest-v{FORMAT_VERSION}\n{text}".encode()).hexdigest()
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of images per split, e.g. {"train": 1452, "test": 1500}."""
+        return {s: int(n) for s, n in self.table["split"].value_counts().items()}
+
+    def select(self, splits) -> "Manifest":
+        """A manifest with only the rows whose split is in `splits` (a name or a collection)."""
+        splits = [splits] if isinstance(splits, str) else list(splits)
+        unknown = set(splits) - set(SPLITS)
+        if unknown:
+            raise ManifestError(f"unknown split(s) {sorted(unknown)}; allowed: {', '.join(SPLITS)}")
+        return Manifest(self.table[self.table["split"].isin(splits)].reset_index(drop=True), self.root)
+
+    def abspath(self, rel: str) -> Path:
+        """Absolute path of a manifest path (no check that it exists or stays under root)."""
+        return self.root / rel
+
+    # --- files -------------------------------------------------------------------------------
+    def _meta(self, out: Path) -> dict:
+        try:
+            rel_root = os.path.relpath(self.root, out.resolve().parent)
+        except ValueError:  # different drive on Windows
+            rel_root = str(self.root)
+        return {
+            "format_version": FORMAT_VERSION,
+            "root": Path(rel_root).as_posix(),
+            "root_absolute": str(self.root),
+            "content_hash": self.content_hash,
+            "rows": len(self.table),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the manifest atomically as .csv or .parquet (chosen by suffix).
+
+        The root is stored relative to the manifest file (and absolute, as a fallback), with the
+        content hash: in the Parquet schema metadata, or in a leading `# finegrain-manifest {json}`
+        line of the CSV.
+        """
+        out = Path(path)
+        meta = self._meta(out)
+        suffix = out.suffix.lower()
+        if suffix not in (".csv", ".parquet"):
+            raise ManifestError(f"{out}: a manifest file must end in .csv or .parquet")
+        with atomic_path(out) as tmp:
+            if suffix == ".csv":
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    f.write(_CSV_MAGIC + json.dumps(meta) + "\n")
+                    self.table.to_csv(f, index=False, lineterminator="\n")
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                arrow = pa.Table.from_pandas(self.table, preserve_index=False)
+                schema_meta = dict(arrow.schema.metadata or {})
+                schema_meta[_PARQUET_KEY] = json.dumps(meta).encode()
+                pq.write_table(arrow.replace_schema_metadata(schema_meta), tmp)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, root: str | os.PathLike | None = None) -> "Manifest":
+        """Read a manifest written by `save` (or a hand-written CSV/Parquet with the schema columns).
+
+        Args:
+            path: the .csv or .parquet file.
+            root: dataset root; overrides the stored one. Without it, the stored root is used
+                (relative to the manifest file first, then the stored absolute path), and for a
+                file with no stored root, the manifest's own folder.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ManifestError(f"manifest file not found: {path}")
+        meta: dict = {}
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                arrow = pq.read_table(path)
+                raw = (arrow.schema.metadata or {}).get(_PARQUET_KEY)
+                meta = json.loads(raw) if raw else {}
+                table = arrow.to_pandas()
+            elif suffix in (".csv", ".tsv"):
+                with open(path, encoding="utf-8", newline="") as f:
+                    first = f.readline()
+                    if first.startswith(_CSV_MAGIC):
+                        meta = json.loads(first[len(_CSV_MAGIC):])
+                    else:
+                        f.seek(0)
+                    sep = "\t" if suffix == ".tsv" else ","
+                    table = pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep)
+            else:
+                raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .csv or .parquet)")
+        except ManifestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+            raise ManifestError(f"{path}: cannot read manifest ({e})") from None
+        if root is None:
+            root = cls._stored_root(path, meta)
+        try:
+            return cls.from_table(table, root)
+        except ManifestError as e:
+            raise ManifestError(f"{path}: {e}") from None
+
+    @staticmethod
+    def _stored_root(path: Path, meta: dict) -> Path:
+        base = path.resolve().parent
+        if "root" not in meta:
+            return base
+        relative = (base / meta["root"]).resolve()
+        if relative.is_dir():
+            return relative
+        absolute = Path(meta.get("root_absolute", ""))
+        if meta.get("root_absolute") and absolute.is_dir():
+            return absolute
+        return relative
