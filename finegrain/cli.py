@@ -159,8 +159,10 @@ def manifest_validate(
     allow_unseen_classes: Annotated[bool, typer.Option(help="Classes with no training images are warnings (zero-shot retrieval).")] = False,
     show_classes: Annotated[bool, typer.Option(help="Print the image count of every class.")] = False,
 ):
-    """Check every file and row: missing, undecodable or duplicated images, train/test overlap,
-    classes without training images, paths leaving the root, boxes outside the image.
+    """Check every file and row of a manifest before training on it.
+
+    Finds missing, undecodable or duplicated images, train/test overlap, classes without
+    training images, paths leaving the root and boxes outside the image.
 
     Exit code 1 when there are errors; warnings are listed but do not fail.
 
@@ -204,8 +206,10 @@ def demo_data(
     test_fraction: Annotated[float, typer.Option(help="Fraction of each species in the test split.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
-    """Draw a synthetic fine-grained bird dataset (species differ in bill, crown, wing bar,
-    eye ring and breast pattern) and write its manifest to OUT_DIR/manifest.csv.
+    """Draw a synthetic fine-grained bird dataset and write its manifest to OUT_DIR/manifest.csv.
+
+    Species differ only in bill length, crown colour, wing bar, eye ring and breast pattern;
+    pose, scale, plumage, background and lighting vary freely.
 
     Example: finegrain demo-data demo/birds --classes 12 --per-class 40
     """

@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic bird datasets, odd image files and the real cub50 birds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+from finegrain.data.manifest import Manifest  # noqa: E402
+from finegrain.data.synthetic import make_demo_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CUB50 = Path(os.environ.get("FINEGRAIN_CUB50", REPO.parent / "shared" / "data" / "cub50"))
+
+
+@pytest.fixture(scope="session")
+def cub50() -> Path:
+    """The real 50-species CUB subset; tests using it skip when it is absent."""
+    if not (CUB50 / "images.txt").is_file():
+        pytest.skip(f"real CUB data not found at {CUB50} (set FINEGRAIN_CUB50)")
+    return CUB50
+
+
+@pytest.fixture(scope="session")
+def _birds_master(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("birds_master")
+    make_demo_dataset(out, classes=4, per_class=8, image_size=64, seed=3)
+    return out
+
+
+@pytest.fixture
+def birds(_birds_master, tmp_path) -> Manifest:
+    """A fresh, writable copy of a small synthetic dataset (4 species x 8 images, 64 px): tests may break it."""
+    dst = tmp_path / "birds"
+    shutil.copytree(_birds_master, dst)
+    return Manifest.load(dst / "manifest.csv")
