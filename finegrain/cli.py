@@ -219,6 +219,124 @@ def demo_data(
     _report_written(manifest, Path(out_dir) / "manifest.csv")
 
 
+# --- training stages: options generated from the config dataclasses --------------------------
+OPTION_HELP = {
+    "manifest": "Manifest file (.csv/.parquet) of the images.",
+    "out": "Output folder for the stage's artifact.",
+    "root": "Dataset root (overrides the one stored in the manifest).",
+    "backbone": "Any timm model name; `finegrain backbones` lists what works offline.",
+    "weights": "Backbone weights: a .safetensors/.pth state dict, 'builtin' (offline ImageNet weights), or 'none'. Default: builtin when the backbone has them.",
+    "pretrained": "Download timm hub weights (needs internet).",
+    "image_size": "Training image side in pixels.",
+    "batch_size": "Images per batch per process.",
+    "epochs": "Passes over the training images.",
+    "max_steps": "Stop after this many optimizer steps (the schedule is sized for it).",
+    "lr": "Learning rate (default: the method's base rate x batch / 256).",
+    "optimizer": "timm optimizer name: sgd, adamw, lars, ...",
+    "weight_decay": "Weight decay.",
+    "warmup_epochs": "Linear warm-up length in epochs, then cosine decay.",
+    "accumulate": "Gradient accumulation: micro-batches per optimizer step.",
+    "amp": "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.",
+    "channels_last": "Use channels-last memory format.",
+    "sync_bn": "Synchronise BatchNorm across processes under torchrun (CUDA).",
+    "device": "auto, cpu or cuda.",
+    "seed": "Random seed (data order, augmentations, initialisation).",
+    "workers": "DataLoader worker processes.",
+    "cache_images": "Decode and resize images once into a uint8 memory map.",
+    "cache_dir": "Folder for the decoded-image cache (default ~/.cache/finegrain/images or $FINEGRAIN_CACHE).",
+    "checkpoint_every": "Also checkpoint every N optimizer steps (0: at epoch ends only).",
+    "log_every": "Optimizer steps between logged metric lines.",
+    "resume": "Continue the unfinished run in --out from its checkpoint.",
+    "knn_monitor": "Report kNN accuracy on labelled val/test images after each epoch.",
+    "wandb": "Weights & Biases mode: offline (default, no account needed), online, disabled.",
+    "wandb_project": "W&B project.",
+    "wandb_entity": "W&B entity (user or team).",
+    "wandb_tags": "W&B tag (repeat for several).",
+    "on_bad_image": "error: stop before training if a file is bad; skip: leave bad files out.",
+    "method": "simclr or moco.",
+    "temperature": "Contrastive temperature (default 0.5 for simclr, 0.2 for moco).",
+    "proj_dim": "Projection head output size.",
+    "proj_hidden": "Projection head hidden size (0: the backbone's embedding size).",
+    "views": "View recipe: simclr, supcon, eval.",
+    "queue_size": "MoCo: negatives kept in the queue.",
+    "moco_momentum": "MoCo: starting EMA momentum of the key encoder (rises to 1 on a cosine).",
+}
+
+
+def _stage_command(name: str, config_cls, run, doc: str):
+    """Register a command whose options are the fields of `config_cls` and which calls `run(config)`."""
+    import dataclasses
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    params = []
+    for f in dataclasses.fields(config_cls):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        decls = [flag, "-o"] if f.name == "out" else [f"{flag}/--no-{flag[2:]}"] if hint is bool else [flag]
+        if f.name == "wandb_tags":
+            decls = ["--wandb-tag"]
+        if f.name in ("manifest", "out"):
+            default = ...
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[hint, typer.Option(*decls, help=OPTION_HELP.get(f.name, ""))], default=default))
+
+    def command(**kwargs):
+        config = config_cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()})
+        run(config)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(user_errors(command))
+
+
+def _run_pretrain(config) -> None:
+    from finegrain.stages.pretrain import run_pretrain
+
+    artifact = run_pretrain(config)
+    if artifact is not None:
+        out.print(f"artifact: {artifact.path}")
+
+
+def _register_stages() -> None:
+    from finegrain.config import PretrainConfig
+
+    _stage_command("pretrain", PretrainConfig, _run_pretrain, """Self-supervised contrastive pretraining (SimCLR, MoCo v2) of any timm backbone.
+
+    Labels are ignored: every train and unlabeled image is used. Writes an artifact folder that
+    `supcon` and `evaluate` start from. Scale out with torchrun.
+
+    Example: finegrain pretrain --manifest data_manifests/cub50.csv --out runs/pretrain --method moco --image-size 128 --epochs 20
+
+    Example (2 GPUs): torchrun --nproc_per_node 2 -m finegrain pretrain --manifest M --out runs/p
+    """)
+
+
+_register_stages()
+
+
+@app.command("backbones")
+@user_errors
+def backbones():
+    """List the backbones that have built-in offline weights (no download needed).
+
+    Any other timm model works with --weights FILE or --pretrained (download).
+
+    Example: finegrain backbones
+    """
+    from finegrain.models.backbone import offline_backbones
+
+    table = Table("backbone", "embedding", "weights from", "installed")
+    for row in offline_backbones():
+        table.add_row(str(row.get("name")), str(row.get("embedding_dim", row.get("embedding_size", "?"))),
+                      str(row.get("source", row.get("package", ""))), "yes" if row.get("installed") else "no")
+    out.print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -118,3 +118,23 @@ def test_cache_on_real_birds(cub50, tmp_path):
     ds = ManifestDataset(m, build_view(make_recipe("simclr", image_size=64)), n_views=2, cache=cache)
     views, label, _ = ds[0]
     assert views[0].shape == (3, 64, 64) and label >= 0
+
+
+def test_seeded_views_do_not_depend_on_workers_or_order(birds):
+    def epoch_views(workers, shuffle_seed):
+        ds = ManifestDataset(birds, build_view(make_recipe("simclr", image_size=32)), n_views=2, seed=11)
+        ds.set_epoch(1)
+        g = torch.Generator().manual_seed(shuffle_seed)
+        out = {}
+        for views, _, index in DataLoader(ds, batch_size=5, shuffle=True, generator=g, num_workers=workers):
+            for j, i in enumerate(index.tolist()):
+                out[i] = torch.stack([views[0][j], views[1][j]])
+        return out
+
+    a, b = epoch_views(0, 1), epoch_views(2, 2)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[i], b[i]) for i in a)
+    assert not torch.equal(a[0][0], a[0][1])  # the two views still differ
+    ds = ManifestDataset(birds, build_view(make_recipe("simclr", image_size=32)), seed=11)
+    ds.set_epoch(2)
+    assert not torch.equal(ds[0][0][0], a[0][0])  # a new epoch draws new views

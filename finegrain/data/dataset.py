@@ -39,6 +39,9 @@ class ManifestDataset(Dataset):
         cache: a DecodedImageCache built from this same manifest (pixels read from it).
         decode_min_side: without a cache, JPEGs may be decoded at reduced scale down to this
             shorter side (pixels); None decodes at full size.
+        seed: when given, the views of row i in epoch e are a function of (seed, e, i) alone
+            (each view is re-seeded before use), so augmentations do not depend on DataLoader
+            workers, batch order or where a resumed run starts. Call `set_epoch` every epoch.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class ManifestDataset(Dataset):
         on_bad_image: str = "error",
         cache: DecodedImageCache | None = None,
         decode_min_side: int | None = None,
+        seed: int | None = None,
     ):
         if on_bad_image not in ("error", "skip"):
             raise FinegrainError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -75,6 +79,12 @@ class ManifestDataset(Dataset):
         self.cache = cache
         self.decode_min_side = decode_min_side
         self._reported: set[str] = set()
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations `__getitem__` draws (when seeded)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,5 +114,9 @@ class ManifestDataset(Dataset):
         if self.bboxes is not None and not np.isnan(self.bboxes[i, 2]):
             bbox = self.bboxes[i] * image.scale
         pixels = image.pixels
-        views = [view(pixels, bbox) for view in self.views]
+        views = []
+        for v, view in enumerate(self.views):
+            if self.seed is not None and hasattr(view, "reseed"):
+                view.reseed(int(np.random.SeedSequence([self.seed, self.epoch, i, v]).generate_state(1)[0]))
+            views.append(view(pixels, bbox))
         return views, int(self.labels[i]), i

@@ -138,6 +138,12 @@ class View:
                 seed=seed,
             )
 
+    def reseed(self, seed: int) -> None:
+        """Reset the random state, so the next call is a function of `seed` alone."""
+        self._plain.set_random_seed(seed)
+        if self._boxed is not None:
+            self._boxed.set_random_seed(seed)
+
     def __call__(self, pixels: np.ndarray, bbox=None):
         has_box = bbox is not None and not np.isnan(bbox[2]) and bbox[2] > 0 and bbox[3] > 0
         if has_box:

@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, kNN, linear probe, retrieval metrics, plots and report."""

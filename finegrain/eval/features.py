@@ -1,0 +1,44 @@
+"""Batched feature extraction, shared by evaluate, predict and the training-time kNN monitor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def extract_features(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 2,
+    amp_dtype: torch.dtype | None = None,
+    progress: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `embed` over a dataset of single views.
+
+    Args:
+        embed: (B, 3, S, S) -> (B, D) features (the caller puts the model in eval mode).
+        dataset: items (views, label, index) with one view (a ManifestDataset with an eval view).
+        progress: a description to show a progress bar with, or None.
+
+    Returns:
+        features (N, D) float32 on CPU in dataset order, labels (N,) int64 (-1 = unlabeled).
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    iterator = loader
+    if progress:
+        from rich.progress import track
+
+        iterator = track(loader, description=progress, transient=True)
+    for views, y, _ in iterator:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            f = embed(views[0].to(device, non_blocking=True))
+        feats.append(f.float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,28 @@
+"""Losses: pure functions of embeddings (and labels), chosen by name.
+
+Adding a loss is one file here and one line in ``LOSSES``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from finegrain.losses.info_nce import info_nce, update_queue
+from finegrain.losses.nt_xent import nt_xent
+
+LOSSES: dict[str, Callable[..., object]] = {
+    "nt_xent": nt_xent,
+    "info_nce": info_nce,
+}
+
+
+def get_loss(name: str) -> Callable[..., object]:
+    """The loss function registered as ``name``; ValueError listing the known names otherwise."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        known = ", ".join(sorted(LOSSES))
+        raise ValueError(f"unknown loss {name!r}; known losses: {known}") from None
+
+
+__all__ = ["LOSSES", "get_loss", "info_nce", "nt_xent", "update_queue"]

@@ -1,0 +1,135 @@
+"""What the training stages share: device and seeds, manifest checks, backbone, data, monitor, artifact."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finegrain import dist
+from finegrain.artifacts import ARTIFACT_FILE
+from finegrain.config import TrainConfig
+from finegrain.data.cache import DecodedImageCache
+from finegrain.data.dataset import ManifestDataset
+from finegrain.data.manifest import Manifest
+from finegrain.data.validate import check_manifest_or_raise
+from finegrain.data.views import build_view, make_recipe
+from finegrain.engine.checkpoint import CHECKPOINT_FILE
+from finegrain.engine.device import resolve_amp, resolve_device
+from finegrain.errors import FinegrainError
+
+log = logging.getLogger("finegrain")
+
+
+def setup(cfg: TrainConfig) -> torch.device:
+    """Resolve the device, join torchrun's process group if there is one, seed every RNG."""
+    device = resolve_device(cfg.device)
+    if dist.init_from_env(device.type) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    return device
+
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    """The output folder; refuses to overwrite a finished artifact or ignore a checkpoint silently."""
+    if not cfg.out:
+        raise FinegrainError("--out is required: the folder the stage writes its artifact to")
+    out = Path(cfg.out)
+    if (out / ARTIFACT_FILE).is_file():
+        raise FinegrainError(f"{out} already holds a finished artifact; choose another --out or delete it")
+    if (out / CHECKPOINT_FILE).is_file() and not cfg.resume:
+        raise FinegrainError(f"{out} holds a checkpoint of an unfinished run: pass --resume to continue it, or choose another --out")
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_checked_manifest(cfg: TrainConfig) -> Manifest:
+    """Load the manifest and validate it before training (bad files dropped with --on-bad-image skip)."""
+    if not cfg.manifest:
+        raise FinegrainError("--manifest is required")
+    manifest = Manifest.load(cfg.manifest, root=cfg.root)
+    manifest, report = check_manifest_or_raise(manifest, on_bad_image=cfg.on_bad_image, progress=dist.is_main())
+    for p in report.warnings[:10]:
+        log.warning("manifest: %s", p)
+    return manifest
+
+
+def build_backbone(cfg: TrainConfig) -> torch.nn.Module:
+    """The timm backbone (pooled features, no classifier) with the weights the config names.
+
+    weights: None -> built-in offline weights when the backbone has them, else random init;
+    "builtin"; "none" (random); or a file (.safetensors / .pth state dict).
+    """
+    from finegrain.models.backbone import create_backbone
+    from finegrain.models.weights import BUILTIN_WEIGHTS
+
+    weights = cfg.weights
+    if weights is None and not cfg.pretrained:
+        entry = BUILTIN_WEIGHTS.get(cfg.backbone)
+        weights = "builtin" if entry is not None and entry.installed() else "none"
+        if weights == "none":
+            log.warning("no weights given for %s: starting from random initialisation (see --weights, --pretrained)", cfg.backbone)
+    builtin = weights == "builtin"
+    file = None if weights in (None, "builtin", "none") else weights
+    return create_backbone(cfg.backbone, weights=file, pretrained=cfg.pretrained, builtin=builtin)
+
+
+def image_cache(cfg: TrainConfig, manifest: Manifest, image_size: int) -> DecodedImageCache | None:
+    """The decoded-image cache for these rows (built by rank 0 first), or None when disabled."""
+    if not cfg.cache_images:
+        return None
+    cache_dir = Path(cfg.cache_dir or os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain" / "images"))
+    side = int(round(image_size / 0.875))
+    if dist.is_main():
+        DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image)
+    dist.barrier()
+    return DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image, progress=False)
+
+
+def eval_dataset(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, class_names) -> ManifestDataset:
+    """Single eval views (resize + center crop, the backbone's normalisation) of these rows."""
+    recipe = make_recipe("eval", image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
+    return ManifestDataset(manifest, build_view(recipe), class_names=class_names, on_bad_image=cfg.on_bad_image,
+                           cache=image_cache(cfg, manifest, cfg.image_size))
+
+
+def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: torch.device):
+    """A callable monitor(method, epoch) -> {"knn_top1": ...} on labelled train vs val (or test) rows.
+
+    Like solo-learn's online kNN: it only shows whether the representation improves; nothing is
+    tuned on it. Returns None when the manifest has no labelled train and val/test rows.
+    """
+    from finegrain.eval.features import extract_features
+    from finegrain.eval.knn import knn_scores, topk_accuracy
+
+    if not cfg.knn_monitor or not dist.is_main():
+        return None
+    train = manifest.select("train")
+    query_split = "val" if (manifest.table["split"] == "val").any() else "test"
+    query = manifest.select(query_split)
+    if len(train) == 0 or len(query) == 0:
+        return None
+    names = sorted(set(train.table["label"]))
+    query = Manifest(query.table[query.table["label"].isin(names)].reset_index(drop=True), query.root)
+    if len(query) == 0:
+        return None
+    train_ds, query_ds = eval_dataset(cfg, train, data_cfg, names), eval_dataset(cfg, query, data_cfg, names)
+    amp = resolve_amp(cfg.amp, device)
+
+    def monitor(method, epoch):
+        was_training = method.training
+        method.eval()
+        ftr, ytr = extract_features(method.embed, train_ds, device=device, workers=cfg.workers, amp_dtype=amp, progress="kNN monitor: train features")
+        fq, yq = extract_features(method.embed, query_ds, device=device, workers=cfg.workers, amp_dtype=amp, progress=f"kNN monitor: {query_split} features")
+        method.train(was_training)
+        acc = topk_accuracy(knn_scores(ftr, ytr, fq, num_classes=len(names)), yq)
+        return {f"knn_top1_{query_split}": acc[1], f"knn_top5_{query_split}": acc[5]}
+
+    return monitor

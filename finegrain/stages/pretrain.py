@@ -1,0 +1,97 @@
+"""`finegrain pretrain`: self-supervised contrastive pretraining (SimCLR, MoCo v2) of a timm backbone.
+
+Labels are ignored: every train and unlabeled image is used. Writes a stage artifact (see
+finegrain.artifacts) whose "backbone.*" weights `supcon` and `evaluate` start from.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from finegrain import dist
+from finegrain.artifacts import Artifact, write_artifact
+from finegrain.config import PretrainConfig
+from finegrain.data.dataset import ManifestDataset
+from finegrain.data.views import build_view, make_recipe
+from finegrain.engine.loop import fit
+from finegrain.errors import FinegrainError
+from finegrain.stages.common import (build_backbone, image_cache, knn_monitor, load_checked_manifest,
+                                     prepare_out_dir, setup)
+from finegrain.stages.pretrain_methods import METHODS
+
+log = logging.getLogger("finegrain")
+
+
+def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
+    """Pretrain a backbone as `cfg` says and write its artifact to `cfg.out`.
+
+    Returns the Artifact on rank 0 (None on other ranks).
+    """
+    if cfg.method not in METHODS:
+        raise FinegrainError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    from finegrain.models.backbone import data_config
+    from finegrain.tracking import Tracker
+
+    device = setup(cfg)
+    out = prepare_out_dir(cfg)
+    manifest = load_checked_manifest(cfg)
+    train = manifest.select(["train", "unlabeled"])
+    if len(train) == 0:
+        raise FinegrainError(f"{cfg.manifest} has no train or unlabeled images to pretrain on")
+    backbone = build_backbone(cfg)
+    data_cfg = data_config(backbone)
+    method_cls = METHODS[cfg.method]
+    method = method_cls(backbone, proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature,
+                        queue_size=cfg.queue_size, moco_momentum=cfg.moco_momentum)
+    recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
+    dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=cfg.on_bad_image,
+                              cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
+    lr = cfg.lr if cfg.lr is not None else method_cls.base_lr * cfg.batch_size * cfg.accumulate * dist.world_size() / 256
+    config = {"stage": "pretrain", **cfg.to_dict(), "resolved_lr": lr, "view_recipe": recipe.to_dict()}
+    tracker = None
+    if dist.is_main():
+        tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
+                          job_type="pretrain", config=config, run_id=_stored_run_id(out) if cfg.resume else None)
+    log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, device %s", cfg.method, cfg.backbone,
+             len(train), cfg.image_size, cfg.batch_size, lr, device)
+    try:
+        result = fit(method, dataset, cfg, out, device=device, base_lr=lr, tracker=tracker,
+                     monitor=knn_monitor(cfg, manifest, data_cfg, device))
+        if not dist.is_main():
+            return None
+        metrics = {"final_loss": result.last_loss, "steps": result.steps, **result.monitor}
+        state = {f"backbone.{k}": v for k, v in method.backbone.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in method.head.state_dict().items()})
+        artifact = write_artifact(out, stage="pretrain", config=config, state_dict=state, info={
+            "backbone": cfg.backbone, "method": cfg.method, "embedding_dim": backbone.num_features,
+            "projection_dim": cfg.proj_dim, "image_size": cfg.image_size, "mean": list(data_cfg["mean"]),
+            "std": list(data_cfg["std"]), "interpolation": data_cfg.get("interpolation"), "crop_pct": data_cfg.get("crop_pct"),
+            "bbox_crop": False, "class_names": None, "manifest": str(cfg.manifest), "manifest_hash": manifest.content_hash,
+            "parent": None, "weights_source": cfg.weights or ("timm-hub" if cfg.pretrained else "default"),
+            "metrics": metrics, "wandb_run_id": tracker.run_id if tracker else None,
+        })
+        tracker.summary(metrics)
+        tracker.log_artifact(out, name=f"pretrain-{cfg.method}", type="model", metadata=metrics)
+        log.info("pretrain: wrote artifact %s (%s)", out, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return artifact
+    finally:
+        if tracker is not None:
+            tracker.finish()
+        dist.cleanup()
+
+
+def _unlabelled(manifest):
+    """The same rows with labels hidden: pretraining never sees them."""
+    from finegrain.data.manifest import Manifest
+
+    table = manifest.table.copy()
+    table["label"] = ""
+    table["split"] = "unlabeled"
+    return Manifest(table, manifest.root)
+
+
+def _stored_run_id(out):
+    from finegrain.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out)
+    return ckpt.get("wandb_run_id") if ckpt else None

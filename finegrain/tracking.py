@@ -1,0 +1,131 @@
+"""Run tracking: Weights & Biases (offline unless asked) plus a local metrics.jsonl that always works.
+
+Only this module imports wandb. If W&B cannot start or write, training goes on and the user is
+warned once; metrics.jsonl still gets every line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("finegrain")
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Tracker:
+    """Logs metrics to `<out>/metrics.jsonl` and to a W&B run.
+
+    Args:
+        out_dir: the stage's output folder (metrics.jsonl goes there; W&B files under out_dir/wandb).
+        mode: "offline" (default; no account or network needed; `wandb sync` uploads later),
+            "online" or "disabled".
+        project, entity, tags, name, job_type: W&B run fields.
+        config: the resolved stage config (dict), stored with the run.
+        run_id: resume this W&B run (pass the id stored in a checkpoint).
+        enabled: False on non-zero ranks: nothing is logged or written.
+    """
+
+    def __init__(self, out_dir, *, mode="offline", project="finegrain", entity=None, tags=(), name=None,
+                 job_type="train", config=None, run_id=None, enabled=True):
+        if mode not in WANDB_MODES:
+            from finegrain.errors import FinegrainError
+
+            raise FinegrainError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.run = None
+        self._warned = False
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            wandb_dir = self.out_dir / "wandb"
+            wandb_dir.mkdir(exist_ok=True)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                mode=mode, project=project, entity=entity, tags=list(tags) or None, name=name,
+                job_type=job_type, config=config, dir=str(self.out_dir), id=run_id,
+                resume="allow" if run_id else None, reinit="finish_previous",
+            )
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self._warn(f"W&B could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id, or None when W&B is not running."""
+        return getattr(self.run, "id", None)
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            log.warning(message)
+            self._warned = True
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        """Append one line {step, **metrics} to metrics.jsonl and log to W&B."""
+        if not self.enabled:
+            return
+        line = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(line) + "\n")
+        self._jsonl.flush()
+        if self.run is not None:
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as e:  # noqa: BLE001
+                self._warn(f"W&B logging failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
+
+    def summary(self, metrics: dict) -> None:
+        """Set the run's summary values (final metrics)."""
+        if self.run is not None:
+            try:
+                self.run.summary.update(metrics)
+            except Exception as e:  # noqa: BLE001
+                self._warn(f"W&B summary failed ({e})")
+
+    def log_artifact(self, folder, *, name: str, type: str, metadata: dict | None = None, parent: str | None = None) -> None:
+        """Log a stage artifact folder; declare its parent (use_artifact) only when online.
+
+        Offline runs cannot `use_artifact` (W&B raises), so lineage between stages always lives in
+        artifact.json; the W&B graph edge is added when the run is online.
+        """
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            if parent and not self.run.offline:
+                self.run.use_artifact(parent)
+            art = wandb.Artifact(name=name, type=type, metadata=metadata or {})
+            art.add_dir(str(folder))
+            self.run.log_artifact(art)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"W&B artifact logging failed ({type(e).__name__}: {e})")
+
+    def finish(self) -> None:
+        """Close metrics.jsonl and the W&B run."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:  # noqa: BLE001
+                self._warn(f"W&B finish failed ({e})")
+            self.run = None
