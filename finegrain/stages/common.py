@@ -81,23 +81,28 @@ def build_backbone(cfg: TrainConfig) -> torch.nn.Module:
     return create_backbone(cfg.backbone, weights=file, pretrained=cfg.pretrained, builtin=builtin)
 
 
-def image_cache(cfg: TrainConfig, manifest: Manifest, image_size: int) -> DecodedImageCache | None:
-    """The decoded-image cache for these rows (built by rank 0 first), or None when disabled."""
+def image_cache(cfg: TrainConfig, manifest: Manifest, image_size: int, *, collective: bool = True) -> DecodedImageCache | None:
+    """The decoded-image cache for these rows, or None when disabled.
+
+    collective: every rank calls this; rank 0 builds the cache while the others wait. Pass False
+    when only one rank calls it (the kNN monitor).
+    """
     if not cfg.cache_images:
         return None
     cache_dir = Path(cfg.cache_dir or os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain" / "images"))
     side = int(round(image_size / 0.875))
-    if dist.is_main():
-        DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image)
-    dist.barrier()
+    if collective:
+        if dist.is_main():
+            DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image)
+        dist.barrier()
     return DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image, progress=False)
 
 
-def eval_dataset(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, class_names) -> ManifestDataset:
+def eval_dataset(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, class_names, *, collective: bool = True) -> ManifestDataset:
     """Single eval views (resize + center crop, the backbone's normalisation) of these rows."""
     recipe = make_recipe("eval", image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
     return ManifestDataset(manifest, build_view(recipe), class_names=class_names, on_bad_image=cfg.on_bad_image,
-                           cache=image_cache(cfg, manifest, cfg.image_size))
+                           cache=image_cache(cfg, manifest, cfg.image_size, collective=collective))
 
 
 def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: torch.device):
@@ -120,7 +125,8 @@ def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: to
     query = Manifest(query.table[query.table["label"].isin(names)].reset_index(drop=True), query.root)
     if len(query) == 0:
         return None
-    train_ds, query_ds = eval_dataset(cfg, train, data_cfg, names), eval_dataset(cfg, query, data_cfg, names)
+    train_ds = eval_dataset(cfg, train, data_cfg, names, collective=False)
+    query_ds = eval_dataset(cfg, query, data_cfg, names, collective=False)
     amp = resolve_amp(cfg.amp, device)
 
     def monitor(method, epoch):
