@@ -107,7 +107,7 @@ def fit(
     optimizer = timm.optim.create_optimizer_v2(
         param_groups if param_groups is not None else method, opt=cfg.optimizer, lr=base_lr,
         weight_decay=cfg.weight_decay, momentum=0.9)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=base_lr * 1e-3, warmup_t=warmup,
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
                                   warmup_lr_init=base_lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
