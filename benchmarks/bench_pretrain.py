@@ -61,7 +61,7 @@ def compute_rate(cfg: PretrainConfig, steps: int, device) -> float:
     import timm.optim
 
     torch.manual_seed(0)
-    method = METHODS[cfg.method](build_backbone(cfg), proj_dim=cfg.proj_dim, queue_size=cfg.queue_size).to(device)
+    method = METHODS[cfg.method](build_backbone(cfg)[0], proj_dim=cfg.proj_dim, queue_size=cfg.queue_size).to(device)
     opt = timm.optim.create_optimizer_v2(method, opt=cfg.optimizer, lr=0.01, weight_decay=cfg.weight_decay, momentum=0.9)
     views = [torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) for _ in range(2)]
     method.train()

@@ -38,6 +38,7 @@ def test_writes_a_valid_artifact(birds, tmp_path, method):
     assert again.info["stage"] == "pretrain" and again.info["method"] == method
     assert again.info["manifest_hash"] == birds.content_hash
     assert again.info["embedding_dim"] == 256 and again.info["image_size"] == 32
+    assert again.info["weights_source"] == "none" and again.info["mean"] == [0.485, 0.456, 0.406]
     assert 0.0 <= again.info["metrics"]["knn_top1_test"] <= 1.0
     keys = load_file(art.path / "model.safetensors").keys()
     assert any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys)

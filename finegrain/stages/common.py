@@ -61,11 +61,12 @@ def load_checked_manifest(cfg: TrainConfig) -> Manifest:
     return manifest
 
 
-def build_backbone(cfg: TrainConfig) -> torch.nn.Module:
-    """The timm backbone (pooled features, no classifier) with the weights the config names.
+def build_backbone(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
+    """The timm backbone (pooled features, no classifier) and a name for its weight source.
 
     weights: None -> built-in offline weights when the backbone has them, else random init;
-    "builtin"; "none" (random); or a file (.safetensors / .pth state dict).
+    "builtin"; "none" (random); or a file (.safetensors / .pth state dict). The source is
+    "builtin", "none", "timm-hub" or the file path, for artifact.json.
     """
     from finegrain.models.backbone import create_backbone
     from finegrain.models.weights import BUILTIN_WEIGHTS
@@ -78,7 +79,8 @@ def build_backbone(cfg: TrainConfig) -> torch.nn.Module:
             log.warning("no weights given for %s: starting from random initialisation (see --weights, --pretrained)", cfg.backbone)
     builtin = weights == "builtin"
     file = None if weights in (None, "builtin", "none") else weights
-    return create_backbone(cfg.backbone, weights=file, pretrained=cfg.pretrained, builtin=builtin)
+    source = "timm-hub" if cfg.pretrained else weights
+    return create_backbone(cfg.backbone, weights=file, pretrained=cfg.pretrained, builtin=builtin), source
 
 
 def image_cache(cfg: TrainConfig, manifest: Manifest, image_size: int, *, collective: bool = True) -> DecodedImageCache | None:

@@ -38,7 +38,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     train = manifest.select(["train", "unlabeled"])
     if len(train) == 0:
         raise FinegrainError(f"{cfg.manifest} has no train or unlabeled images to pretrain on")
-    backbone = build_backbone(cfg)
+    backbone, weights_source = build_backbone(cfg)
     data_cfg = data_config(backbone)
     method_cls = METHODS[cfg.method]
     method = method_cls(backbone, proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature,
@@ -67,7 +67,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
             "projection_dim": cfg.proj_dim, "image_size": cfg.image_size, "mean": list(data_cfg["mean"]),
             "std": list(data_cfg["std"]), "interpolation": data_cfg.get("interpolation"), "crop_pct": data_cfg.get("crop_pct"),
             "bbox_crop": False, "class_names": None, "manifest": str(cfg.manifest), "manifest_hash": manifest.content_hash,
-            "parent": None, "weights_source": cfg.weights or ("timm-hub" if cfg.pretrained else "default"),
+            "parent": None, "weights_source": weights_source,
             "metrics": metrics, "wandb_run_id": tracker.run_id if tracker else None,
         })
         tracker.summary(metrics)
