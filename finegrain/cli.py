@@ -307,8 +307,7 @@ def _register_stages() -> None:
 
     _stage_command("pretrain", PretrainConfig, _run_pretrain, """Self-supervised contrastive pretraining (SimCLR, MoCo v2) of any timm backbone.
 
-    Labels are ignored: every train and unlabeled image is used. Writes an artifact folder that
-    `supcon` and `evaluate` start from. Scale out with torchrun.
+    Labels are ignored: every train and unlabeled image is used. Writes an artifact folder that `supcon` and `evaluate` start from. Scale out with torchrun.
 
     Example: finegrain pretrain --manifest data_manifests/cub50.csv --out runs/pretrain --method moco --image-size 128 --epochs 20
 

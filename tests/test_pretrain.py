@@ -119,3 +119,13 @@ def test_cli_pretrain(birds, tmp_path):
     assert load_artifact(tmp_path / "p").info["method"] == "moco"
     r = CliRunner().invoke(app, ["pretrain", "--manifest", str(tmp_path / "none.csv"), "-o", str(tmp_path / "q")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_bf16_autocast_and_accumulation_on_cpu(birds, tmp_path):
+    art = run_pretrain(_cfg(birds, tmp_path, amp="bf16", accumulate=2, batch_size=4, epochs=2, log_every=1))
+    losses = _losses(art.path)
+    # 24 images / (4 x 2 accumulated) = 3 optimizer steps per epoch.
+    assert art.info["metrics"]["steps"] == 6 and len(losses) == 6
+    assert all(l == l and l < 1e6 for l in losses)
+    with pytest.raises(FinegrainError, match="fp16 needs a CUDA"):
+        run_pretrain(_cfg(birds, tmp_path, "fp16", amp="fp16"))
