@@ -9,7 +9,6 @@ to resume (momentum encoders and queues are submodules and buffers).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +88,6 @@ def fit(
     if world > 1:
         if cfg.sync_bn and device.type == "cuda":
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-            train_module = method
         train_module = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 

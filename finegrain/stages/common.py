@@ -93,11 +93,13 @@ def image_cache(cfg: TrainConfig, manifest: Manifest, image_size: int, *, collec
         return None
     cache_dir = Path(cfg.cache_dir or os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain" / "images"))
     side = int(round(image_size / 0.875))
-    if collective:
-        if dist.is_main():
-            DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image)
+    if collective and not dist.is_main():
+        dist.barrier()  # wait while rank 0 builds it, then open it
+    cache = DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image,
+                                            progress=dist.is_main())
+    if collective and dist.is_main():
         dist.barrier()
-    return DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image, progress=False)
+    return cache
 
 
 def eval_dataset(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, class_names, *, collective: bool = True) -> ManifestDataset:
