@@ -260,6 +260,34 @@ OPTION_HELP = {
     "views": "View recipe: simclr, supcon, eval.",
     "queue_size": "MoCo: negatives kept in the queue.",
     "moco_momentum": "MoCo: starting EMA momentum of the key encoder (rises to 1 on a cosine).",
+    "from_artifact": "Artifact folder to start from (a pretrain or supcon run); its backbone name and weights are used.",
+    "loss": "supcon (Khosla et al. 2020), triplet (batch-hard), or ce (cross-entropy baseline).",
+    "margin": "Triplet margin (on L2-normalised embeddings).",
+    "label_smoothing": "Cross-entropy label smoothing.",
+    "n_views": "Augmented views of each image per batch.",
+    "sampler": "pk: P classes x K images per batch (positives for every anchor); random: plain shuffled batches.",
+    "classes_per_batch": "P of the P x K sampler; K = batch size / P.",
+    "freeze_bn": "Keep BatchNorm statistics and affine parameters as loaded (small fine-grained sets).",
+    "backbone_lr_scale": "Backbone learning rate as a fraction of the head's.",
+    "layer_decay": "timm layer-wise learning-rate decay over the backbone's blocks (e.g. 0.75; default off).",
+    "head_warmup_epochs": "Epochs that train only the new head before the backbone is unfrozen (LP-FT).",
+    "classifier": "Fit a logistic-regression classifier on the embedding after training (used by predict).",
+    "bbox_crop": "Crop images to their bounding boxes (when the manifest has them).",
+    "knn_k": "kNN neighbours (k).",
+    "knn_t": "kNN temperature on cosine similarity.",
+    "linear": "Fit a linear probe (logistic regression, C chosen on val or a train hold-out).",
+    "retrieval_split": "Split to compute Recall@K and MAP@R on (leave-one-out; classes may be unseen in training).",
+    "embedding_map": "Draw a t-SNE map of the test embeddings.",
+}
+
+STAGE_HELP = {
+    "supcon": {"temperature": "SupCon temperature.", "views": "View recipe: supcon (crop + flip), simclr, eval.",
+               "lr": "Head learning rate (default 0.2 x batch / 256); the backbone gets --backbone-lr-scale of it.",
+               "warmup_epochs": "Linear learning-rate warm-up in epochs, then cosine decay."},
+    "evaluate": {"out": "Output folder for the evaluation (report/, features cache, metrics).",
+                 "backbone": "timm backbone to evaluate when no --from is given.",
+                 "image_size": "Evaluation image side (default: the artifact's training size, 224 without --from).",
+                 "batch_size": "Images per batch for feature extraction."},
 }
 
 
@@ -274,7 +302,7 @@ def _stage_command(name: str, config_cls, run, doc: str):
     for f in dataclasses.fields(config_cls):
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--from" if f.name == "from_artifact" else "--" + f.name.replace("_", "-")
         decls = [flag, "-o"] if f.name == "out" else [f"{flag}/--no-{flag[2:]}"] if hint is bool else [flag]
         if f.name == "wandb_tags":
             decls = ["--wandb-tag"]
@@ -282,7 +310,8 @@ def _stage_command(name: str, config_cls, run, doc: str):
             default = ...
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
-            annotation=Annotated[hint, typer.Option(*decls, help=OPTION_HELP.get(f.name, ""))], default=default))
+            annotation=Annotated[hint, typer.Option(*decls, help=STAGE_HELP.get(name, {}).get(f.name, OPTION_HELP.get(f.name, "")))],
+            default=default))
 
     def command(**kwargs):
         config = config_cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()})
@@ -302,8 +331,27 @@ def _run_pretrain(config) -> None:
         out.print(f"artifact: {artifact.path}")
 
 
+def _run_supcon(config) -> None:
+    from finegrain.stages.supcon import run_supcon
+
+    artifact = run_supcon(config)
+    if artifact is not None:
+        out.print(f"artifact: {artifact.path}")
+
+
+def _run_evaluate(config) -> None:
+    from finegrain.stages.evaluate import run_evaluate
+
+    artifact = run_evaluate(config)
+    if artifact is not None:
+        metrics = artifact.info["metrics"]
+        headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
+                             if metrics.get(k) is not None)
+        out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{headline}")
+
+
 def _register_stages() -> None:
-    from finegrain.config import PretrainConfig
+    from finegrain.config import EvaluateConfig, PretrainConfig, SupconConfig
 
     _stage_command("pretrain", PretrainConfig, _run_pretrain, """Self-supervised contrastive pretraining (SimCLR, MoCo v2) of any timm backbone.
 
@@ -313,9 +361,60 @@ def _register_stages() -> None:
 
     Example (2 GPUs): torchrun --nproc_per_node 2 -m finegrain pretrain --manifest M --out runs/p
     """)
+    _stage_command("supcon", SupconConfig, _run_supcon, """Supervised contrastive fine-tuning (SupCon, triplet or cross-entropy) on the labelled train images.
+
+    Starts from a pretrain artifact (--from) or backbone weights. Defaults are a gentle recipe for small fine-grained sets: frozen BatchNorm, backbone at 0.1x the head's rate, one head-only epoch, crop + flip views, 16 x 4 class-balanced batches. Afterwards a linear classifier is fitted on the embedding, so `finegrain predict` can name species.
+
+    Example: finegrain supcon --manifest data_manifests/cub50.csv --from runs/pretrain --out runs/supcon --image-size 128 --epochs 10
+
+    Example (baseline): finegrain supcon --manifest M --out runs/ce --loss ce
+    """)
+    _stage_command("evaluate", EvaluateConfig, _run_evaluate, """Evaluate an artifact or a bare backbone: kNN, linear probe, retrieval, per-class results, plots.
+
+    Features are extracted with the artifact's own image size and normalisation and cached in --out, so re-running is quick. Writes report/index.html, report/metrics.json, per-class CSV and PNG plots.
+
+    Example: finegrain evaluate --manifest data_manifests/cub50.csv --from runs/supcon --out runs/eval
+
+    Example (frozen ImageNet weights): finegrain evaluate --manifest M --backbone tf_efficientnet_lite0 --image-size 128 --out runs/eval-frozen
+    """)
 
 
 _register_stages()
+
+
+@app.command("predict")
+@user_errors
+def predict(
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT_DIR", help="A supcon artifact (it holds a classifier).")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_FOLDER...", help="Photos, or folders searched recursively.")],
+    top_k: Annotated[int, typer.Option(help="Species to list per photo.")] = 5,
+    out_csv: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV to write (default: print a table).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+):
+    """Name the species in new photos with a trained artifact's embedding and classifier.
+
+    Writes one row per photo: path, pred_1..pred_K, score_1..score_K (probabilities) and an error
+    for files that cannot be read.
+
+    Example: finegrain predict runs/supcon ~/photos/garden --top-k 5 -o preds.csv
+    """
+    from finegrain.stages.predict import run_predict
+
+    df = run_predict(artifact, images, top_k=top_k, out_csv=out_csv, device=device, batch_size=batch_size, workers=workers)
+    if out_csv:
+        out.print(f"wrote {out_csv}: {len(df)} photos")
+        return
+    table = Table("photo", "prediction", "score", "next")
+    for row in df.itertuples(index=False):
+        r = row._asdict()
+        if r.get("error"):
+            table.add_row(Path(r["path"]).name, "[red]unreadable[/]", "", str(r["error"]))
+        else:
+            nxt = ", ".join(f"{r[f'pred_{j}']} {r[f'score_{j}']:.2f}" for j in range(2, top_k + 1) if f"pred_{j}" in r)
+            table.add_row(Path(r["path"]).name, str(r["pred_1"]), f"{r['score_1']:.3f}", nxt)
+    out.print(table)
 
 
 @app.command("backbones")

@@ -66,6 +66,69 @@ class PretrainConfig(TrainConfig):
     moco_momentum: float = 0.99  # moco: EMA of the key encoder, raised to 1.0 on a cosine schedule
 
 
+@dataclass
+class SupconConfig(TrainConfig):
+    """`finegrain supcon`: supervised (contrastive) fine-tuning on the labelled train images.
+
+    The defaults are a gentle fine-tuning recipe for small fine-grained sets: BatchNorm frozen,
+    the backbone at 0.1x the head's learning rate, one head-only warm-up epoch, crop + flip views
+    (colour is a species cue) and P x K class-balanced batches (16 classes x 4 images).
+    """
+
+    from_artifact: str | None = None  # a pretrain (or any) artifact folder to start from
+    loss: str = "supcon"  # supcon | triplet | ce
+    temperature: float = 0.1  # supcon
+    margin: float = 0.2  # triplet
+    label_smoothing: float = 0.1  # ce
+    proj_dim: int = 128
+    proj_hidden: int = 0  # 0: the backbone's embedding size
+    views: str = "supcon"
+    n_views: int = 2
+    sampler: str = "pk"  # pk (P classes x K images per batch) | random
+    classes_per_batch: int = 16  # P; K = batch_size / P
+    freeze_bn: bool = True  # BatchNorm statistics and affine parameters kept as loaded
+    backbone_lr_scale: float = 0.1  # backbone learning rate = lr x this
+    layer_decay: float | None = None  # timm layer-wise decay of the backbone rate (e.g. 0.75)
+    head_warmup_epochs: float = 1.0  # train only the head first (LP-FT)
+    classifier: bool = True  # fit a linear classifier on the embedding after training
+
+
+@dataclass
+class EvaluateConfig:
+    """`finegrain evaluate`: kNN, linear probe, retrieval and a report, for an artifact or a bare backbone."""
+
+    manifest: str = ""
+    out: str = ""
+    root: str | None = None
+    from_artifact: str | None = None
+    backbone: str = "tf_efficientnet_lite0"  # used without --from
+    weights: str | None = None  # used without --from: FILE, builtin, none
+    pretrained: bool = False
+    image_size: int | None = None  # None: the artifact's training size (224 for a bare backbone)
+    bbox_crop: bool = False  # crop test and train images to their boxes when the manifest has them
+    batch_size: int = 128
+    knn_k: int = 20
+    knn_t: float = 0.07
+    linear: bool = True
+    retrieval_split: str = "test"
+    embedding_map: bool = True
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 2
+    cache_images: bool = True
+    cache_dir: str | None = None
+    seed: int = 0
+    on_bad_image: str = "error"
+    wandb: str = "offline"
+    wandb_project: str = "finegrain"
+    wandb_entity: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field."""
+        return dataclasses.asdict(self)
+
+
 def config_from_dict(cls, values: dict):
     """Build a config dataclass from a dict, refusing unknown keys with the list of known ones."""
     names = {f.name for f in dataclasses.fields(cls)}

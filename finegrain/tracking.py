@@ -99,6 +99,23 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 self._warn(f"W&B summary failed ({e})")
 
+    def log_report(self, tables: dict, images: dict) -> None:
+        """Log pandas DataFrames as W&B tables and PNG files (name -> path) as W&B images.
+
+        Tables are what W&B shows best for per-class results (a confusion matrix table would
+        have K^2 rows; the PNG is logged instead).
+        """
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            payload = {f"report/{k}": wandb.Table(dataframe=v) for k, v in tables.items()}
+            payload.update({f"report/{k}": wandb.Image(str(v)) for k, v in images.items()})
+            self.run.log(payload)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"W&B report logging failed ({type(e).__name__}: {e})")
+
     def log_artifact(self, folder, *, name: str, type: str, metadata: dict | None = None, parent: str | None = None) -> None:
         """Log a stage artifact folder; declare its parent (use_artifact) only when online.
 

@@ -244,19 +244,21 @@ def _check_boxes(table: pd.DataFrame, sizes: dict[int, tuple[int, int]], add) ->
             add(Problem("warning", "bbox_clipped", f"bounding box ({x:g}, {y:g}, {w:g}, {h:g}) extends past the {iw}x{ih} image; it will be clipped", rel))
 
 
-def check_manifest_or_raise(manifest: Manifest, *, on_bad_image: str = "error", progress: bool = True) -> tuple[Manifest, ValidationReport]:
+def check_manifest_or_raise(manifest: Manifest, *, on_bad_image: str = "error", progress: bool = True,
+                            allow_unseen_classes: bool = False) -> tuple[Manifest, ValidationReport]:
     """Validate before a stage trains; return the manifest to use (bad files dropped if skipping).
 
     Args:
         on_bad_image: "error" stops on any error; "skip" drops rows whose file is missing or does
             not decode and stops only on other errors.
+        allow_unseen_classes: classes without training images are warnings (evaluation, zero-shot).
 
     Raises:
         ManifestError: with the list of blocking problems.
     """
     if on_bad_image not in ("error", "skip"):
         raise ManifestError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    report = validate_manifest(manifest, progress=progress)
+    report = validate_manifest(manifest, progress=progress, allow_unseen_classes=allow_unseen_classes)
     report.raise_for_errors(skip_bad_files=on_bad_image == "skip")
     bad = report.bad_files
     if bad:

@@ -62,6 +62,7 @@ def fit(
     tracker=None,
     monitor: Callable[[nn.Module, int], dict] | None = None,
     param_groups=None,
+    sampler=None,
 ) -> FitResult:
     """Train `method` on `dataset` as `cfg` says; checkpoint into `out_dir`; resume when asked.
 
@@ -73,8 +74,10 @@ def fit(
         base_lr: the learning rate to use (already scaled for the batch size).
         tracker: a finegrain.tracking.Tracker (rank 0) or None.
         monitor: called as monitor(method, epoch) at each epoch end; returns metrics to log.
-        param_groups: optional optimizer parameter groups (layer-wise rates); default: every
-            parameter of `method` that requires grad.
+        param_groups: optional optimizer parameter groups (layer-wise rates: a group's "lr_scale"
+            multiplies the scheduled rate); default: every parameter of `method` that requires grad.
+        sampler: an index sampler with `batches_per_epoch` and `set_epoch(epoch, start_batch)`
+            that yields whole batches of cfg.batch_size for this rank (default: EpochSampler).
     """
     import timm.optim
     from timm.scheduler import CosineLRScheduler
@@ -89,9 +92,11 @@ def fit(
         if cfg.sync_bn and device.type == "cuda":
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         train_module = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=getattr(method, "find_unused_parameters", False))
 
-    sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    if sampler is None:
+        sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     per_epoch = sampler.batches_per_epoch // cfg.accumulate
     if per_epoch == 0:
         raise FinegrainError(

@@ -42,3 +42,77 @@ class EpochSampler(Sampler[int]):
         steps = self.batches_per_epoch
         mine = perm[: steps * self.batch_size * self.world].view(steps, self.world, self.batch_size)[:, self.rank]
         return iter(mine[self.start_batch:].reshape(-1).tolist())
+
+
+class ClassBalancedSampler(Sampler[int]):
+    """P x K batches: each batch holds `classes_per_batch` (P) classes with K = batch_size / P images each.
+
+    Fine-grained sets have few images per class, so a random batch of 64 over 200 classes holds
+    almost no same-class pairs and SupCon / triplet losses get no positives; P x K batches give every
+    anchor K - 1 positives (Hermans et al. 2017). Written here because torch has no such sampler and
+    pytorch-metric-learning's MPerClassSampler is neither rank-aware nor resumable mid-epoch.
+
+    An epoch is `n // (batch_size * world)` global batches, the same number of images as a plain
+    epoch. Classes are drawn without replacement within a batch, in a shuffled cycle over all classes;
+    each class serves its images from its own shuffled cycle, so every image is seen about equally
+    often. A class with fewer than K images repeats images within the batch (different augmentations).
+    Everything depends only on (seed, epoch): global batch j goes to rank j % world, whole; and
+    `start_batch` resumes mid-epoch.
+
+    Args:
+        labels: (n,) class id of each dataset index (ints >= 0).
+        batch_size: images per batch per process; must be a multiple of classes_per_batch.
+        classes_per_batch: P; at most the number of classes.
+    """
+
+    def __init__(self, labels, batch_size: int, classes_per_batch: int, *, seed: int = 0, rank: int = 0, world: int = 1):
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        classes = torch.unique(labels)
+        if batch_size % classes_per_batch:
+            raise ValueError(f"batch size {batch_size} is not a multiple of {classes_per_batch} classes per batch")
+        if classes_per_batch > len(classes):
+            raise ValueError(f"{classes_per_batch} classes per batch but only {len(classes)} classes have training images")
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in classes]
+        self.n, self.batch_size, self.p = len(labels), batch_size, classes_per_batch
+        self.k = batch_size // classes_per_batch
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank sees per epoch."""
+        return self.n // (self.batch_size * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's batches and the first batch to serve."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def _global_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        streams = [members[torch.randperm(len(members), generator=g)].tolist() for members in self.by_class]
+        cursor = [0] * len(streams)
+        class_order: list[int] = []
+        batches = []
+        for _ in range(self.batches_per_epoch * self.world):
+            while len(class_order) < self.p:  # a fresh shuffled cycle of classes, none twice in a batch
+                fresh = [c for c in torch.randperm(len(streams), generator=g).tolist() if c not in class_order]
+                class_order += fresh
+            chosen, class_order = class_order[: self.p], class_order[self.p:]
+            batch = []
+            for c in chosen:
+                stream = streams[c]
+                for _ in range(self.k):
+                    if cursor[c] == len(stream):  # cycle through this class again, in a new order
+                        streams[c] = stream = [stream[i] for i in torch.randperm(len(stream), generator=g).tolist()]
+                        cursor[c] = 0
+                    batch.append(stream[cursor[c]])
+                    cursor[c] += 1
+            batches.append(batch)
+        return batches
+
+    def __iter__(self):
+        batches = self._global_batches()[self.rank::self.world]
+        return iter([i for batch in batches[self.start_batch:] for i in batch])

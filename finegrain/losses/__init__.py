@@ -9,10 +9,14 @@ from typing import Callable
 
 from finegrain.losses.info_nce import info_nce, update_queue
 from finegrain.losses.nt_xent import nt_xent
+from finegrain.losses.supcon import supcon, supcon_anchors_without_positive
+from finegrain.losses.triplet import batch_hard_triplet
 
 LOSSES: dict[str, Callable[..., object]] = {
     "nt_xent": nt_xent,
     "info_nce": info_nce,
+    "supcon": supcon,
+    "batch_hard_triplet": batch_hard_triplet,
 }
 
 
@@ -25,4 +29,13 @@ def get_loss(name: str) -> Callable[..., object]:
         raise ValueError(f"unknown loss {name!r}; known losses: {known}") from None
 
 
-__all__ = ["LOSSES", "get_loss", "info_nce", "nt_xent", "update_queue"]
+__all__ = [
+    "LOSSES",
+    "batch_hard_triplet",
+    "get_loss",
+    "info_nce",
+    "nt_xent",
+    "supcon",
+    "supcon_anchors_without_positive",
+    "update_queue",
+]

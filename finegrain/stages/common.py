@@ -50,12 +50,16 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def load_checked_manifest(cfg: TrainConfig) -> Manifest:
-    """Load the manifest and validate it before training (bad files dropped with --on-bad-image skip)."""
+def load_checked_manifest(cfg, *, allow_unseen_classes: bool = False) -> Manifest:
+    """Load the manifest and validate it before training (bad files dropped with --on-bad-image skip).
+
+    cfg: any stage config with manifest, root and on_bad_image.
+    """
     if not cfg.manifest:
         raise FinegrainError("--manifest is required")
     manifest = Manifest.load(cfg.manifest, root=cfg.root)
-    manifest, report = check_manifest_or_raise(manifest, on_bad_image=cfg.on_bad_image, progress=dist.is_main())
+    manifest, report = check_manifest_or_raise(manifest, on_bad_image=cfg.on_bad_image, progress=dist.is_main(),
+                                                allow_unseen_classes=allow_unseen_classes)
     for p in report.warnings[:10]:
         log.warning("manifest: %s", p)
     return manifest
@@ -102,11 +106,15 @@ def image_cache(cfg: TrainConfig, manifest: Manifest, image_size: int, *, collec
     return cache
 
 
-def eval_dataset(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, class_names, *, collective: bool = True) -> ManifestDataset:
-    """Single eval views (resize + center crop, the backbone's normalisation) of these rows."""
-    recipe = make_recipe("eval", image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
+def eval_dataset(cfg, manifest: Manifest, *, image_size: int, mean, std, class_names, crop_to_bbox: bool = False,
+                 collective: bool = True) -> ManifestDataset:
+    """Single eval views of these rows: [crop to box,] resize, center crop, normalise with mean/std.
+
+    cfg: any stage config with cache_images, cache_dir and on_bad_image.
+    """
+    recipe = make_recipe("eval", image_size=image_size, mean=mean, std=std, crop_to_bbox=crop_to_bbox)
     return ManifestDataset(manifest, build_view(recipe), class_names=class_names, on_bad_image=cfg.on_bad_image,
-                           cache=image_cache(cfg, manifest, cfg.image_size, collective=collective))
+                           cache=image_cache(cfg, manifest, image_size, collective=collective))
 
 
 def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: torch.device):
@@ -129,8 +137,9 @@ def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: to
     query = Manifest(query.table[query.table["label"].isin(names)].reset_index(drop=True), query.root)
     if len(query) == 0:
         return None
-    train_ds = eval_dataset(cfg, train, data_cfg, names, collective=False)
-    query_ds = eval_dataset(cfg, query, data_cfg, names, collective=False)
+    norm = dict(image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"], class_names=names, collective=False)
+    train_ds = eval_dataset(cfg, train, **norm)
+    query_ds = eval_dataset(cfg, query, **norm)
     amp = resolve_amp(cfg.amp, device)
 
     def monitor(method, epoch):
@@ -143,3 +152,11 @@ def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: to
         return {f"knn_top1_{query_split}": acc[1], f"knn_top5_{query_split}": acc[5]}
 
     return monitor
+
+
+def stored_run_id(out) -> str | None:
+    """The W&B run id saved in `out`'s checkpoint (so a resumed run continues the same W&B run)."""
+    from finegrain.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out)
+    return ckpt.get("wandb_run_id") if ckpt else None

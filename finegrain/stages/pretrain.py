@@ -16,7 +16,7 @@ from finegrain.data.views import build_view, make_recipe
 from finegrain.engine.loop import fit
 from finegrain.errors import FinegrainError
 from finegrain.stages.common import (build_backbone, image_cache, knn_monitor, load_checked_manifest,
-                                     prepare_out_dir, setup)
+                                     prepare_out_dir, setup, stored_run_id)
 from finegrain.stages.pretrain_methods import METHODS
 
 log = logging.getLogger("finegrain")
@@ -51,7 +51,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     tracker = None
     if dist.is_main():
         tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
-                          job_type="pretrain", config=config, run_id=_stored_run_id(out) if cfg.resume else None)
+                          job_type="pretrain", config=config, run_id=stored_run_id(out) if cfg.resume else None)
     log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, device %s", cfg.method, cfg.backbone,
              len(train), cfg.image_size, cfg.batch_size, lr, device)
     try:
@@ -62,16 +62,17 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
         metrics = {"final_loss": result.last_loss, "steps": result.steps, **result.monitor}
         state = {f"backbone.{k}": v for k, v in method.backbone.state_dict().items()}
         state.update({f"head.{k}": v for k, v in method.head.state_dict().items()})
+        wandb_name = f"pretrain-{cfg.method}"
         artifact = write_artifact(out, stage="pretrain", config=config, state_dict=state, info={
             "backbone": cfg.backbone, "method": cfg.method, "embedding_dim": backbone.num_features,
             "projection_dim": cfg.proj_dim, "image_size": cfg.image_size, "mean": list(data_cfg["mean"]),
             "std": list(data_cfg["std"]), "interpolation": data_cfg.get("interpolation"), "crop_pct": data_cfg.get("crop_pct"),
             "bbox_crop": False, "class_names": None, "manifest": str(cfg.manifest), "manifest_hash": manifest.content_hash,
             "parent": None, "weights_source": weights_source,
-            "metrics": metrics, "wandb_run_id": tracker.run_id if tracker else None,
+            "metrics": metrics, "wandb_run_id": tracker.run_id if tracker else None, "wandb_artifact": wandb_name,
         })
         tracker.summary(metrics)
-        tracker.log_artifact(out, name=f"pretrain-{cfg.method}", type="model", metadata=metrics)
+        tracker.log_artifact(out, name=wandb_name, type="model", metadata=metrics)
         log.info("pretrain: wrote artifact %s (%s)", out, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return artifact
     finally:
@@ -89,9 +90,3 @@ def _unlabelled(manifest):
     table["split"] = "unlabeled"
     return Manifest(table, manifest.root)
 
-
-def _stored_run_id(out):
-    from finegrain.engine.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(out)
-    return ckpt.get("wandb_run_id") if ckpt else None

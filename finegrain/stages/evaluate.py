@@ -1,0 +1,275 @@
+"""`finegrain evaluate`: kNN, linear probe and retrieval metrics, per-class results, plots and a report.
+
+Evaluates an artifact (its own image size and normalisation, from artifact.json) or a bare backbone
+on a manifest. Protocol:
+- kNN and linear probe: references are the labelled train images, queries the test split (val
+  when there is no test); test images of classes never seen in training are left out of both (and
+  counted). Nothing is tuned on the queries: k and T are fixed (20, 0.07 by default) and the
+  probe's regularisation is chosen on val (or a hold-out of train).
+- Retrieval (Recall@K, MAP@R): leave-one-out within `retrieval_split`, any classes, as in the
+  zero-shot CUB protocol.
+Features are cached in OUT/features/, keyed by model, image size, crop and rows, so re-running
+(other k, other probe) does not extract again. Writes OUT/report/ (metrics.json, per_class.csv,
+confused_pairs.csv, PNG plots, index.html) and an artifact whose weights are the linear probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finegrain.artifacts import ARTIFACT_FILE, Artifact, load_artifact, write_artifact
+from finegrain.config import EvaluateConfig
+from finegrain.data.manifest import Manifest
+from finegrain.engine.device import resolve_amp, resolve_device
+from finegrain.errors import FinegrainError
+from finegrain.fsutil import atomic_path, atomic_write_text
+from finegrain.stages.common import build_backbone, eval_dataset, load_checked_manifest
+
+log = logging.getLogger("finegrain")
+
+METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
+               "recall_at_8", "map_at_r")
+
+
+class Subject:
+    """What is evaluated: a backbone in eval mode, its preprocessing and an identity for the feature cache."""
+
+    def __init__(self, cfg: EvaluateConfig):
+        from finegrain.models.backbone import create_backbone, data_config
+
+        self.artifact: Artifact | None = None
+        if cfg.from_artifact:
+            self.artifact = load_artifact(cfg.from_artifact)
+            info = self.artifact.info
+            if info.get("stage") == "evaluate":
+                raise FinegrainError(f"{cfg.from_artifact} is an evaluation; pass the pretrain or supcon artifact it evaluated")
+            self.model = create_backbone(info["backbone"], weights=self.artifact.path)
+            self.name, self.identity = info["backbone"], self.artifact.hash
+            self.image_size = cfg.image_size or info["image_size"]
+            self.mean, self.std = info["mean"], info["std"]
+            self.source = f"{info['stage']} artifact {self.artifact.path}"
+        else:
+            self.model, weights = build_backbone(cfg)
+            dc = data_config(self.model)
+            self.name = cfg.backbone
+            self.image_size = cfg.image_size or 224
+            self.mean, self.std = dc["mean"], dc["std"]
+            self.source = f"{cfg.backbone} ({weights} weights)"
+            self.identity = hashlib.sha256(json.dumps([cfg.backbone, weights, _file_id(weights)]).encode()).hexdigest()
+        self.model.eval()
+
+
+def _file_id(weights: str | None):
+    path = Path(str(weights))
+    return [path.stat().st_size, path.stat().st_mtime_ns] if weights and path.is_file() else None
+
+
+def _labelled_rows(manifest: Manifest, split: str, classes: list[str] | None = None) -> Manifest:
+    t = manifest.table
+    keep = (t["split"] == split) & (t["label"].astype(str) != "")
+    if classes is not None:
+        keep &= t["label"].isin(classes)
+    return Manifest(t[keep].reset_index(drop=True), manifest.root)
+
+
+class FeatureStore:
+    """Extracts features of manifest rows once and keeps them in OUT/features/<key>.safetensors."""
+
+    def __init__(self, cfg: EvaluateConfig, subject: Subject, device: torch.device, folder: Path):
+        self.cfg, self.subject, self.device, self.folder = cfg, subject, device, folder
+        self.seconds = 0.0  # wall time spent extracting in this run
+        self.extracted = 0
+
+    def key(self, rows: Manifest) -> str:
+        parts = [self.subject.identity, self.subject.image_size, self.cfg.bbox_crop, self.subject.mean, self.subject.std,
+                 str(rows.root), rows.content_hash]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+    def features(self, rows: Manifest, what: str) -> torch.Tensor:
+        """(N, D) float32 features of `rows`, in row order."""
+        from safetensors.torch import load_file, save_file
+
+        from finegrain.eval.features import extract_features
+
+        path = self.folder / f"{what}-{self.key(rows)}.safetensors"
+        if path.is_file():
+            log.info("features: %s from cache (%s)", what, path.name)
+            return load_file(path)["features"]
+        ds = eval_dataset(self.cfg, rows, image_size=self.subject.image_size, mean=self.subject.mean, std=self.subject.std,
+                          class_names=rows.class_names, crop_to_bbox=self.cfg.bbox_crop, collective=False)
+        start = time.perf_counter()
+        feats, _ = extract_features(self.subject.model, ds, device=self.device, batch_size=self.cfg.batch_size,
+                                    workers=self.cfg.workers, amp_dtype=resolve_amp(self.cfg.amp, self.device),
+                                    progress=f"features: {what}")
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.extracted += len(feats)
+        log.info("features: %s, %d images in %.1f s (%.0f img/s)", what, len(feats), seconds, len(feats) / max(seconds, 1e-9))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"features": feats.contiguous()}, str(tmp))
+        return feats
+
+
+def _codes(rows: Manifest, classes: list[str]) -> torch.Tensor:
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[str(v)] for v in rows.table["label"]], dtype=torch.long)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> Artifact:
+    """Evaluate as `cfg` says; write OUT/report/ and the evaluation artifact; return it."""
+    from finegrain.eval.knn import knn_scores, topk_accuracy
+    from finegrain.eval.retrieval import retrieval_metrics
+    from finegrain.tracking import Tracker
+
+    if not cfg.out:
+        raise FinegrainError("--out is required: the folder the evaluation is written to")
+    if cfg.knn_k < 1 or cfg.knn_t <= 0:
+        raise FinegrainError("--knn-k must be at least 1 and --knn-t positive")
+    out = Path(cfg.out)
+    previous = out / ARTIFACT_FILE
+    if previous.is_file() and json.loads(previous.read_text()).get("stage") != "evaluate":
+        raise FinegrainError(f"{out} holds a {json.loads(previous.read_text()).get('stage')} artifact; choose another --out")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    manifest = load_checked_manifest(cfg, allow_unseen_classes=True)
+    subject = Subject(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(cfg, subject, device, out / "features")
+
+    classes = sorted(set(_labelled_rows(manifest, "train").table["label"].astype(str)))
+    query_split = "test" if (manifest.table["split"] == "test").any() else "val"
+    all_queries = _labelled_rows(manifest, query_split)
+    metrics: dict = {k: None for k in METRIC_KEYS}
+    timings: dict = {}
+    context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
+               "manifest_hash": manifest.content_hash, "image_size": subject.image_size, "bbox_crop": cfg.bbox_crop,
+               "query_split": query_split, "retrieval_split": cfg.retrieval_split}
+    report_data: dict = {}
+    probe = None
+    if len(classes) >= 2 and len(all_queries):
+        train = _labelled_rows(manifest, "train")
+        queries = _labelled_rows(manifest, query_split, classes)
+        if len(queries) < len(all_queries):
+            log.warning("%d %s images of classes without train images are left out of kNN and the linear probe",
+                        len(all_queries) - len(queries), query_split)
+        ftr, ytr = store.features(train, "train"), _codes(train, classes)
+        fq, yq = store.features(queries, query_split), _codes(queries, classes)
+        start = time.perf_counter()
+        knn = knn_scores(ftr, ytr, fq, num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t)
+        acc = topk_accuracy(knn, yq)
+        timings["knn_s"] = time.perf_counter() - start
+        metrics.update(knn_top1=acc[1], knn_top5=acc[5])
+        predictions = knn.argmax(1)
+        context.update(knn_k=cfg.knn_k, knn_t=cfg.knn_t, train_images=len(train), query_images=len(queries),
+                       classes=len(classes))
+        if cfg.linear:
+            probe, selected_on, lin_pred, lin_acc, seconds = _linear_probe(store, manifest, classes, ftr, ytr, fq, yq,
+                                                                           query_split, cfg)
+            timings["linear_s"] = seconds
+            metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
+            predictions = lin_pred
+            context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
+        report_data.update(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes,
+                           predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy())
+    else:
+        log.warning("no labelled train images of 2+ classes, or no labelled %s images: kNN and linear probe skipped", query_split)
+
+    retrieval_rows = _labelled_rows(manifest, cfg.retrieval_split)
+    if len(retrieval_rows) >= 2:
+        fr = store.features(retrieval_rows, cfg.retrieval_split)
+        start = time.perf_counter()
+        metrics.update(retrieval_metrics(fr, _codes(retrieval_rows, retrieval_rows.class_names)))
+        timings["retrieval_s"] = time.perf_counter() - start
+    else:
+        log.warning("fewer than 2 labelled %s images: retrieval metrics skipped", cfg.retrieval_split)
+    timings["extraction_s"] = store.seconds
+    context.update({f"time_{k}": round(v, 2) for k, v in timings.items()})
+
+    tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
+                      job_type="evaluate", config={"stage": "evaluate", **cfg.to_dict()})
+    try:
+        tables, images = _write_report(out / "report", cfg, metrics, context, report_data)
+        tracker.summary({k: v for k, v in metrics.items() if v is not None})
+        tracker.log_report(tables, {name: out / "report" / file for name, file in images.items()})
+        state = {}
+        if probe is not None:
+            state = {"classifier.weight": torch.from_numpy(probe.weight), "classifier.bias": torch.from_numpy(probe.bias)}
+        parent = None
+        if subject.artifact is not None:
+            parent = {"path": str(subject.artifact.path.resolve()), "hash": subject.artifact.hash,
+                      "stage": subject.artifact.info["stage"], "wandb_artifact": subject.artifact.info.get("wandb_artifact")}
+        artifact = write_artifact(out, stage="evaluate", config={"stage": "evaluate", **cfg.to_dict()}, state_dict=state, info={
+            "backbone": subject.name, "embedding_dim": int(subject.model.num_features), "image_size": subject.image_size,
+            "mean": list(subject.mean), "std": list(subject.std), "bbox_crop": cfg.bbox_crop, "class_names": classes or None,
+            "manifest": str(cfg.manifest), "manifest_hash": manifest.content_hash, "parent": parent,
+            "metrics": metrics, "timings": timings, "report": "report/index.html",
+            "wandb_run_id": tracker.run_id, "wandb_artifact": "evaluation",
+        })
+        tracker.log_artifact(out / "report", name="evaluation", type="evaluation", metadata=metrics,
+                             parent=f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None)
+    finally:
+        tracker.finish()
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+    log.info("evaluate: %s; report %s", shown, out / "report" / "index.html")
+    return artifact
+
+
+def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
+    """Fit the probe (C chosen on val when the queries are test and val exists); top-k on the queries."""
+    from finegrain.eval.knn import topk_accuracy
+    from finegrain.eval.linear import fit_linear_probe
+
+    val_x = val_y = None
+    if query_split == "test":
+        val = _labelled_rows(manifest, "val", classes)
+        if len(val):
+            val_x, val_y = store.features(val, "val"), _codes(val, classes)
+    start = time.perf_counter()
+    probe = fit_linear_probe(ftr, ytr, num_classes=len(classes), val_x=val_x, val_y=val_y, seed=cfg.seed)
+    selected_on = "val" if val_x is not None else ("train hold-out" if probe.val_top1 is not None else "default C")
+    scores = torch.from_numpy(probe.scores(fq.numpy()))
+    seconds = time.perf_counter() - start
+    return probe, selected_on, scores.argmax(1), topk_accuracy(scores, yq), seconds
+
+
+def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dict, data: dict):
+    """metrics.json, per-class and confusion tables (CSV), plots (PNG) and index.html in `folder`."""
+    from finegrain.eval import report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "metrics.json", json.dumps({**metrics, "context": context}, indent=2, default=str) + "\n")
+    tables, images = {}, {}
+    if data:
+        y, p, classes = data["y_true"], data["y_pred"], data["classes"]
+        per_class = report.per_class_accuracy(y, p, classes)
+        pairs = report.confused_pairs(y, p, classes)
+        for name, df in (("per_class", per_class), ("confused_pairs", pairs)):
+            atomic_write_text(folder / f"{name}.csv", df.to_csv(index=False))
+            tables[name] = df
+        report.plot_confusion_matrix(y, p, classes, folder / "confusion_matrix.png")
+        report.plot_per_class_accuracy(per_class, folder / "per_class_accuracy.png")
+        images["confusion_matrix"] = "confusion_matrix.png"
+        images["per_class_accuracy"] = "per_class_accuracy.png"
+        if cfg.embedding_map and len(y) >= 5:
+            xy, idx = report.embedding_map(data["features"], seed=cfg.seed)
+            report.plot_embedding_map(xy, y[idx], classes, folder / "embedding_map.png",
+                                      title=f"t-SNE of {context['query_split']} embeddings")
+            images["embedding_map"] = "embedding_map.png"
+        context["per_class_predicted_by"] = data["predicted_by"]
+    headline = {k: v for k, v in metrics.items() if v is not None}
+    report.write_html_report(folder, title=f"finegrain evaluation: {context['evaluated']}", metrics=headline,
+                             context=context, tables={"Most confused species": tables["confused_pairs"],
+                                                      "Per-class accuracy": tables["per_class"]} if tables else {},
+                             images=images)
+    return tables, images

@@ -1,0 +1,95 @@
+"""`finegrain predict`: species predictions for new photos from an artifact that holds a classifier."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from finegrain.artifacts import load_artifact
+from finegrain.data.images import IMAGE_EXTENSIONS
+from finegrain.data.manifest import Manifest
+from finegrain.data.validate import check_manifest_or_raise
+from finegrain.engine.device import resolve_amp, resolve_device
+from finegrain.errors import FinegrainError
+from finegrain.fsutil import atomic_write_text
+
+log = logging.getLogger("finegrain")
+
+
+def collect_images(inputs) -> list[Path]:
+    """Image files named by `inputs` (files, or folders searched recursively), sorted, absolute."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FinegrainError(f"no such file or folder: {item}")
+    if not found:
+        raise FinegrainError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(map(str, inputs))}")
+    return [p.resolve() for p in found]
+
+
+def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
+                workers: int = 2) -> pd.DataFrame:
+    """Predict the top-k classes of each image with the artifact's backbone and linear classifier.
+
+    Returns (and writes to `out_csv` when given) one row per image: path, then pred_1..pred_k and
+    score_1..score_k (softmax probabilities in [0, 1]); images that cannot be read get an `error`
+    and no predictions.
+    """
+    from finegrain.data.dataset import ManifestDataset
+    from finegrain.data.views import build_view, make_recipe
+    from finegrain.eval.features import extract_features
+    from finegrain.models.backbone import create_backbone
+
+    artifact = load_artifact(artifact_dir)
+    info = artifact.info
+    head = artifact.state_dict("classifier.")
+    if not head or not info.get("class_names"):
+        raise FinegrainError(f"{artifact_dir} has no classifier ({info.get('stage')} artifact); predict needs a supcon artifact")
+    if top_k < 1:
+        raise FinegrainError("--top-k must be at least 1")
+    classes = info["class_names"]
+    top_k = min(top_k, len(classes))
+    paths = collect_images(inputs)
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    names = [p.relative_to(root).as_posix() for p in paths]
+    table = pd.DataFrame({"image_id": names, "path": names, "label": "", "split": "unlabeled"})
+    manifest, report = check_manifest_or_raise(Manifest(table, root), on_bad_image="skip", progress=False)
+    errors = {str(root / p.path): p.message for p in report.errors if p.path}
+    for path, reason in list(errors.items())[:10]:
+        log.warning("predict: cannot read %s (%s)", path, reason)
+    if len(errors) > 10:
+        log.warning("predict: %d more unreadable files (listed in the output)", len(errors) - 10)
+
+    dev = resolve_device(device)
+    model = create_backbone(info["backbone"], weights=artifact.path).eval()
+    rows = [{"path": str(p), "error": errors.get(str(p), "unreadable")} for p in paths]
+    if len(manifest):
+        recipe = make_recipe("eval", image_size=info["image_size"], mean=info["mean"], std=info["std"])
+        ds = ManifestDataset(manifest, build_view(recipe), class_names=[])
+        feats, _ = extract_features(model, ds, device=dev, batch_size=batch_size, workers=workers,
+                                    amp_dtype=resolve_amp("auto", dev), progress="predict")
+        logits = torch.nn.functional.normalize(feats, dim=1) @ head["weight"].T.float() + head["bias"].float()
+        prob, idx = logits.softmax(1).topk(top_k, dim=1)
+        by_path = {}
+        for path, p, i in zip(manifest.table["path"], prob.tolist(), idx.tolist()):
+            path = str(root / path)
+            row = {"path": path, "error": ""}
+            row.update({f"pred_{j + 1}": classes[c] for j, c in enumerate(i)})
+            row.update({f"score_{j + 1}": round(s, 6) for j, s in enumerate(p)})
+            by_path[path] = row
+        rows = [by_path.get(r["path"], r) for r in rows]
+    df = pd.DataFrame(rows)
+    cols = ["path"] + [f"pred_{j + 1}" for j in range(top_k)] + [f"score_{j + 1}" for j in range(top_k)] + ["error"]
+    df = df.reindex(columns=cols)
+    if out_csv:
+        atomic_write_text(Path(out_csv), df.to_csv(index=False))
+    return df

@@ -1,0 +1,117 @@
+"""Supervised objectives for `supcon`: a head on the backbone's pooled features plus a loss, by name.
+
+Every objective trains on the same engine, sampler and views, so `--loss supcon|triplet|ce` compare
+fairly. Adding one is one `Objective` line in OBJECTIVES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.losses.supcon import supcon
+from finegrain.losses.triplet import batch_hard_triplet
+from finegrain.models.heads import ProjectionHead
+
+
+@dataclass(frozen=True)
+class Objective:
+    """make_head(embedding_dim, num_classes, options) -> nn.Module; loss(head_out, labels, options) -> scalar."""
+
+    make_head: Callable[[int, int, dict], nn.Module]
+    loss: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+    description: str
+
+
+def _projection(dim: int, num_classes: int, o: dict) -> nn.Module:
+    return ProjectionHead(dim, o["proj_hidden"] or dim, o["proj_dim"])
+
+
+def _classifier(dim: int, num_classes: int, o: dict) -> nn.Module:
+    return nn.Linear(dim, num_classes)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "supcon": Objective(_projection, lambda z, y, o: supcon(z, y, temperature=o["temperature"]),
+                        "SupCon (Khosla et al. 2020): all same-class views in the batch are positives"),
+    "triplet": Objective(_projection, lambda z, y, o: batch_hard_triplet(z, y, margin=o["margin"]),
+                         "batch-hard triplet (Hermans et al. 2017)"),
+    "ce": Objective(_classifier, lambda logits, y, o: F.cross_entropy(logits.float(), y, label_smoothing=o["label_smoothing"]),
+                    "cross-entropy with label smoothing (baseline)"),
+}
+
+
+def _batchnorms(module: nn.Module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class SupervisedMethod(nn.Module):
+    """Backbone + objective head, trained by `finegrain.engine.loop.fit`.
+
+    forward(views, labels): views is a list of V tensors (B, 3, S, S); all V*B views are embedded
+    in one backbone pass and the loss sees (V*B, ...) outputs with labels repeated V times.
+
+    Args:
+        backbone: timm model giving pooled features (B, D).
+        objective: a name in OBJECTIVES.
+        num_classes: classes in the labelled train split (for ce).
+        options: proj_dim, proj_hidden, temperature, margin, label_smoothing.
+        freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
+        head_warmup_steps: optimizer steps during which only the head trains (backbone run under
+            no_grad, so its parameters get no gradient and no weight decay).
+    """
+
+    find_unused_parameters = True  # the backbone is outside the graph during head warm-up (DDP)
+
+    def __init__(self, backbone: nn.Module, objective: str, *, num_classes: int, options: dict,
+                 freeze_bn: bool = True, head_warmup_steps: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.objective = OBJECTIVES[objective]
+        self.options = dict(options)
+        self.head = self.objective.make_head(backbone.num_features, num_classes, self.options)
+        self.freeze_bn = freeze_bn
+        self.head_warmup_steps = head_warmup_steps
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
+        if freeze_bn:
+            for bn in _batchnorms(backbone):
+                for p in bn.parameters():
+                    p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        """Train mode, except frozen BatchNorm layers, which stay in eval mode."""
+        super().train(mode)
+        if self.freeze_bn:
+            for bn in _batchnorms(self.backbone):
+                bn.eval()
+        return self
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D) pooled backbone features (what evaluation and predict use)."""
+        return self.backbone(images)
+
+    def forward(self, views, labels):
+        x = torch.cat(list(views))
+        y = labels.repeat(len(views))
+        if self.training and int(self.steps_done) < self.head_warmup_steps:
+            with torch.no_grad():
+                features = self.backbone(x)
+        else:
+            features = self.backbone(x)
+        out = self.head(features)
+        loss = self.objective.loss(out, y, self.options)
+        with torch.no_grad():
+            same = y[:, None] == y[None, :]
+            metrics = {"positives_per_anchor": (same.sum(1) - 1).float().mean()}
+            if isinstance(self.head, nn.Linear):  # a classifier: report its train accuracy
+                metrics["accuracy"] = (out.argmax(1) == y).float().mean()
+        return loss, metrics
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Count optimizer steps (ends the head-only warm-up)."""
+        self.steps_done.fill_(step)
