@@ -6,7 +6,29 @@ import torch
 from torch.utils.data import Sampler
 
 
-class EpochSampler(Sampler[int]):
+class _ResumableBatches(Sampler[int]):
+    """What the engine needs of a sampler: whole batches per rank, an epoch, and a batch to resume at."""
+
+    n: int
+    batch_size: int
+    world: int
+    epoch: int = 0
+    start_batch: int = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank sees per epoch."""
+        return self.n // (self.batch_size * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's permutation and the first batch to serve."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class EpochSampler(_ResumableBatches):
     """Shuffles `n` indices with a permutation that depends only on (seed, epoch).
 
     Every rank gets whole batches: the permutation is cut to a multiple of batch_size * world
@@ -21,17 +43,6 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
         self.start_batch = 0
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches each rank sees per epoch."""
-        return self.n // (self.batch_size * self.world)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's permutation and the first batch to serve."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
     def __iter__(self):
         if self.shuffle:
@@ -44,7 +55,7 @@ class EpochSampler(Sampler[int]):
         return iter(mine[self.start_batch:].reshape(-1).tolist())
 
 
-class ClassBalancedSampler(Sampler[int]):
+class ClassBalancedSampler(_ResumableBatches):
     """P x K batches: each batch holds `classes_per_batch` (P) classes with K = batch_size / P images each.
 
     Fine-grained sets have few images per class, so a random batch of 64 over 200 classes holds
@@ -78,17 +89,6 @@ class ClassBalancedSampler(Sampler[int]):
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.start_batch = 0, 0
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches each rank sees per epoch."""
-        return self.n // (self.batch_size * self.world)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's batches and the first batch to serve."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
     def _global_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)

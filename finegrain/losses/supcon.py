@@ -3,35 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from finegrain import dist
-
-
-def _check_labels(z: Tensor, labels: Tensor) -> None:
-    if z.ndim != 2:
-        raise ValueError(f"z must be (N, D); got {tuple(z.shape)}")
-    if labels.ndim != 1 or labels.shape[0] != z.shape[0]:
-        raise ValueError(f"labels must be (N,) = ({z.shape[0]},); got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class ids; got dtype {labels.dtype}")
-
-
-def _candidate_labels(labels: Tensor, gather: bool) -> tuple[Tensor, int]:
-    """Labels of the candidates (the global batch when gathering) and this rank's row offset."""
-    if gather and dist.world_size() > 1:
-        return dist.gather_no_grad(labels), dist.rank() * labels.shape[0]
-    return labels, 0
-
-
-def _positive_mask(labels: Tensor, cand_labels: Tensor, offset: int) -> tuple[Tensor, Tensor]:
-    """(N, M) masks: same label as the anchor but not the anchor itself; the anchor itself."""
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    self_mask = torch.zeros(labels.shape[0], cand_labels.shape[0], dtype=torch.bool, device=labels.device)
-    self_mask[rows, rows + offset] = True
-    pos = (labels[:, None] == cand_labels[None, :]) & ~self_mask
-    return pos, self_mask
+from finegrain.losses._candidates import _candidate_labels, _positive_mask, normalised_candidates
 
 
 def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, gather: bool = True) -> Tensor:
@@ -73,13 +47,8 @@ def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, gather: bool = T
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_labels(z, labels)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z = F.normalize(z.float(), dim=1)
-        labels = labels.to(z.device)
-        cand_labels, offset = _candidate_labels(labels, gather)
-        cand = dist.gather_with_grad(z) if gather else z  # (M, D), M = world_size * N when gathered
-        pos, self_mask = _positive_mask(labels, cand_labels, offset)  # (N, M) each
+        z, labels, cand, cand_labels, pos, self_mask = normalised_candidates(z, labels, gather)  # cand (M, D)
         n_pos = pos.sum(dim=1)  # (N,)
         has_pos = n_pos > 0
         if not bool(has_pos.any()):

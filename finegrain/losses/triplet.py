@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from finegrain import dist
-from finegrain.losses.supcon import _candidate_labels, _check_labels, _positive_mask
+from finegrain.losses._candidates import normalised_candidates
 
 # squared distances are clamped to this before the square root: d = 1e-6 at most for identical
 # vectors, whose gradient is then 0 instead of the NaN of sqrt'(0) = inf times 0
@@ -52,13 +51,8 @@ def batch_hard_triplet(z: Tensor, labels: Tensor, margin: float = 0.2, gather: b
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    _check_labels(z, labels)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z = F.normalize(z.float(), dim=1)
-        labels = labels.to(z.device)
-        cand_labels, offset = _candidate_labels(labels, gather)
-        cand = dist.gather_with_grad(z) if gather else z  # (M, D), M = world_size * N when gathered
-        pos, _ = _positive_mask(labels, cand_labels, offset)  # (N, M): same class, not self
+        z, labels, cand, cand_labels, pos, _ = normalised_candidates(z, labels, gather)  # pos: same class, not self
         neg = labels[:, None] != cand_labels[None, :]  # never the anchor itself
         valid = pos.any(dim=1) & neg.any(dim=1)  # (N,)
         if not bool(valid.any()):

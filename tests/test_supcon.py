@@ -1,0 +1,181 @@
+"""`finegrain supcon` and `finegrain predict` end to end on the synthetic birds: real images, real steps, real files."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from finegrain.artifacts import load_artifact
+from finegrain.cli import app
+from finegrain.config import PretrainConfig, SupconConfig
+from finegrain.errors import FinegrainError
+from finegrain.stages import supcon_methods
+from finegrain.stages.predict import run_predict
+from finegrain.stages.pretrain import run_pretrain
+from finegrain.stages.supcon import run_supcon
+
+
+def _cfg(birds, tmp_path, name="run", **kw):
+    base = dict(manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / name), backbone="test_efficientnet",
+                weights="none", image_size=32, batch_size=8, classes_per_batch=4, epochs=2, workers=0,
+                wandb="disabled", cache_dir=str(tmp_path / "cache"), knn_monitor=False, proj_dim=32, proj_hidden=64,
+                log_every=1)
+    base.update(kw)
+    return SupconConfig(**base)
+
+
+def _losses(out):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x["train/loss"] for x in lines if "train/loss" in x]
+
+
+@pytest.mark.parametrize("loss", ["supcon", "triplet", "ce"])
+def test_writes_an_artifact_that_classifies(birds, tmp_path, loss):
+    art = run_supcon(_cfg(birds, tmp_path, loss=loss, knn_monitor=True))
+    again = load_artifact(art.path)
+    info = again.info
+    assert info["stage"] == "supcon" and info["method"] == loss
+    assert info["class_names"] == birds.class_names and info["manifest_hash"] == birds.content_hash
+    assert info["parent"] is None and info["weights_source"] == "none"
+    weights = load_file(art.path / "model.safetensors")
+    assert weights["classifier.weight"].shape == (len(birds.class_names), 256)
+    assert weights["classifier.bias"].shape == (len(birds.class_names),)
+    assert any(k.startswith("backbone.") for k in weights) and any(k.startswith("head.") for k in weights)
+    if loss == "ce":
+        assert weights["head.weight"].shape == (len(birds.class_names), 256)
+    assert 0 <= info["metrics"]["knn_top1_test"] <= 1
+    assert info["classifier"]["C"] > 0
+    # 24 labelled train images / batches of 8 = 3 steps per epoch.
+    assert info["metrics"]["steps"] == 6 and len(_losses(art.path)) == 6
+
+
+def test_starts_from_a_pretrain_artifact_and_records_lineage(birds, tmp_path):
+    pre = run_pretrain(PretrainConfig(
+        manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / "pre"), backbone="test_efficientnet", weights="none",
+        image_size=32, batch_size=8, epochs=1, workers=0, wandb="disabled", cache_dir=str(tmp_path / "cache"),
+        knn_monitor=False, proj_dim=16))
+    # A backbone name that differs from the artifact's is replaced by the artifact's.
+    cfg = _cfg(birds, tmp_path, from_artifact=str(pre.path), backbone="resnet18", max_steps=1, head_warmup_epochs=1)
+    art = run_supcon(cfg)
+    assert art.info["parent"]["hash"] == pre.hash and art.info["parent"]["stage"] == "pretrain"
+    assert art.info["backbone"] == "test_efficientnet"
+    # One head-only step: the backbone still holds the pretrained weights exactly.
+    before, after = pre.state_dict("backbone."), art.state_dict("backbone.")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_head_warmup_then_backbone_trains_with_frozen_batchnorm(birds, tmp_path):
+    from finegrain.models.backbone import create_backbone
+
+    start = create_backbone("test_efficientnet").state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    art = run_supcon(_cfg(birds, tmp_path, weights=str(tmp_path / "start.pth"), head_warmup_epochs=1, epochs=3))
+    end = art.state_dict("backbone.")
+    bn = [k for k in start if "bn" in k and k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "weight", "bias")]
+    conv = [k for k in start if "conv" in k and k.endswith("weight")]
+    assert bn and conv
+    assert all(torch.equal(start[k], end[k]) for k in bn), "frozen BatchNorm changed"
+    assert any(not torch.equal(start[k], end[k]) for k in conv), "the backbone never trained after the warm-up"
+
+    trainable = run_supcon(_cfg(birds, tmp_path, "bn", weights=str(tmp_path / "start.pth"), freeze_bn=False))
+    end = trainable.state_dict("backbone.")
+    assert any(not torch.equal(start[k], end[k]) for k in bn), "--no-freeze-bn left BatchNorm untouched"
+
+
+def test_backbone_learning_rate_is_scaled(birds, tmp_path):
+    from finegrain.stages.supcon import _param_groups
+
+    cfg = _cfg(birds, tmp_path, backbone_lr_scale=0.1, weight_decay=1e-4)
+    from finegrain.models.backbone import create_backbone
+
+    method = supcon_methods.SupervisedMethod(create_backbone("test_efficientnet"), "supcon", num_classes=4,
+                                             options=dict(proj_dim=8, proj_hidden=0, temperature=0.1, margin=0.2,
+                                                          label_smoothing=0.0))
+    groups = _param_groups(method, cfg)
+    head = {id(p) for p in method.head.parameters()}
+    for g in groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1
+        assert g["lr_scale"] == (1.0 if in_head.pop() else 0.1)
+    n_grouped = sum(len(g["params"]) for g in groups)
+    assert n_grouped == sum(1 for p in method.parameters() if p.requires_grad)
+
+
+def test_supcon_loss_goes_down(birds, tmp_path):
+    art = run_supcon(_cfg(birds, tmp_path, epochs=12, head_warmup_epochs=0, freeze_bn=False, optimizer="adamw", lr=3e-3,
+                          backbone_lr_scale=1.0, warmup_epochs=0))
+    losses = _losses(art.path)
+    first, last = losses[: len(losses) // 4], losses[-len(losses) // 4:]
+    assert sum(last) / len(last) < sum(first) / len(first), losses
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_with_the_class_balanced_sampler_ends_with_the_same_weights(birds, tmp_path, monkeypatch):
+    kw = dict(epochs=2, checkpoint_every=2, workers=2, classifier=False)
+    full = run_supcon(_cfg(birds, tmp_path, "full", **kw))
+    original = supcon_methods.SupervisedMethod.after_step
+
+    def crash_at_4(self, step, total):
+        original(self, step, total)
+        if step == 4:
+            raise _Crash()
+
+    monkeypatch.setattr(supcon_methods.SupervisedMethod, "after_step", crash_at_4)
+    with pytest.raises(_Crash):
+        run_supcon(_cfg(birds, tmp_path, "cut", **kw))
+    monkeypatch.undo()
+    resumed = run_supcon(_cfg(birds, tmp_path, "cut", resume=True, **kw))
+    a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_options_are_clear_errors(birds, tmp_path):
+    with pytest.raises(FinegrainError, match="unknown --loss"):
+        run_supcon(_cfg(birds, tmp_path, loss="arcface"))
+    with pytest.raises(FinegrainError, match="multiple of --classes-per-batch"):
+        run_supcon(_cfg(birds, tmp_path, batch_size=8, classes_per_batch=3))
+    with pytest.raises(FinegrainError, match="not a complete artifact|not found"):
+        run_supcon(_cfg(birds, tmp_path, from_artifact=str(tmp_path)))
+
+
+def test_predict_names_species_and_reports_unreadable_files(birds, tmp_path):
+    art = run_supcon(_cfg(birds, tmp_path, epochs=1))
+    folder = birds.root / "images"
+    (folder / "broken.jpg").write_text("not an image")
+    df = run_predict(art.path, [folder], top_k=3, out_csv=tmp_path / "p.csv", workers=0)
+    written = pd.read_csv(tmp_path / "p.csv")
+    assert len(df) == len(written) == len(birds) + 1
+    broken = written[written["path"].str.endswith("broken.jpg")]
+    assert len(broken) == 1 and isinstance(broken["error"].iloc[0], str) and pd.isna(broken["pred_1"].iloc[0])
+    good = written[written["error"].isna()]
+    assert set(good["pred_1"]) <= set(birds.class_names)
+    scores = good[["score_1", "score_2", "score_3"]].to_numpy()
+    assert (scores[:, :-1] >= scores[:, 1:]).all() and (scores.sum(1) <= 1 + 1e-5).all() and (scores > 0).all()
+    with pytest.raises(FinegrainError, match="no classifier"):
+        pre_like = tmp_path / "noclf"
+        run_supcon(_cfg(birds, tmp_path, "noclf", epochs=1, classifier=False))
+        run_predict(pre_like, [folder])
+
+
+def test_cli_supcon_and_predict(birds, tmp_path):
+    r = CliRunner().invoke(app, ["supcon", "--manifest", str(birds.root / "manifest.csv"), "-o", str(tmp_path / "s"),
+                                 "--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
+                                 "--batch-size", "8", "--classes-per-batch", "4", "--epochs", "1", "--workers", "0",
+                                 "--wandb", "disabled", "--cache-dir", str(tmp_path / "c"), "--no-knn-monitor",
+                                 "--loss", "triplet", "--margin", "0.3"])
+    assert r.exit_code == 0, r.output
+    assert load_artifact(tmp_path / "s").info["method"] == "triplet"
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "s"), str(birds.root / "images"), "--top-k", "2", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["supcon", "--manifest", str(birds.root / "manifest.csv"), "-o", str(tmp_path / "t"),
+                                 "--from", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "not found" in r.output
