@@ -18,16 +18,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The demo: synthetic birds -> manifest -> val split -> validation -> SimCLR pretraining of the
-# offline ImageNet tf_efficientnet_lite0 (kNN monitor on val before and after). supcon and evaluate
-# join as they land.
+# The demo: pipelines/demo.yaml draws synthetic birds, splits them, then runs pretrain (SimCLR from
+# the offline ImageNet tf_efficientnet_lite0) -> supcon -> evaluate, and prints where the report is.
+# A second `make demo` reuses every stage (cached); `finegrain run ... --force supcon` reruns one.
 demo: $(STAMP)
-	$(BIN)/finegrain demo-data $(DEMO)/birds --classes 12 --per-class 40
-	$(BIN)/finegrain manifest split $(DEMO)/birds/manifest.csv --val-fraction 0.1 --seed 0 -o $(DEMO)/birds/manifest_val.csv
-	$(BIN)/finegrain manifest validate $(DEMO)/birds/manifest_val.csv --show-classes
-	rm -rf $(DEMO)/runs/pretrain
-	$(BIN)/finegrain pretrain --manifest $(DEMO)/birds/manifest_val.csv -o $(DEMO)/runs/pretrain --method simclr \
-		--image-size 64 --batch-size 32 --epochs 2 --cache-dir $(DEMO)/.cache --wandb offline
+	$(BIN)/finegrain run pipelines/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -37,6 +32,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -417,6 +417,56 @@ def predict(
     out.print(table)
 
 
+@app.command("run")
+@user_errors
+def run(
+    pipeline: Annotated[Path, typer.Argument(metavar="PIPELINE.yaml", help="Pipeline file (see pipelines/).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an option: stage.key=value, defaults.key=value, data.split.seed=1 (repeatable).")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="Rerun this stage even if cached (repeatable).")] = None,
+):
+    """Run a pipeline: data, then pretrain -> supcon -> evaluate, each from the previous artifact.
+
+    A stage whose inputs (manifest content, parent artifact, resolved options) are unchanged is
+    reused from its folder; an interrupted stage resumes from its checkpoint.
+
+    Example: finegrain run pipelines/demo.yaml
+
+    Example: finegrain run pipelines/cub200.yaml --set supcon.epochs=30 --set defaults.device=cuda
+    """
+    from finegrain.pipeline import load_pipeline, run_pipeline
+
+    results = run_pipeline(load_pipeline(pipeline, set_ or []), force=force or [])
+    table = Table("stage", "status", "folder", "headline")
+    for r in results:
+        m = r.info.get("metrics") or {}
+        keys = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r") if r.stage == "evaluate" else ("final_loss", "steps")
+        table.add_row(r.stage, r.status, str(r.path), ", ".join(f"{k} {m[k]:.4g}" for k in keys if m.get(k) is not None))
+    out.print(table)
+    last = results[-1]
+    if last.stage == "evaluate":
+        out.print(f"report: {last.path / 'report' / 'index.html'}")
+
+
+@app.command("runs")
+@user_errors
+def runs(folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to search for artifacts.")] = Path("runs")):
+    """List the artifacts under DIR with stage, parent, dataset and headline metrics.
+
+    Example: finegrain runs runs/demo
+    """
+    from finegrain.pipeline import list_runs
+
+    rows = list_runs(folder)
+    if not rows:
+        out.print(f"no artifacts under {folder}")
+        return
+    table = Table("artifact", "stage", "method", "parent", "manifest", "metrics", "created")
+    for r in rows:
+        table.add_row(r["path"], str(r["stage"]), str(r["method"] or ""), str(r["parent"] or ""), str(r["manifest"] or ""),
+                      ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()), str(r["created"] or ""))
+    out.print(table)
+
+
 @app.command("backbones")
 @user_errors
 def backbones():
