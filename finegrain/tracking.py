@@ -116,6 +116,23 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             self._warn(f"W&B report logging failed ({type(e).__name__}: {e})")
 
+    def use_dataset(self, manifest_file, *, name: str) -> None:
+        """Declare the manifest as the run's input dataset (the first node of the W&B lineage graph).
+
+        Online runs only: offline runs cannot `use_artifact`; the manifest hash in artifact.json
+        records the same lineage locally.
+        """
+        if self.run is None or self.run.offline:
+            return
+        try:
+            import wandb
+
+            art = wandb.Artifact(name=name, type="dataset")
+            art.add_file(str(manifest_file))
+            self.run.use_artifact(art)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"W&B dataset logging failed ({type(e).__name__}: {e})")
+
     def log_artifact(self, folder, *, name: str, type: str, metadata: dict | None = None, parent: str | None = None) -> None:
         """Log a stage artifact folder; declare its parent (use_artifact) only when online.
 

@@ -52,6 +52,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     if dist.is_main():
         tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
                           job_type="pretrain", config=config, run_id=stored_run_id(out) if cfg.resume else None)
+        tracker.use_dataset(cfg.manifest, name=f"manifest-{manifest.content_hash[:12]}")
     log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, device %s", cfg.method, cfg.backbone,
              len(train), cfg.image_size, cfg.batch_size, lr, device)
     try:

@@ -130,6 +130,8 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
     if dist.is_main():
         tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
                           job_type="supcon", config=config, run_id=stored_run_id(out) if cfg.resume else None)
+        if parent is None:
+            tracker.use_dataset(cfg.manifest, name=f"manifest-{manifest.content_hash[:12]}")
     log.info("supcon: %s loss, %s on %d labelled images of %d classes at %dpx, batch %d (%s), lr %.3g (backbone x%g), device %s",
              cfg.loss, cfg.backbone, len(train), len(class_names), cfg.image_size, cfg.batch_size, cfg.sampler, lr,
              cfg.backbone_lr_scale, device)
