@@ -106,6 +106,13 @@ def test_backbone_learning_rate_is_scaled(birds, tmp_path):
     n_grouped = sum(len(g["params"]) for g in groups)
     assert n_grouped == sum(1 for p in method.parameters() if p.requires_grad)
 
+    # timm layer-wise decay: earlier backbone blocks get smaller rates, none above backbone_lr_scale
+    decayed = _param_groups(method, _cfg(birds, tmp_path, backbone_lr_scale=0.1, layer_decay=0.5))
+    scales = sorted({g["lr_scale"] for g in decayed if not {id(p) for p in g["params"]} & head})
+    assert len(scales) > 2 and max(scales) <= 0.1 + 1e-12 and min(scales) < 0.1 * 0.5 ** 2
+    stem = next(p for n, p in method.backbone.named_parameters() if n.startswith("conv_stem"))
+    assert next(g["lr_scale"] for g in decayed if any(p is stem for p in g["params"])) == min(scales)
+
 
 def test_supcon_loss_goes_down(birds, tmp_path):
     art = run_supcon(_cfg(birds, tmp_path, epochs=12, head_warmup_epochs=0, freeze_bn=False, optimizer="adamw", lr=3e-3,
