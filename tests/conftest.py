@@ -40,3 +40,19 @@ def birds(_birds_master, tmp_path) -> Manifest:
     dst = tmp_path / "birds"
     shutil.copytree(_birds_master, dst)
     return Manifest.load(dst / "manifest.csv")
+
+
+class Crash(Exception):
+    """Raised by `crash_after_step` to stand in for a killed training run."""
+
+
+def crash_after_step(monkeypatch, method_cls, step: int) -> None:
+    """Make `method_cls.after_step` raise Crash right after optimizer step `step` (undo with monkeypatch.undo())."""
+    original = method_cls.after_step
+
+    def crashing(self, current, total):
+        original(self, current, total)
+        if current == step:
+            raise Crash()
+
+    monkeypatch.setattr(method_cls, "after_step", crashing)

@@ -13,6 +13,8 @@ from finegrain.cli import app
 from finegrain.errors import FinegrainError
 from finegrain.pipeline import list_runs, load_pipeline, run_pipeline
 
+from conftest import Crash, crash_after_step
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,24 +81,13 @@ def test_second_run_is_cached_and_a_supcon_change_reruns_supcon_and_evaluate(bir
     assert [s["stage"] for s in summary["stages"]] == ["pretrain", "supcon", "evaluate"]
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_an_interrupted_stage_resumes_on_the_next_run(birds, tmp_path, monkeypatch):
     from finegrain.stages import supcon_methods
 
     path = _write(tmp_path, birds, supcon={"batch_size": 8, "classes_per_batch": 4, "epochs": 2, "checkpoint_every": 2,
                                            "classifier": False})
-    original = supcon_methods.SupervisedMethod.after_step
-
-    def crash_at_3(self, step, total):
-        original(self, step, total)
-        if step == 3:
-            raise _Crash()
-
-    monkeypatch.setattr(supcon_methods.SupervisedMethod, "after_step", crash_at_3)
-    with pytest.raises(_Crash):
+    crash_after_step(monkeypatch, supcon_methods.SupervisedMethod, 3)
+    with pytest.raises(Crash):
         run_pipeline(load_pipeline(path))
     monkeypatch.undo()
     (result,) = run_pipeline(load_pipeline(path))

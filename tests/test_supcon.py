@@ -19,6 +19,8 @@ from finegrain.stages.predict import run_predict
 from finegrain.stages.pretrain import run_pretrain
 from finegrain.stages.supcon import run_supcon
 
+from conftest import Crash, crash_after_step
+
 
 def _cfg(birds, tmp_path, name="run", **kw):
     base = dict(manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / name), backbone="test_efficientnet",
@@ -122,22 +124,11 @@ def test_supcon_loss_goes_down(birds, tmp_path):
     assert sum(last) / len(last) < sum(first) / len(first), losses
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_with_the_class_balanced_sampler_ends_with_the_same_weights(birds, tmp_path, monkeypatch):
     kw = dict(epochs=2, checkpoint_every=2, workers=2, classifier=False)
     full = run_supcon(_cfg(birds, tmp_path, "full", **kw))
-    original = supcon_methods.SupervisedMethod.after_step
-
-    def crash_at_4(self, step, total):
-        original(self, step, total)
-        if step == 4:
-            raise _Crash()
-
-    monkeypatch.setattr(supcon_methods.SupervisedMethod, "after_step", crash_at_4)
-    with pytest.raises(_Crash):
+    crash_after_step(monkeypatch, supcon_methods.SupervisedMethod, 4)
+    with pytest.raises(Crash):
         run_supcon(_cfg(birds, tmp_path, "cut", **kw))
     monkeypatch.undo()
     resumed = run_supcon(_cfg(birds, tmp_path, "cut", resume=True, **kw))
