@@ -71,6 +71,11 @@ class Artifact:
             return state
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
+    def lineage(self) -> dict:
+        """What a child artifact records as its `parent`: path, hash, stage and W&B artifact name."""
+        return {"path": str(self.path.resolve()), "hash": self.hash, "stage": self.info["stage"],
+                "wandb_artifact": self.info.get("wandb_artifact")}
+
     def config(self) -> dict:
         """The resolved config the stage ran with."""
         return yaml.safe_load((self.path / CONFIG_FILE).read_text())

@@ -65,6 +65,25 @@ def load_checked_manifest(cfg, *, allow_unseen_classes: bool = False) -> Manifes
     return manifest
 
 
+def split_rows(manifest: Manifest, split: str, classes=None) -> Manifest:
+    """Rows of `split` (train/val/test rows always carry a label), only those of `classes` when given."""
+    rows = manifest.select(split)
+    if classes is None:
+        return rows
+    return Manifest(rows.table[rows.table["label"].isin(classes)].reset_index(drop=True), rows.root)
+
+
+def class_codes(rows: Manifest, classes) -> torch.Tensor:
+    """(N,) int64 index into `classes` of each row's label."""
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[str(v)] for v in rows.table["label"]], dtype=torch.long)
+
+
+def wandb_parent(parent: dict | None) -> str | None:
+    """The W&B artifact reference ("name:latest") of a parent lineage dict, for Tracker.log_artifact."""
+    return f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None
+
+
 def build_backbone(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
     """The timm backbone (pooled features, no classifier) and a name for its weight source.
 
@@ -130,12 +149,9 @@ def knn_monitor(cfg: TrainConfig, manifest: Manifest, data_cfg: dict, device: to
         return None
     train = manifest.select("train")
     query_split = "val" if (manifest.table["split"] == "val").any() else "test"
-    query = manifest.select(query_split)
-    if len(train) == 0 or len(query) == 0:
-        return None
     names = sorted(set(train.table["label"]))
-    query = Manifest(query.table[query.table["label"].isin(names)].reset_index(drop=True), query.root)
-    if len(query) == 0:
+    query = split_rows(manifest, query_split, names)
+    if len(train) == 0 or len(query) == 0:
         return None
     norm = dict(image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"], class_names=names, collective=False)
     train_ds = eval_dataset(cfg, train, **norm)

@@ -31,7 +31,8 @@ from finegrain.data.manifest import Manifest
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.fsutil import atomic_path, atomic_write_text
-from finegrain.stages.common import build_backbone, eval_dataset, load_checked_manifest
+from finegrain.stages.common import (build_backbone, class_codes, eval_dataset, load_checked_manifest, split_rows,
+                                     wandb_parent)
 
 log = logging.getLogger("finegrain")
 
@@ -70,14 +71,6 @@ class Subject:
 def _file_id(weights: str | None):
     path = Path(str(weights))
     return [path.stat().st_size, path.stat().st_mtime_ns] if weights and path.is_file() else None
-
-
-def _labelled_rows(manifest: Manifest, split: str, classes: list[str] | None = None) -> Manifest:
-    t = manifest.table
-    keep = (t["split"] == split) & (t["label"].astype(str) != "")
-    if classes is not None:
-        keep &= t["label"].isin(classes)
-    return Manifest(t[keep].reset_index(drop=True), manifest.root)
 
 
 class FeatureStore:
@@ -119,11 +112,6 @@ class FeatureStore:
         return feats
 
 
-def _codes(rows: Manifest, classes: list[str]) -> torch.Tensor:
-    index = {c: i for i, c in enumerate(classes)}
-    return torch.tensor([index[str(v)] for v in rows.table["label"]], dtype=torch.long)
-
-
 def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     """Evaluate as `cfg` says; write OUT/report/ and the evaluation artifact; return it."""
     from finegrain.eval.knn import knn_scores, topk_accuracy
@@ -147,9 +135,10 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     out.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(cfg, subject, device, out / "features")
 
-    classes = sorted(set(_labelled_rows(manifest, "train").table["label"].astype(str)))
+    train = split_rows(manifest, "train")
+    classes = sorted(set(train.table["label"].astype(str)))
     query_split = "test" if (manifest.table["split"] == "test").any() else "val"
-    all_queries = _labelled_rows(manifest, query_split)
+    all_queries = split_rows(manifest, query_split)
     metrics: dict = {k: None for k in METRIC_KEYS}
     timings: dict = {}
     context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
@@ -158,13 +147,12 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     report_data: dict = {}
     probe = None
     if len(classes) >= 2 and len(all_queries):
-        train = _labelled_rows(manifest, "train")
-        queries = _labelled_rows(manifest, query_split, classes)
+        queries = split_rows(manifest, query_split, classes)
         if len(queries) < len(all_queries):
             log.warning("%d %s images of classes without train images are left out of kNN and the linear probe",
                         len(all_queries) - len(queries), query_split)
-        ftr, ytr = store.features(train, "train"), _codes(train, classes)
-        fq, yq = store.features(queries, query_split), _codes(queries, classes)
+        ftr, ytr = store.features(train, "train"), class_codes(train, classes)
+        fq, yq = store.features(queries, query_split), class_codes(queries, classes)
         start = time.perf_counter()
         knn = knn_scores(ftr, ytr, fq, num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t)
         acc = topk_accuracy(knn, yq)
@@ -185,11 +173,11 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     else:
         log.warning("no labelled train images of 2+ classes, or no labelled %s images: kNN and linear probe skipped", query_split)
 
-    retrieval_rows = _labelled_rows(manifest, cfg.retrieval_split)
+    retrieval_rows = split_rows(manifest, cfg.retrieval_split)
     if len(retrieval_rows) >= 2:
         fr = store.features(retrieval_rows, cfg.retrieval_split)
         start = time.perf_counter()
-        metrics.update(retrieval_metrics(fr, _codes(retrieval_rows, retrieval_rows.class_names)))
+        metrics.update(retrieval_metrics(fr, class_codes(retrieval_rows, retrieval_rows.class_names)))
         timings["retrieval_s"] = time.perf_counter() - start
     else:
         log.warning("fewer than 2 labelled %s images: retrieval metrics skipped", cfg.retrieval_split)
@@ -205,10 +193,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
         state = {}
         if probe is not None:
             state = {"classifier.weight": torch.from_numpy(probe.weight), "classifier.bias": torch.from_numpy(probe.bias)}
-        parent = None
-        if subject.artifact is not None:
-            parent = {"path": str(subject.artifact.path.resolve()), "hash": subject.artifact.hash,
-                      "stage": subject.artifact.info["stage"], "wandb_artifact": subject.artifact.info.get("wandb_artifact")}
+        parent = subject.artifact.lineage() if subject.artifact is not None else None
         artifact = write_artifact(out, stage="evaluate", config={"stage": "evaluate", **cfg.to_dict()}, state_dict=state, info={
             "backbone": subject.name, "embedding_dim": int(subject.model.num_features), "image_size": subject.image_size,
             "mean": list(subject.mean), "std": list(subject.std), "bbox_crop": cfg.bbox_crop, "class_names": classes or None,
@@ -217,7 +202,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
             "wandb_run_id": tracker.run_id, "wandb_artifact": "evaluation",
         })
         tracker.log_artifact(out / "report", name="evaluation", type="evaluation", metadata=metrics,
-                             parent=f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None)
+                             parent=wandb_parent(parent))
     finally:
         tracker.finish()
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
@@ -232,9 +217,9 @@ def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
 
     val_x = val_y = None
     if query_split == "test":
-        val = _labelled_rows(manifest, "val", classes)
+        val = split_rows(manifest, "val", classes)
         if len(val):
-            val_x, val_y = store.features(val, "val"), _codes(val, classes)
+            val_x, val_y = store.features(val, "val"), class_codes(val, classes)
     start = time.perf_counter()
     probe = fit_linear_probe(ftr, ytr, num_classes=len(classes), val_x=val_x, val_y=val_y, seed=cfg.seed)
     selected_on = "val" if val_x is not None else ("train hold-out" if probe.val_top1 is not None else "default C")

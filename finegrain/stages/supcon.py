@@ -15,27 +15,20 @@ from finegrain import dist
 from finegrain.artifacts import Artifact, load_artifact, write_artifact
 from finegrain.config import SupconConfig
 from finegrain.data.dataset import ManifestDataset
-from finegrain.data.manifest import Manifest
 from finegrain.data.views import build_view, make_recipe
 from finegrain.engine.device import resolve_amp
 from finegrain.engine.loop import fit
 from finegrain.engine.sampler import ClassBalancedSampler, EpochSampler
 from finegrain.errors import FinegrainError
-from finegrain.stages.common import (build_backbone, eval_dataset, image_cache, knn_monitor, load_checked_manifest,
-                                     prepare_out_dir, setup, stored_run_id)
+from finegrain.stages.common import (build_backbone, class_codes, eval_dataset, image_cache, knn_monitor,
+                                     load_checked_manifest, prepare_out_dir, setup, split_rows, stored_run_id,
+                                     wandb_parent)
 from finegrain.stages.supcon_methods import OBJECTIVES, SupervisedMethod
 
 log = logging.getLogger("finegrain")
 
 BASE_LR = 0.2  # SGD, per 256 images, for the head; the backbone gets backbone_lr_scale x this
 SAMPLERS = ("pk", "random")
-
-
-def labelled(manifest: Manifest, split: str) -> Manifest:
-    """Rows of `split` that carry a label."""
-    table = manifest.table
-    rows = table[(table["split"] == split) & (table["label"].astype(str) != "")]
-    return Manifest(rows.reset_index(drop=True), manifest.root)
 
 
 def starting_backbone(cfg) -> tuple[torch.nn.Module, str, dict | None]:
@@ -55,9 +48,7 @@ def starting_backbone(cfg) -> tuple[torch.nn.Module, str, dict | None]:
         log.info("backbone: %s (from the artifact %s)", name, parent.path)
         cfg.backbone = name
     model = create_backbone(name, weights=parent.path)
-    lineage = {"path": str(parent.path.resolve()), "hash": parent.hash, "stage": parent.info["stage"],
-               "wandb_artifact": parent.info.get("wandb_artifact")}
-    return model, f"artifact:{parent.path}", lineage
+    return model, f"artifact:{parent.path}", parent.lineage()
 
 
 def _classes_per_batch(cfg: SupconConfig, num_classes: int) -> int:
@@ -103,7 +94,7 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
     device = setup(cfg)
     out = prepare_out_dir(cfg)
     manifest = load_checked_manifest(cfg)
-    train = labelled(manifest, "train")
+    train = manifest.select("train")
     class_names = sorted(set(train.table["label"].astype(str)))
     if len(class_names) < 2:
         raise FinegrainError(f"{cfg.manifest} needs labelled train images of at least 2 classes for supcon; found {len(class_names)}")
@@ -117,8 +108,8 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
                               on_bad_image=cfg.on_bad_image, cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
     rank, world = dist.rank(), dist.world_size()
     if cfg.sampler == "pk":
-        labels = [class_names.index(str(v)) for v in train.table["label"]]
-        sampler = ClassBalancedSampler(labels, cfg.batch_size, _classes_per_batch(cfg, len(class_names)),
+        sampler = ClassBalancedSampler(class_codes(train, class_names), cfg.batch_size,
+                                       _classes_per_batch(cfg, len(class_names)),
                                        seed=cfg.seed, rank=rank, world=world)
     else:
         sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
@@ -163,7 +154,7 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
         })
         tracker.summary({k: v for k, v in metrics.items() if v is not None})
         tracker.log_artifact(out, name=wandb_name, type="model", metadata=metrics,
-                             parent=f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None)
+                             parent=wandb_parent(parent))
         log.info("supcon: wrote artifact %s (%s)", out,
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
         return artifact
@@ -183,8 +174,7 @@ def _fit_classifier(cfg, method, manifest, train, class_names, data_cfg, device)
     norm = dict(image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"], class_names=class_names, collective=False)
     x, y = extract_features(method.embed, eval_dataset(cfg, train, **norm), device=device, workers=cfg.workers,
                             amp_dtype=amp, progress="classifier: train features")
-    val = labelled(manifest, "val")
-    val = Manifest(val.table[val.table["label"].isin(class_names)].reset_index(drop=True), val.root)
+    val = split_rows(manifest, "val", class_names)
     vx = vy = None
     if len(val):
         vx, vy = extract_features(method.embed, eval_dataset(cfg, val, **norm), device=device, workers=cfg.workers,
