@@ -27,7 +27,7 @@ import torch
 
 from finegrain.artifacts import ARTIFACT_FILE, Artifact, load_artifact, write_artifact
 from finegrain.config import EvaluateConfig
-from finegrain.data.manifest import Manifest
+from finegrain.data.manifest import SPLITS, Manifest
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.fsutil import atomic_path, atomic_write_text
@@ -122,6 +122,8 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
         raise FinegrainError("--out is required: the folder the evaluation is written to")
     if cfg.knn_k < 1 or cfg.knn_t <= 0:
         raise FinegrainError("--knn-k must be at least 1 and --knn-t positive")
+    if cfg.retrieval_split not in SPLITS:
+        raise FinegrainError(f"--retrieval-split must be one of {', '.join(SPLITS)}, got {cfg.retrieval_split!r}")
     out = Path(cfg.out)
     previous = out / ARTIFACT_FILE
     if previous.is_file() and json.loads(previous.read_text()).get("stage") != "evaluate":
