@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from finegrain.data.views import build_view, make_recipe
 from finegrain.engine.checkpoint import CHECKPOINT_FILE
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
+from finegrain.fsutil import remove_stale_temporaries
 
 log = logging.getLogger("finegrain")
 
@@ -46,8 +48,20 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     if (out / CHECKPOINT_FILE).is_file() and not cfg.resume:
         raise FinegrainError(f"{out} holds a checkpoint of an unfinished run: pass --resume to continue it, or choose another --out")
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        _check_writable(out)
+        for tmp in remove_stale_temporaries(out):
+            log.info("removed %s, left half-written by a run that was killed", tmp.name)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before training, not at the first checkpoint, when `out` cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as f:
+            f.write(b"finegrain")
+    except OSError as e:
+        raise FinegrainError(f"cannot write into {out} ({e.strerror or e}); choose another --out") from None
 
 
 def load_checked_manifest(cfg, *, allow_unseen_classes: bool = False) -> Manifest:
