@@ -3,6 +3,7 @@ problems with the user's input are printed as one clear message (exit code 2), n
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -47,8 +48,12 @@ def _setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
 
 
+# The disk is full, read-only or not ours: the user's machine, not a bug, so no traceback.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def user_errors(fn):
-    """Turn FinegrainError into a one-line red message and exit code 2."""
+    """Turn FinegrainError into a one-line red message and exit code 2; a full or read-only disk into exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -58,6 +63,14 @@ def user_errors(fn):
         except FinegrainError as e:
             err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
             raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in _STORAGE_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            err.print(f"[bold red]error:[/] could not write{where}: {e.strerror}. Files already written (checkpoint, "
+                      "manifests, earlier stages) are complete; free space or fix permissions and rerun "
+                      "(training stages: with --resume).", markup=True, highlight=False)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -150,7 +150,7 @@ class Tracker:
             art.add_dir(str(folder))
             self.run.log_artifact(art)
         except Exception as e:  # noqa: BLE001
-            self._warn(f"W&B artifact logging failed ({type(e).__name__}: {e})")
+            self._warn(f"W&B artifact logging failed ({e.__class__.__name__}: {e})")  # `type` is the argument here
 
     def finish(self) -> None:
         """Close metrics.jsonl and the W&B run."""

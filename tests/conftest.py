@@ -56,3 +56,13 @@ def crash_after_step(monkeypatch, method_cls, step: int) -> None:
             raise Crash()
 
     monkeypatch.setattr(method_cls, "after_step", crashing)
+
+
+class WritesAFile:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -142,23 +142,3 @@ def test_frozen_imagenet_features_recognise_real_birds(cub50, tmp_path):
     m = art.info["metrics"]
     assert m["knn_top1"] > 0.5 and m["linear_top1"] > 0.5 and m["recall_at_1"] > 0.5, m
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
-
-
-class _WritesAFile:
-    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker would run."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_malicious_weights_file_is_refused_without_running(birds, tmp_path):
-    marker = tmp_path / "pwned"
-    torch.save({"conv_stem.weight": torch.zeros(1), "evil": _WritesAFile(str(marker))}, tmp_path / "evil.pth")
-    r = CliRunner().invoke(app, ["evaluate", "--manifest", str(birds.root / "manifest.csv"), "-o", str(tmp_path / "e"),
-                                 "--backbone", "test_efficientnet", "--weights", str(tmp_path / "evil.pth"),
-                                 "--wandb", "disabled", "--cache-dir", str(tmp_path / "c"), "--workers", "0"])
-    assert r.exit_code == 2 and "refused" in r.output, r.output
-    assert not marker.exists()

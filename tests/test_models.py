@@ -32,6 +32,8 @@ from finegrain.models import (
     offline_backbones,
 )
 
+from conftest import WritesAFile
+
 # ImageNet-1k classes that are birds: cock .. brambling .. indigo bunting, black grouse .. toucan,
 # and the waterfowl / waders from black stork to albatross.
 IMAGENET_BIRDS = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
@@ -210,20 +212,10 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_state_dict_file(tmp_path / "nostate.pth")
 
 
-class _WritesAFile:
-    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker would run."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, writer):
     marker = tmp_path / "pwned"
-    payload = {"conv1.weight": torch.zeros(1), "evil": _WritesAFile(str(marker))}
+    payload = {"conv1.weight": torch.zeros(1), "evil": WritesAFile(str(marker))}
     path = tmp_path / "evil.pth"
     if writer == "torch.save":
         torch.save(payload, path)

@@ -145,6 +145,8 @@ def validate_manifest(
     root = manifest.root
     if not root.is_dir():
         add(Problem("error", "missing_root", f"dataset root folder not found: {root}"))
+    if table.empty:
+        add(Problem("error", "empty_manifest", "the manifest has no rows"))
 
     rels = table["path"].tolist()
     inside = [_inside(root, r) for r in rels]

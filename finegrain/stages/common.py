@@ -26,6 +26,11 @@ from finegrain.fsutil import remove_stale_temporaries
 
 log = logging.getLogger("finegrain")
 
+# --on-bad-image is applied when the manifest is checked, before training starts ("error" stops there).
+# A file that breaks after that check (changed on disk mid-run) is skipped with a warning, so hours of
+# training never die in the middle of an epoch because of one file.
+TRAINING_BAD_IMAGE_POLICY = "skip"
+
 
 def setup(cfg: TrainConfig) -> torch.device:
     """Resolve the device, join torchrun's process group if there is one, seed every RNG."""
@@ -74,6 +79,10 @@ def load_checked_manifest(cfg, *, allow_unseen_classes: bool = False) -> Manifes
     manifest = Manifest.load(cfg.manifest, root=cfg.root)
     manifest, report = check_manifest_or_raise(manifest, on_bad_image=cfg.on_bad_image, progress=dist.is_main(),
                                                 allow_unseen_classes=allow_unseen_classes)
+    skipped = [p for p in report.errors if p.path in report.bad_files]
+    if skipped:
+        log.warning("--on-bad-image skip: leaving out %d file(s):\n  - %s%s", len(skipped),
+                    "\n  - ".join(str(p) for p in skipped[:20]), "\n  ..." if len(skipped) > 20 else "")
     for p in report.warnings[:10]:
         log.warning("manifest: %s", p)
     return manifest

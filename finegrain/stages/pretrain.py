@@ -15,7 +15,7 @@ from finegrain.data.dataset import ManifestDataset
 from finegrain.data.views import build_view, make_recipe
 from finegrain.engine.loop import fit
 from finegrain.errors import FinegrainError
-from finegrain.stages.common import (build_backbone, image_cache, knn_monitor, load_checked_manifest,
+from finegrain.stages.common import (TRAINING_BAD_IMAGE_POLICY, build_backbone, image_cache, knn_monitor, load_checked_manifest,
                                      prepare_out_dir, setup, stored_run_id)
 from finegrain.stages.pretrain_methods import METHODS
 
@@ -44,7 +44,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     method = method_cls(backbone, proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature,
                         queue_size=cfg.queue_size, moco_momentum=cfg.moco_momentum)
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
-    dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=cfg.on_bad_image,
+    dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=TRAINING_BAD_IMAGE_POLICY,
                               cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
     lr = cfg.lr if cfg.lr is not None else method_cls.base_lr * cfg.batch_size * cfg.accumulate * dist.world_size() / 256
     config = {"stage": "pretrain", **cfg.to_dict(), "resolved_lr": lr, "view_recipe": recipe.to_dict()}
