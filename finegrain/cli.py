@@ -251,6 +251,7 @@ OPTION_HELP = {
     "accumulate": "Gradient accumulation: micro-batches per optimizer step.",
     "amp": "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.",
     "channels_last": "Use channels-last memory format.",
+    "compile": "torch.compile the train step (first steps are slow while it compiles).",
     "sync_bn": "Synchronise BatchNorm across processes under torchrun (CUDA).",
     "device": "auto, cpu or cuda.",
     "seed": "Random seed (data order, augmentations, initialisation).",

@@ -32,6 +32,7 @@ class TrainConfig:
     accumulate: int = 1
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
     channels_last: bool = False
+    compile: bool = False  # torch.compile the train step (see benchmarks/README.md for when it pays)
     sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA
     device: str = "auto"
     seed: int = 0

@@ -70,7 +70,7 @@ def fit(
         method: the method module (see module docstring), on CPU; moved to `device` here.
         dataset: a ManifestDataset (seeded: `set_epoch` selects augmentations per epoch).
         cfg: batch_size (per process), epochs, max_steps, optimizer, weight_decay, warmup_epochs,
-            accumulate, amp, checkpoint_every, resume, seed, workers.
+            accumulate, amp, channels_last, compile, checkpoint_every, resume, seed, workers.
         base_lr: the learning rate to use (already scaled for the batch size).
         tracker: a finegrain.tracking.Tracker (rank 0) or None.
         monitor: called as monitor(method, epoch) at each epoch end; returns metrics to log.
@@ -94,6 +94,9 @@ def fit(
         train_module = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=getattr(method, "find_unused_parameters", False))
+
+    if cfg.compile:
+        train_module = torch.compile(train_module)
 
     if sampler is None:
         sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)

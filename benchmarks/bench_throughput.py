@@ -1,0 +1,269 @@
+"""Training throughput per stage against the compute bound, against lightly, and with speed options.
+
+For each stage (pretrain SimCLR, pretrain MoCo, supcon) the script alternates, in one run:
+  * end to end: the real stage (`run_pretrain` / `run_supcon`) on real JPEGs through the image cache,
+    views, DataLoader workers and the engine; img/s read from the engine's own per-step timing;
+  * compute: the very model the engine just trained (captured from `fit`), its optimizer step on one
+    batch of views already in memory.
+e2e_over_compute is the median over rounds of (end to end / compute): what data loading and
+bookkeeping cost. For SimCLR it also times lightly 1.6 as its docs show it (SimCLRTransform,
+torchvision ImageFolder, DataLoader, the same timm backbone with lightly's SimCLRProjectionHead and
+NTXentLoss, same batch, resolution and optimiser): vs_lightly = our end to end / lightly's.
+Speed options (channels_last, bf16 autocast, torch.compile) are timed on the in-memory SimCLR step.
+Evaluation extraction img/s (eval views from the cache) closes the table.
+
+Uses ../shared/data/cub50 when present, else synthetic birds. Writes benchmarks/results/throughput.json.
+
+Usage: python benchmarks/bench_throughput.py [--image-size 128] [--batch-size 32] [--steps 12] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from finegrain.config import PretrainConfig, SupconConfig  # noqa: E402
+from finegrain.data.synthetic import make_demo_dataset  # noqa: E402
+from finegrain.engine.device import resolve_device  # noqa: E402
+from finegrain.stages import pretrain as pretrain_stage  # noqa: E402
+from finegrain.stages import supcon as supcon_stage  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CUB50 = REPO.parent / "shared" / "data" / "cub50"
+WARM = 3  # steps left out of every median (worker start-up, allocator warm-up)
+
+
+def run_stage(stage: str, cfg, captured: dict) -> float:
+    """Run the stage end to end; return its median img/s and leave the trained model in `captured`."""
+    module = pretrain_stage if stage != "supcon" else supcon_stage
+    real_fit = module.fit
+
+    def spy(method, dataset, cfg_, out, **kw):
+        result = real_fit(method, dataset, cfg_, out, **kw)
+        captured.update(method=method, dataset=dataset, cfg=cfg_, kw=kw)
+        return result
+
+    module.fit = spy
+    try:
+        (module.run_pretrain if stage != "supcon" else module.run_supcon)(cfg)
+    finally:
+        module.fit = real_fit
+    lines = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    # With log_every=1 the engine logs each step's img/s, timed from the previous step's end (loading included).
+    return statistics.median(x["train/img_per_s"] for x in lines if "train/img_per_s" in x and x["step"] > WARM)
+
+
+def one_batch(captured: dict, batch_size: int):
+    """A real batch of views (list of (B, 3, S, S)) and labels (B,), as the engine's sampler would draw it."""
+    dataset = captured["dataset"]
+    sampler = captured["kw"].get("sampler")
+    indices = list(itertools.islice(iter(sampler), batch_size)) if sampler is not None else range(batch_size)
+    items = [dataset[i] for i in indices]
+    views = [torch.stack([it[0][v] for it in items]) for v in range(len(items[0][0]))]
+    return views, torch.tensor([it[1] for it in items])
+
+
+def compute_rate(captured: dict, device, steps: int, *, channels_last=False, amp=None, compile=False) -> float:
+    """img/s of forward + backward + optimizer step of the captured model on one in-memory batch."""
+    import timm.optim
+
+    cfg = captured["cfg"]
+    method = copy.deepcopy(captured["method"]).to(device)
+    views, labels = one_batch(captured, cfg.batch_size)
+    views, labels = [v.to(device) for v in views], labels.to(device)
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = timm.optim.create_optimizer_v2(params, opt=cfg.optimizer, lr=1e-4, weight_decay=cfg.weight_decay, momentum=0.9)
+    step = torch.compile(method) if compile else method
+    method.train()
+    times = []
+    for i in range(steps + WARM):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            loss, _ = step(views, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if hasattr(method, "after_step"):
+            method.after_step(i + 1, steps + WARM)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return cfg.batch_size / statistics.median(times[WARM:])
+
+
+def lightly_rate(images_dir: Path, simclr, args, device) -> float:
+    """img/s of lightly's documented SimCLR training loop with our timm backbone, head sizes, temperature,
+    batch, resolution and optimiser (`simclr`: the captured finegrain SimCLR module)."""
+    import torchvision
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+
+    backbone = copy.deepcopy(simclr.backbone).to(device)
+    head = SimCLRProjectionHead(simclr.head.in_dim, simclr.head.hidden_dim, simclr.head.out_dim).to(device)
+    model = torch.nn.Sequential(backbone, head).train()
+    criterion = NTXentLoss(temperature=simclr.temperature)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=PretrainConfig.weight_decay)
+    dataset = torchvision.datasets.ImageFolder(str(images_dir), transform=SimCLRTransform(input_size=args.image_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, generator=torch.Generator().manual_seed(0))
+    times, t0 = [], time.perf_counter()
+    for (x0, x1), _ in loader:
+        x0, x1 = x0.to(device), x1.to(device)
+        loss = criterion(model(x0), model(x1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        times.append(now - t0)
+        t0 = now
+        if len(times) >= args.steps + WARM:
+            break
+    return args.batch_size / statistics.median(times[WARM:])
+
+
+def extraction_rate(captured: dict, device, n: int) -> tuple[float, float]:
+    """(end-to-end, in-memory) img/s of backbone feature extraction with eval views at the stage's size."""
+    from finegrain.data.manifest import Manifest
+    from finegrain.eval.features import extract_features
+    from finegrain.stages.common import eval_dataset
+
+    cfg = captured["cfg"]
+    method = captured["method"].eval().to(device)
+    rows = captured["dataset"].manifest
+    rows = Manifest(rows.table.iloc[:n].reset_index(drop=True), rows.root)
+    ds = eval_dataset(cfg, rows, image_size=cfg.image_size, mean=(0.5,) * 3, std=(0.5,) * 3, class_names=None,
+                      collective=False)
+    with torch.no_grad():
+        extract_features(method.backbone, ds, device=device, batch_size=128, workers=cfg.workers)  # warm-up
+        t0 = time.perf_counter()
+        extract_features(method.backbone, ds, device=device, batch_size=128, workers=cfg.workers)
+        e2e = len(ds) / (time.perf_counter() - t0)
+        x = torch.randn(128, 3, cfg.image_size, cfg.image_size, device=device)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            method.backbone(x)
+            times.append(time.perf_counter() - t0)
+    return e2e, 128 / statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per measurement (after 3 warm-up steps)")
+    ap.add_argument("--rounds", type=int, default=2, help="end-to-end / compute pairs per stage")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--stages", default="simclr,moco,supcon")
+    ap.add_argument("--no-options", action="store_true", help="skip the channels_last / bf16 / compile timings")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "throughput.json")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if (CUB50 / "images.txt").is_file():
+            manifest, images_dir, data = REPO / "data_manifests" / "cub50.csv", CUB50 / "images", "cub50 (real JPEGs)"
+        else:
+            make_demo_dataset(tmp / "birds", classes=12, per_class=60, image_size=256)
+            manifest, images_dir, data = tmp / "birds" / "manifest.csv", tmp / "birds" / "images", "synthetic birds 256px"
+        common = dict(manifest=str(manifest), image_size=args.image_size, batch_size=args.batch_size, epochs=100,
+                      max_steps=args.steps + WARM, workers=args.workers, wandb="disabled", knn_monitor=False,
+                      cache_dir=str(tmp / "cache"), device=args.device, warmup_epochs=0.0, log_every=1)
+        configs = {
+            "simclr": lambda out: PretrainConfig(out=out, method="simclr", **common),
+            "moco": lambda out: PretrainConfig(out=out, method="moco", queue_size=4096, **common),
+            "supcon": lambda out: SupconConfig(out=out, head_warmup_epochs=0, classes_per_batch=args.batch_size // 4,
+                                               **common),
+        }
+        stages, captured_simclr = {}, None
+        for stage in args.stages.split(","):
+            rounds = []
+            for r in range(args.rounds):
+                captured = {}
+                e2e = run_stage(stage, configs[stage](str(tmp / f"{stage}{r}")), captured)
+                compute = compute_rate(captured, device, args.steps)
+                rounds.append({"e2e_img_per_s": round(e2e, 2), "compute_img_per_s": round(compute, 2),
+                               "ratio": round(e2e / compute, 3)})
+                print(f"{stage} round {r}: end to end {e2e:.1f} img/s, compute {compute:.1f} img/s", flush=True)
+            stages[stage] = {
+                "e2e_img_per_s": round(statistics.median(x["e2e_img_per_s"] for x in rounds), 2),
+                "compute_img_per_s": round(statistics.median(x["compute_img_per_s"] for x in rounds), 2),
+                "e2e_over_compute": round(statistics.median(x["ratio"] for x in rounds), 3),
+                "rounds": rounds,
+            }
+            if stage == "simclr":
+                captured_simclr = captured
+                ours, theirs = [], []
+                for _ in range(args.rounds):
+                    theirs.append(lightly_rate(images_dir, captured["method"], args, device))
+                    ours.append(run_stage("simclr", configs["simclr"](str(tmp / f"vs{len(ours)}")), {}))
+                    print(f"simclr vs lightly: ours {ours[-1]:.1f} img/s, lightly {theirs[-1]:.1f} img/s", flush=True)
+                stages["simclr"].update(
+                    lightly_img_per_s=round(statistics.median(theirs), 2), ours_img_per_s_same_rounds=round(statistics.median(ours), 2),
+                    vs_lightly=round(statistics.median(o / t for o, t in zip(ours, theirs)), 3))
+
+        options = {}
+        if captured_simclr is not None and not args.no_options:
+            trials = {"float32": {}, "channels_last": {"channels_last": True}, "bf16 autocast": {"amp": torch.bfloat16},
+                      "torch.compile": {"compile": True}}
+            for name, kw in trials.items():
+                try:
+                    t0 = time.perf_counter()
+                    rate = compute_rate(captured_simclr, device, args.steps, **kw)
+                    options[name] = {"img_per_s": round(rate, 2), "wall_s": round(time.perf_counter() - t0, 1)}
+                except Exception as e:  # noqa: BLE001 - an option that fails here is reported, not fatal
+                    options[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                print(f"option {name}: {options[name]}", flush=True)
+            base = options["float32"].get("img_per_s")
+            for v in options.values():
+                if base and "img_per_s" in v:
+                    v["vs_float32"] = round(v["img_per_s"] / base, 3)
+
+        extraction = {}
+        if captured_simclr is not None:
+            e2e, compute = extraction_rate(captured_simclr, device, 512)
+            extraction = {"e2e_img_per_s": round(e2e, 1), "compute_img_per_s": round(compute, 1),
+                          "e2e_over_compute": round(e2e / compute, 3), "images": 512, "batch_size": 128}
+            print(f"extraction: end to end {e2e:.1f} img/s, in memory {compute:.1f} img/s", flush=True)
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "data": data, "backbone": "tf_efficientnet_lite0 (offline ImageNet)",
+        "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers, "steps": args.steps,
+        "rounds": args.rounds, "stages": stages, "speed_options_simclr_step": options, "extraction": extraction,
+        "command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'stage':8s} {'e2e img/s':>10s} {'compute':>10s} {'ratio':>7s} {'vs lightly':>11s}")
+    for name, s in stages.items():
+        print(f"{name:8s} {s['e2e_img_per_s']:10.1f} {s['compute_img_per_s']:10.1f} {s['e2e_over_compute']:7.3f} "
+              f"{s.get('vs_lightly', float('nan')):11.3f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
