@@ -58,13 +58,13 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """`finegrain pretrain`: self-supervised contrastive pretraining (labels ignored)."""
 
-    method: str = "simclr"  # simclr | moco
+    method: str = "simclr"  # simclr | moco | byol | simsiam
     temperature: float | None = None  # None: 0.5 for simclr, 0.2 for moco
     proj_dim: int = 128
     proj_hidden: int = 0  # 0: the backbone's embedding size
     views: str = "simclr"  # view recipe name (finegrain.data.views.RECIPES)
     queue_size: int = 4096  # moco
-    moco_momentum: float = 0.99  # moco: EMA of the key encoder, raised to 1.0 on a cosine schedule
+    moco_momentum: float = 0.99  # moco, byol: EMA of the key/target network, raised to 1.0 on a cosine schedule
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _losses(out, after_step=0):
     return [x["train/loss"] for x in lines if "train/loss" in x and x["step"] > after_step]
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam"])
 def test_writes_a_valid_artifact(birds, tmp_path, method):
     art = run_pretrain(_cfg(birds, tmp_path, method=method, knn_monitor=True))
     again = load_artifact(art.path)
@@ -42,13 +42,13 @@ def test_writes_a_valid_artifact(birds, tmp_path, method):
     assert 0.0 <= again.info["metrics"]["knn_top1_test"] <= 1.0
     keys = load_file(art.path / "model.safetensors").keys()
     assert any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys)
-    assert not any(k.startswith("key_") for k in keys)
+    assert not any(k.startswith(("key_", "target_", "predictor")) for k in keys)
     assert (art.path / "config.yaml").is_file() and len(_losses(art.path)) >= 2
     with pytest.raises(FinegrainError, match="already holds a finished artifact"):
         run_pretrain(_cfg(birds, tmp_path, method=method))
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam"])
 def test_loss_goes_down(birds, tmp_path, method):
     cfg = _cfg(birds, tmp_path, method=method, epochs=30, batch_size=12, lr=5e-3, log_every=1)
     art = run_pretrain(cfg)
@@ -64,7 +64,7 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
 def test_resume_ends_with_the_same_weights(birds, tmp_path, monkeypatch, method):
     kw = dict(method=method, epochs=2, checkpoint_every=3, workers=2)
     full = run_pretrain(_cfg(birds, tmp_path, "full", **kw))

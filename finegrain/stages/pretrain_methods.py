@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from finegrain.losses.info_nce import info_nce, update_queue
+from finegrain.losses.negative_cosine import negative_cosine
 from finegrain.losses.nt_xent import nt_xent
-from finegrain.models.heads import ProjectionHead
+from finegrain.models.heads import PredictionHead, ProjectionHead
 from finegrain.models.momentum import cosine_momentum, ema_update, momentum_copy
 
 
@@ -91,4 +92,74 @@ class MoCo(nn.Module):
         self._pending_keys = []
 
 
-METHODS = {"simclr": SimCLR, "moco": MoCo}
+class SimSiam(nn.Module):
+    """SimSiam (Chen & He 2021): projection + prediction heads, stop-gradient, no negatives, no momentum network.
+
+    loss = (D(h(z1), z2) + D(h(z2), z1)) / 2 with D the negative cosine similarity and z the
+    projections (targets detached). Works with small batches (no negatives to gather). The
+    predictor is a bottleneck MLP sized from the projection dimension (proj_dim -> proj_dim / 4 ->
+    proj_dim, as the paper's 2048 -> 512 -> 2048).
+    """
+
+    base_lr = 0.05  # SGD, per 256 images (SimSiam)
+
+    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, **_):
+        super().__init__()
+        dim = backbone.num_features
+        self.backbone = backbone
+        self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
+        self.predictor = PredictionHead(proj_dim)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D) pooled backbone features."""
+        return self.backbone(images)
+
+    def forward(self, views, labels=None):
+        x1, x2 = views[:2]
+        z1, z2 = self.head(self.backbone(torch.cat([x1, x2]))).chunk(2)
+        p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
+        return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1)), {}
+
+
+class BYOL(nn.Module):
+    """BYOL (Grill et al. 2020): online backbone + projection + prediction heads, a momentum target network.
+
+    The target (backbone + projection head) follows the online network by EMA with momentum rising
+    from `moco_momentum` to 1 on a cosine schedule; it gets no gradient. loss = (D(q(z1), z2') +
+    D(q(z2), z1')) / 2 with z' the target's projections and D the negative cosine similarity
+    (BYOL's 2 - 2cos, halved and shifted). No negatives: small batches work. The predictor has
+    the projector's shape (proj_dim -> hidden -> proj_dim), as in the paper.
+    """
+
+    base_lr = 0.05  # SGD, per 256 images (BYOL's LARS 0.2 does not carry over to SGD)
+
+    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, moco_momentum: float = 0.99, **_):
+        super().__init__()
+        dim = backbone.num_features
+        self.backbone = backbone
+        self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
+        self.predictor = PredictionHead(proj_dim, proj_hidden or dim)
+        self.target_backbone = momentum_copy(self.backbone)
+        self.target_head = momentum_copy(self.head)
+        self.base_momentum = moco_momentum
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D) pooled features of the online backbone."""
+        return self.backbone(images)
+
+    def forward(self, views, labels=None):
+        x1, x2 = views[:2]
+        p1, p2 = self.predictor(self.head(self.backbone(torch.cat([x1, x2])))).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target_head(self.target_backbone(torch.cat([x1, x2]))).chunk(2)
+        return 0.5 * (negative_cosine(p1, t2) + negative_cosine(p2, t1)), {}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """After each optimizer step: EMA update of the target network."""
+        m = cosine_momentum(step, total_steps, base=self.base_momentum, final=1.0)
+        ema_update(self.target_backbone, self.backbone, m)
+        ema_update(self.target_head, self.head, m)
+
+
+METHODS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam}
