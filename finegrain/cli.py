@@ -149,18 +149,31 @@ def manifest_csv(
 def manifest_split(
     manifest_path: Annotated[Path, typer.Argument(metavar="MANIFEST", help="Manifest to split.")],
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: overwrite MANIFEST).")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of each class's train images moved to val.")] = 0.1,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="Fraction of each class's train images moved to val (default 0.1, or 0 with --label-fraction).")] = None,
     test_fraction: Annotated[float, typer.Option(help="Fraction moved to test (for data without a test split).")] = 0.0,
+    label_fraction: Annotated[Optional[float], typer.Option(
+        help="Keep labels on this stratified fraction of each class's train images (at least one a class); "
+             "the rest become 'unlabeled' (pretrain uses them, supcon and the linear probe do not).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
     """Hold out a stratified val (and optionally test) split from train; every class keeps a train image.
+    With --label-fraction, also drop the labels of all but a fraction of the train images.
 
-    Example: finegrain manifest split data_manifests/cub50.parquet --val-fraction 0.1 --seed 0 -o cub50_val.parquet
+    Examples:
+      finegrain manifest split data_manifests/cub50.parquet --val-fraction 0.1 --seed 0 -o cub50_val.parquet
+      finegrain manifest split data_manifests/cub50.csv --label-fraction 0.1 --seed 0 -o cub50_10pct.csv
     """
     from finegrain.data.manifest import Manifest
-    from finegrain.data.split import split_manifest
+    from finegrain.data.split import keep_label_fraction, split_manifest
 
-    manifest = split_manifest(Manifest.load(manifest_path), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if val_fraction is None:
+        val_fraction = 0.0 if label_fraction is not None else 0.1
+    manifest = Manifest.load(manifest_path)
+    if val_fraction > 0 or test_fraction > 0:
+        manifest = split_manifest(manifest, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if label_fraction is not None:
+        manifest = keep_label_fraction(manifest, label_fraction, seed=seed)
     _report_written(manifest, manifest.save(out_path or manifest_path))
 
 

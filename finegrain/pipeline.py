@@ -9,7 +9,7 @@ A pipeline file (all keys but `stages` optional):
       manifest: data_manifests/cub50.csv          # an existing manifest, or
       demo: {out: demo/birds, classes: 12}        # synthetic birds (finegrain demo-data), or
       import: {kind: cub|folder|csv, root: ~/CUB_200_2011, out: data_manifests/cub200.parquet, ...}
-      split: {val_fraction: 0.1, seed: 0}         # optional: hold out val from train
+      split: {val_fraction: 0.1, seed: 0}         # optional: hold out val from train [, label_fraction: 0.1]
     defaults: {image_size: 128, device: auto}     # applied to every stage that has the field
     stages:
       pretrain: {method: moco, epochs: 20}
@@ -103,7 +103,7 @@ def load_pipeline(path, overrides=()) -> dict:
 def prepare_data(spec: dict) -> Path:
     """The manifest the stages use: given, imported, or drawn (synthetic birds); then split if asked."""
     from finegrain.data.manifest import Manifest
-    from finegrain.data.split import split_manifest
+    from finegrain.data.split import keep_label_fraction, split_manifest
 
     data = dict(spec.get("data") or {})
     sources = [k for k in ("manifest", "demo", "import") if k in data]
@@ -128,7 +128,10 @@ def prepare_data(spec: dict) -> Path:
     if "split" in data:
         opts = dict(data["split"] or {})
         split_path = path.with_name(path.stem + "_split" + path.suffix)
+        label_fraction = opts.pop("label_fraction", None)
         manifest = split_manifest(Manifest.load(path), **opts)
+        if label_fraction is not None:
+            manifest = keep_label_fraction(manifest, float(label_fraction), seed=int(opts.get("seed", 0)))
         if not split_path.is_file() or Manifest.load(split_path).content_hash != manifest.content_hash:
             manifest.save(split_path)
         path = split_path

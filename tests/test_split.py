@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from finegrain.data.manifest import Manifest
-from finegrain.data.split import split_manifest
+from finegrain.data.split import keep_label_fraction, split_manifest
 from finegrain.errors import ManifestError
 
 
@@ -46,3 +46,40 @@ def test_test_fraction(tmp_path):
 def test_bad_fractions(tmp_path, kwargs):
     with pytest.raises(ManifestError):
         split_manifest(_manifest(tmp_path, [4]), **kwargs)
+
+
+def test_label_fraction_keeps_a_stratified_labelled_subset(tmp_path):
+    m = _manifest(tmp_path, [1, 3, 10, 40])
+    out = keep_label_fraction(m, 0.1, seed=0)
+    t = out.table
+    labelled = t[t["split"] == "train"].groupby("label").size()
+    assert labelled.to_dict() == {"class0": 1, "class1": 1, "class2": 1, "class3": 4}  # max(1, round(0.1 n))
+    unlabeled = t[t["split"] == "unlabeled"]
+    assert len(unlabeled) == 54 - 7 and (unlabeled["label"] == "").all()
+    assert t[t["split"] == "test"].equals(m.table[m.table["split"] == "test"])  # test untouched
+    assert set(t["image_id"]) == set(m.table["image_id"])
+    assert keep_label_fraction(m, 1.0, seed=0).table.equals(m.table)
+    assert not keep_label_fraction(m, 0.5, seed=1).table.equals(keep_label_fraction(m, 0.5, seed=2).table)
+    with pytest.raises(ManifestError):
+        keep_label_fraction(m, 0.0)
+
+
+def test_cli_label_fraction_then_supcon_uses_only_labelled_images(birds, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    out = tmp_path / "few.csv"
+    r = CliRunner().invoke(app, ["manifest", "split", str(birds.root / "manifest.csv"), "--label-fraction", "0.34",
+                                 "--seed", "3", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    few = Manifest.load(out)
+    assert few.split_counts() == {"train": 8, "unlabeled": 16, "test": 8}  # 4 species x round(0.34 x 6) = 2
+    r = CliRunner().invoke(app, ["supcon", "--manifest", str(out), "-o", str(tmp_path / "s"), "--backbone",
+                                 "test_efficientnet", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+                                 "--classes-per-batch", "4", "--epochs", "1", "--workers", "0", "--wandb", "disabled",
+                                 "--no-knn-monitor", "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    from finegrain.artifacts import load_artifact
+
+    assert load_artifact(tmp_path / "s").info["metrics"]["steps"] == 1  # 8 labelled images, batches of 8

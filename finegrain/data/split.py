@@ -52,3 +52,32 @@ def split_manifest(manifest: Manifest, *, val_fraction: float = 0.1, test_fracti
     out = Manifest.from_table(table, manifest.root)
     log.info("split: %s", ", ".join(f"{k} {v}" for k, v in sorted(out.split_counts().items())))
     return out
+
+
+def keep_label_fraction(manifest: Manifest, fraction: float, *, seed: int = 0) -> Manifest:
+    """Keep the labels of a stratified fraction of each class's train images; the rest become unlabeled.
+
+    Simulates "many photos, few labels": per class with n train images, max(1, round(n * fraction))
+    keep their label and split; the others move to split "unlabeled" with an empty label, where
+    `pretrain` still uses them and `supcon` / the linear probe / kNN do not. val and test rows are
+    untouched. Deterministic for a given seed and manifest.
+
+    Args:
+        manifest: the manifest (labelled train rows).
+        fraction: in (0, 1]; 1 keeps every label.
+        seed: random seed.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ManifestError(f"label_fraction must be in (0, 1], got {fraction}")
+    table = manifest.table.copy()
+    train = table[table["split"] == "train"]
+    if train.empty:
+        raise ManifestError("label fraction: the manifest has no train images")
+    rng = np.random.default_rng(seed)
+    for _, rows in sorted(train.groupby("label"), key=lambda kv: kv[0]):
+        idx = rows.index.to_numpy()[rng.permutation(len(rows))]
+        keep = max(1, int(np.floor(len(idx) * fraction + 0.5)))
+        table.loc[idx[keep:], ["split", "label"]] = ["unlabeled", ""]
+    out = Manifest.from_table(table, manifest.root)
+    log.info("label fraction %.3g: %s", fraction, ", ".join(f"{k} {v}" for k, v in sorted(out.split_counts().items())))
+    return out
