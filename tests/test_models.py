@@ -86,6 +86,20 @@ def test_builtin_lite0_classifies_real_birds(lite0_imagenet, cub50):
             assert got == expected, f"{rel}: expected ImageNet class {expected}, got {got}"
 
 
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_builtin_lite1_and_lite2_see_birds_in_real_bird_photos(name, cub50):
+    if not BUILTIN_WEIGHTS[name].installed():
+        pytest.skip(f"{BUILTIN_WEIGHTS[name].package} is not installed")
+    model = create_backbone(name, builtin=True, num_classes=1000).eval()
+    birds = sorted((cub50 / "images").glob("*/*_000[0-1].jpg"))[:12]
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in birds])
+    with torch.no_grad():
+        top1 = model(x).argmax(-1).tolist()
+    hits = sum(c in IMAGENET_BIRDS for c in top1)
+    assert hits >= 10, f"{name}: only {hits}/12 real bird photos got an ImageNet bird class ({top1})"
+
+
 def test_builtin_lite0_features_match_the_classifier_model(lite0_imagenet):
     features = create_backbone("tf_efficientnet_lite0", builtin=True).eval()  # num_classes=0
     x = torch.randn(2, 3, 96, 96)
