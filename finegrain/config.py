@@ -64,6 +64,7 @@ class PretrainConfig(TrainConfig):
     proj_hidden: int = 0  # 0: the backbone's embedding size
     views: str = "simclr"  # view recipe name (finegrain.data.views.RECIPES)
     queue_size: int = 4096  # moco
+    hard_negative_beta: float = 0.0  # simclr, moco: re-weight negatives by exp(beta x similarity); 0 = plain loss
     moco_momentum: float = 0.99  # moco, byol: EMA of the key/target network, raised to 1.0 on a cosine schedule
 
 
@@ -77,9 +78,10 @@ class SupconConfig(TrainConfig):
     """
 
     from_artifact: str | None = None  # a pretrain (or any) artifact folder to start from
-    loss: str = "supcon"  # supcon | triplet | ce
+    loss: str = "supcon"  # supcon | triplet | contrastive | ce
     temperature: float = 0.1  # supcon
     margin: float = 0.2  # triplet
+    neg_margin: float = 0.5  # contrastive: different-class pairs are pushed at least this far apart (L2, unit sphere)
     label_smoothing: float = 0.1  # ce
     proj_dim: int = 128
     proj_hidden: int = 0  # 0: the backbone's embedding size

@@ -129,3 +129,14 @@ def test_bf16_autocast_and_accumulation_on_cpu(birds, tmp_path):
     assert all(l == l and l < 1e6 for l in losses)
     with pytest.raises(FinegrainError, match="fp16 needs a CUDA"):
         run_pretrain(_cfg(birds, tmp_path, "fp16", amp="fp16"))
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_hard_negative_beta_reaches_the_loss(birds, tmp_path, method):
+    """Same seed, same first batch: beta 0 and beta 2 start from the same weights and differ only in the loss."""
+    plain = _losses(run_pretrain(_cfg(birds, tmp_path, "plain", method=method, epochs=1, log_every=1)).path)
+    hard = _losses(run_pretrain(_cfg(birds, tmp_path, "hard", method=method, epochs=1, log_every=1,
+                                      hard_negative_beta=2.0)).path)
+    assert len(plain) == len(hard) and plain[0] != hard[0]
+    with pytest.raises(FinegrainError, match="hard-negative-beta"):
+        run_pretrain(_cfg(birds, tmp_path, "bad", method=method, epochs=1, hard_negative_beta=-1.0))

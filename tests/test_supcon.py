@@ -36,7 +36,7 @@ def _losses(out):
     return [x["train/loss"] for x in lines if "train/loss" in x]
 
 
-@pytest.mark.parametrize("loss", ["supcon", "triplet", "ce"])
+@pytest.mark.parametrize("loss", ["supcon", "triplet", "contrastive", "ce"])
 def test_writes_an_artifact_that_classifies(birds, tmp_path, loss):
     art = run_supcon(_cfg(birds, tmp_path, loss=loss, knn_monitor=True))
     again = load_artifact(art.path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from finegrain.losses.contrastive import contrastive
 from finegrain.losses.info_nce import info_nce, update_queue
 from finegrain.losses.nt_xent import nt_xent
 from finegrain.losses.supcon import supcon, supcon_anchors_without_positive
@@ -17,6 +18,7 @@ LOSSES: dict[str, Callable[..., object]] = {
     "info_nce": info_nce,
     "supcon": supcon,
     "batch_hard_triplet": batch_hard_triplet,
+    "contrastive": contrastive,
 }
 
 
@@ -32,6 +34,7 @@ def get_loss(name: str) -> Callable[..., object]:
 __all__ = [
     "LOSSES",
     "batch_hard_triplet",
+    "contrastive",
     "get_loss",
     "info_nce",
     "nt_xent",

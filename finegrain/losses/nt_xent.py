@@ -1,6 +1,11 @@
-"""NT-Xent, the SimCLR loss (Chen et al. 2020): normalised temperature-scaled cross-entropy over 2N views."""
+"""NT-Xent, the SimCLR loss (Chen et al. 2020): normalised temperature-scaled cross-entropy over 2N views.
+
+Optionally with the hard-negative re-weighting of Robinson et al. 2021 (``hard_negative_beta``).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +14,42 @@ from torch import Tensor
 from finegrain import dist
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = True) -> Tensor:
+def check_hard_negative_beta(beta: float) -> None:
+    """ValueError unless ``beta`` is a finite number >= 0 (NaN and inf are rejected too)."""
+    if not (0.0 <= beta and math.isfinite(beta)):
+        raise ValueError(f"hard_negative_beta must be a finite number >= 0, got {beta}")
+
+
+@torch.no_grad()
+def hard_negative_log_weights(sim: Tensor, negatives: Tensor, beta: float) -> Tensor:
+    """Log importance weights of the negatives, ``log w_ij``, for Robinson et al.'s hard-negative re-weighting.
+
+    For anchor i with M_i negatives (the True entries of row i of ``negatives``):
+
+        w_ij = M_i * exp(beta * s_ij) / sum_{k negative} exp(beta * s_ik)     (mean of w_ij over j is 1)
+        log w_ij = log M_i + beta * s_ij - logsumexp_{k negative}(beta * s_ik)
+
+    computed stably, without gradient (the weights are constants of the loss). Entries that are not
+    negatives (positives, the anchor itself) get log w = 0, i.e. weight 1, so that adding the
+    result to the logits changes only the negatives; a row without negatives is all 0.
+
+    Args:
+        sim: (R, C) cosine similarities of R anchors with C candidates (float32, in [-1, 1]).
+        negatives: (R, C) bool, True where the candidate is a negative of the anchor.
+        beta: concentration >= 0, in units of 1 / cosine similarity (0 gives w = 1 everywhere).
+
+    Returns:
+        (R, C) float tensor of log weights, detached.
+    """
+    scores = (beta * sim.detach()).masked_fill(~negatives, float("-inf"))
+    count = negatives.sum(dim=1, keepdim=True).to(sim.dtype)  # M_i; log 0 = -inf in rows without negatives
+    log_w = count.log() + scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    return log_w.masked_fill(~negatives, 0.0)  # also replaces the NaN of rows without negatives
+
+
+def nt_xent(
+    z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = True, hard_negative_beta: float = 0.0
+) -> Tensor:
     """SimCLR's NT-Xent loss over the two views of a batch, with negatives from every rank.
 
     Every one of the 2B local views is an anchor. Its positive is the other view of the same image;
@@ -25,6 +65,21 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = Tru
     averaging yields exactly that loss's gradient: do not rescale it by the world size (see
     ``finegrain.dist``).
 
+    Hard negatives (Robinson, Chuang, Sra and Jegelka 2021, "Contrastive Learning with Hard
+    Negative Samples", ICLR; the beta re-weighting only, without their tau+ debiasing): with
+    ``hard_negative_beta`` = beta > 0, the M = 2 * world_size * B - 2 negatives j of anchor i (all
+    views but itself and its positive) are re-weighted by importance weights
+
+        w_ij = M * exp(beta * s_ij) / sum_{k negative of i} exp(beta * s_ik)     (average 1 over j)
+        loss_i = -log( exp(s_i,pos / T) / (exp(s_i,pos / T) + sum_{j negative of i} w_ij exp(s_ij / T)) )
+
+    so negatives more similar to the anchor (harder) weigh more. It is computed by adding
+    ``log w_ij`` to the negatives' logits. The weights are computed without gradient (constants
+    of the loss, the importance weights of the sampling distribution q_beta). Note that Robinson et
+    al.'s reference code (github.com/joshr17/HCL, ``image/main.py``) instead uses ``exp(beta * s / T)``
+    (its beta is ``hard_negative_beta * T`` here) and backpropagates through the weights. With
+    beta = 0 all w_ij = 1 and the plain loss above is computed, bit for bit.
+
     Logits are computed in float32 with autocast disabled, so float16/bfloat16 inputs and autocast
     regions are safe; identical or zero vectors give a finite loss.
 
@@ -34,13 +89,16 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = Tru
         temperature: T > 0, dividing cosine similarities in [-1, 1]. SimCLR uses 0.1-0.5.
         gather: use the other ranks' views as negatives when ``world_size() > 1``. All ranks must
             then have the same B.
+        hard_negative_beta: beta >= 0, in units of 1 / cosine similarity; 0 (the default) is the
+            plain loss. The weights of two negatives whose similarities differ by 1 differ by e^beta.
 
     Returns:
         Scalar float32 tensor, in nats; at least 0, ``log(2 * world_size * B - 1)`` when all
-        similarities are equal.
+        similarities are equal (with or without re-weighting: the weights are then all 1).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_hard_negative_beta(hard_negative_beta)
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be (B, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
     b = z1.shape[0]
@@ -56,11 +114,17 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = Tru
         n = world * b  # images in the global batch
         anchors = torch.cat([z1, z2], dim=0)  # (2B, D): local views 1 then views 2
         candidates = torch.cat([g1, g2], dim=0)  # (2N, D): global views 1 then views 2
-        logits = anchors @ candidates.T / temperature  # (2B, 2N)
+        sim = anchors @ candidates.T  # (2B, 2N) cosine similarities
+        logits = sim / temperature
 
         local = torch.arange(b, device=z1.device) + offset  # global image index of each local row
         self_idx = torch.cat([local, local + n])  # where each anchor sits among the candidates
         pos_idx = torch.cat([local + n, local])  # its other view
         rows = torch.arange(2 * b, device=z1.device)
         logits = logits.index_put((rows, self_idx), torch.tensor(float("-inf"), device=z1.device))
+        if hard_negative_beta > 0:
+            negatives = torch.ones_like(sim, dtype=torch.bool)
+            negatives[rows, self_idx] = False
+            negatives[rows, pos_idx] = False
+            logits = logits + hard_negative_log_weights(sim, negatives, hard_negative_beta)
         return F.cross_entropy(logits, pos_idx)

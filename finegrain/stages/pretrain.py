@@ -29,6 +29,8 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     """
     if cfg.method not in METHODS:
         raise FinegrainError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if not cfg.hard_negative_beta >= 0:
+        raise FinegrainError(f"--hard-negative-beta must be 0 or more, got {cfg.hard_negative_beta}")
     from finegrain.models.backbone import data_config
     from finegrain.tracking import Tracker
 
@@ -42,7 +44,8 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     data_cfg = data_config(backbone)
     method_cls = METHODS[cfg.method]
     method = method_cls(backbone, proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature,
-                        queue_size=cfg.queue_size, moco_momentum=cfg.moco_momentum)
+                        queue_size=cfg.queue_size, moco_momentum=cfg.moco_momentum,
+                        hard_negative_beta=cfg.hard_negative_beta)
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
     dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=TRAINING_BAD_IMAGE_POLICY,
                               cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)

@@ -23,12 +23,14 @@ class SimCLR(nn.Module):
     default_temperature = 0.5
     base_lr = 0.3  # SGD/LARS, per 256 images
 
-    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, temperature: float | None = None, **_):
+    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, temperature: float | None = None,
+                 hard_negative_beta: float = 0.0, **_):
         super().__init__()
         dim = backbone.num_features
         self.backbone = backbone
         self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
         self.temperature = temperature or self.default_temperature
+        self.hard_negative_beta = hard_negative_beta
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D) pooled backbone features."""
@@ -38,7 +40,7 @@ class SimCLR(nn.Module):
         x1, x2 = views[:2]
         z = self.head(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
-        return nt_xent(z1, z2, temperature=self.temperature), {}
+        return nt_xent(z1, z2, temperature=self.temperature, hard_negative_beta=self.hard_negative_beta), {}
 
 
 class MoCo(nn.Module):
@@ -53,7 +55,7 @@ class MoCo(nn.Module):
     base_lr = 0.06  # SGD, per 256 images (MoCo v2)
 
     def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, temperature: float | None = None,
-                 queue_size: int = 4096, moco_momentum: float = 0.99, **_):
+                 queue_size: int = 4096, moco_momentum: float = 0.99, hard_negative_beta: float = 0.0, **_):
         super().__init__()
         dim = backbone.num_features
         self.backbone = backbone
@@ -62,6 +64,7 @@ class MoCo(nn.Module):
         self.key_head = momentum_copy(self.head)
         self.temperature = temperature or self.default_temperature
         self.base_momentum = moco_momentum
+        self.hard_negative_beta = hard_negative_beta
         self.register_buffer("queue", nn.functional.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: list[torch.Tensor] = []  # keys of this step's micro-batches, enqueued after the step
@@ -76,7 +79,9 @@ class MoCo(nn.Module):
         with torch.no_grad():
             k1, k2 = self.key_head(self.key_backbone(torch.cat([x1, x2]))).chunk(2)
         queue = self.queue.clone()
-        loss = 0.5 * (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature))
+        beta = self.hard_negative_beta
+        loss = 0.5 * (info_nce(q1, k2, queue, self.temperature, hard_negative_beta=beta)
+                      + info_nce(q2, k1, queue, self.temperature, hard_negative_beta=beta))
         if self.training:
             self._pending_keys.append(nn.functional.normalize(torch.cat([k1, k2]).float(), dim=1))
         return loss, {}

@@ -102,7 +102,7 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
     data_cfg = data_config(backbone)
     method = SupervisedMethod(backbone, cfg.loss, num_classes=len(class_names), freeze_bn=cfg.freeze_bn, options=dict(
         proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature, margin=cfg.margin,
-        label_smoothing=cfg.label_smoothing))
+        neg_margin=cfg.neg_margin, label_smoothing=cfg.label_smoothing))
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
     dataset = ManifestDataset(train, build_view(recipe), n_views=cfg.n_views, class_names=class_names,
                               on_bad_image=TRAINING_BAD_IMAGE_POLICY, cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)

@@ -1,6 +1,6 @@
 """Supervised objectives for `supcon`: a head on the backbone's pooled features plus a loss, by name.
 
-Every objective trains on the same engine, sampler and views, so `--loss supcon|triplet|ce` compare
+Every objective trains on the same engine, sampler and views, so `--loss supcon|triplet|contrastive|ce` compare
 fairly. Adding one is one `Objective` line in OBJECTIVES.
 """
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.losses.contrastive import contrastive
 from finegrain.losses.supcon import supcon
 from finegrain.losses.triplet import batch_hard_triplet
 from finegrain.models.heads import ProjectionHead
@@ -40,6 +41,9 @@ OBJECTIVES: dict[str, Objective] = {
                         "SupCon (Khosla et al. 2020): all same-class views in the batch are positives"),
     "triplet": Objective(_projection, lambda z, y, o: batch_hard_triplet(z, y, margin=o["margin"]),
                          "batch-hard triplet (Hermans et al. 2017)"),
+    "contrastive": Objective(_projection, lambda z, y, o: contrastive(z, y, pos_margin=0.0, neg_margin=o["neg_margin"]),
+                             "pairwise margin loss (Hadsell et al. 2006): same class pulled together, others "
+                             "pushed past the margin"),
     "ce": Objective(_classifier, lambda logits, y, o: F.cross_entropy(logits.float(), y, label_smoothing=o["label_smoothing"]),
                     "cross-entropy with label smoothing (baseline)"),
 }
@@ -59,7 +63,7 @@ class SupervisedMethod(nn.Module):
         backbone: timm model giving pooled features (B, D).
         objective: a name in OBJECTIVES.
         num_classes: classes in the labelled train split (for ce).
-        options: proj_dim, proj_hidden, temperature, margin, label_smoothing.
+        options: proj_dim, proj_hidden, temperature, margin, neg_margin, label_smoothing.
         freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
         head_warmup_steps: optimizer steps during which only the head trains (backbone run under
             no_grad, so its parameters get no gradient and no weight decay).
