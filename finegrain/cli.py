@@ -263,7 +263,7 @@ OPTION_HELP = {
     "warmup_epochs": "Linear warm-up length in epochs, then cosine decay.",
     "accumulate": "Gradient accumulation: micro-batches per optimizer step.",
     "amp": "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.",
-    "channels_last": "Use channels-last memory format.",
+    "channels_last": "Channels-last (NHWC) memory format: faster on CPU and with AMP on GPUs (on by default).",
     "compile": "torch.compile the train step (first steps are slow while it compiles).",
     "sync_bn": "Synchronise BatchNorm across processes under torchrun (CUDA).",
     "device": "auto, cpu or cuda.",

@@ -13,6 +13,7 @@ from torch import nn
 from finegrain.losses.info_nce import info_nce, update_queue
 from finegrain.losses.negative_cosine import negative_cosine
 from finegrain.losses.nt_xent import nt_xent
+from finegrain.models.backbone import embed_views
 from finegrain.models.heads import PredictionHead, ProjectionHead
 from finegrain.models.momentum import cosine_momentum, ema_update, momentum_copy
 
@@ -38,7 +39,7 @@ class SimCLR(nn.Module):
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
-        z = self.head(self.backbone(torch.cat([x1, x2])))
+        z = self.head(embed_views(self.backbone, (x1, x2)))
         z1, z2 = z.chunk(2)
         return nt_xent(z1, z2, temperature=self.temperature, hard_negative_beta=self.hard_negative_beta), {}
 
@@ -75,9 +76,9 @@ class MoCo(nn.Module):
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
-        q1, q2 = self.head(self.backbone(torch.cat([x1, x2]))).chunk(2)
+        q1, q2 = self.head(embed_views(self.backbone, (x1, x2))).chunk(2)
         with torch.no_grad():
-            k1, k2 = self.key_head(self.key_backbone(torch.cat([x1, x2]))).chunk(2)
+            k1, k2 = self.key_head(embed_views(self.key_backbone, (x1, x2))).chunk(2)
         queue = self.queue.clone()
         beta = self.hard_negative_beta
         loss = 0.5 * (info_nce(q1, k2, queue, self.temperature, hard_negative_beta=beta)
@@ -121,7 +122,7 @@ class SimSiam(nn.Module):
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
-        z1, z2 = self.head(self.backbone(torch.cat([x1, x2]))).chunk(2)
+        z1, z2 = self.head(embed_views(self.backbone, (x1, x2))).chunk(2)
         p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
         return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1)), {}
 
@@ -154,9 +155,9 @@ class BYOL(nn.Module):
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
-        p1, p2 = self.predictor(self.head(self.backbone(torch.cat([x1, x2])))).chunk(2)
+        p1, p2 = self.predictor(self.head(embed_views(self.backbone, (x1, x2)))).chunk(2)
         with torch.no_grad():
-            t1, t2 = self.target_head(self.target_backbone(torch.cat([x1, x2]))).chunk(2)
+            t1, t2 = self.target_head(embed_views(self.target_backbone, (x1, x2))).chunk(2)
         return 0.5 * (negative_cosine(p1, t2) + negative_cosine(p2, t1)), {}
 
     @torch.no_grad()

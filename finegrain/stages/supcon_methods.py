@@ -16,6 +16,7 @@ from torch import nn
 from finegrain.losses.contrastive import contrastive
 from finegrain.losses.supcon import supcon
 from finegrain.losses.triplet import batch_hard_triplet
+from finegrain.models.backbone import embed_views
 from finegrain.models.heads import ProjectionHead
 
 
@@ -99,13 +100,12 @@ class SupervisedMethod(nn.Module):
         return self.backbone(images)
 
     def forward(self, views, labels):
-        x = torch.cat(list(views))
         y = labels.repeat(len(views))
         if self.training and int(self.steps_done) < self.head_warmup_steps:
             with torch.no_grad():
-                features = self.backbone(x)
+                features = embed_views(self.backbone, views)
         else:
-            features = self.backbone(x)
+            features = embed_views(self.backbone, views)
         out = self.head(features)
         loss = self.objective.loss(out, y, self.options)
         with torch.no_grad():
