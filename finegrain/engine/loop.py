@@ -51,6 +51,14 @@ def _progress(enabled: bool):
     )
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """DataLoader workers run OpenCV (albumentations) single-threaded: torch already limits them to one
+    thread, but OpenCV's own pool would otherwise compete with the train step's threads for the cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def fit(
     method: nn.Module,
     dataset,
@@ -160,7 +168,7 @@ def fit(
             loader = DataLoader(
                 dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                 pin_memory=device.type == "cuda", persistent_workers=False,
-                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch), worker_init_fn=_quiet_worker)
             train_module.train()
             micro, t_last, n_since = 0, time.perf_counter(), 0
             optimizer.zero_grad(set_to_none=True)
