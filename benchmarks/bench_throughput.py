@@ -119,7 +119,9 @@ def lightly_rate(images_dir: Path, simclr, args, device) -> float:
     from lightly.models.modules import SimCLRProjectionHead
     from lightly.transforms import SimCLRTransform
 
-    backbone = copy.deepcopy(simclr.backbone).to(device)
+    # lightly's documented loop: the model in PyTorch's default (contiguous) memory format. The captured
+    # backbone carries the engine's channels_last layout, so it is converted back.
+    backbone = copy.deepcopy(simclr.backbone).to(device, memory_format=torch.contiguous_format)
     head = SimCLRProjectionHead(simclr.head.in_dim, simclr.head.hidden_dim, simclr.head.out_dim).to(device)
     model = torch.nn.Sequential(backbone, head).train()
     criterion = NTXentLoss(temperature=simclr.temperature)
