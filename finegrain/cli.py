@@ -292,7 +292,8 @@ OPTION_HELP = {
     "loss": "supcon (Khosla et al. 2020), triplet (batch-hard), contrastive (pairwise margin, Hadsell et al. 2006), "
             "or ce (cross-entropy baseline).",
     "margin": "Triplet margin (on L2-normalised embeddings).",
-    "neg_margin": "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which different-class pairs cost nothing.",
+    "neg_margin": "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which different-class pairs "
+                  "cost nothing.",
     "hard_negative_beta": "simclr/moco: weight negatives by exp(beta x cosine similarity), harder ones more "
                           "(Robinson et al. 2021); 0 is the plain loss.",
     "label_smoothing": "Cross-entropy label smoothing.",

@@ -31,7 +31,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     accumulate: int = 1
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
-    channels_last: bool = True  # NHWC: 1.6x faster train step on CPU here (benchmarks/README.md); also the fast path with AMP on GPUs
+    channels_last: bool = True  # NHWC: 1.3-1.6x faster train step on CPU here (benchmarks/README.md)
     compile: bool = False  # torch.compile the train step (see benchmarks/README.md for when it pays)
     sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA
     device: str = "auto"

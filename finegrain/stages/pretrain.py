@@ -15,8 +15,10 @@ from finegrain.data.dataset import ManifestDataset
 from finegrain.data.views import build_view, make_recipe
 from finegrain.engine.loop import fit
 from finegrain.errors import FinegrainError
-from finegrain.stages.common import (TRAINING_BAD_IMAGE_POLICY, build_backbone, image_cache, knn_monitor, load_checked_manifest,
-                                     prepare_out_dir, setup, stored_run_id)
+from finegrain.stages.common import (
+    TRAINING_BAD_IMAGE_POLICY, build_backbone, image_cache, knn_monitor, load_checked_manifest,
+    prepare_out_dir, setup, stored_run_id,
+)
 from finegrain.stages.pretrain_methods import METHODS
 
 log = logging.getLogger("finegrain")

@@ -20,9 +20,10 @@ from finegrain.engine.device import resolve_amp
 from finegrain.engine.loop import fit
 from finegrain.engine.sampler import ClassBalancedSampler, EpochSampler
 from finegrain.errors import FinegrainError
-from finegrain.stages.common import (TRAINING_BAD_IMAGE_POLICY, build_backbone, class_codes, eval_dataset, image_cache, knn_monitor,
-                                     load_checked_manifest, prepare_out_dir, setup, split_rows, stored_run_id,
-                                     wandb_parent)
+from finegrain.stages.common import (
+    TRAINING_BAD_IMAGE_POLICY, build_backbone, class_codes, eval_dataset, image_cache, knn_monitor,
+    load_checked_manifest, prepare_out_dir, setup, split_rows, stored_run_id, wandb_parent,
+)
 from finegrain.stages.supcon_methods import OBJECTIVES, SupervisedMethod
 
 log = logging.getLogger("finegrain")
@@ -105,7 +106,8 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
         neg_margin=cfg.neg_margin, label_smoothing=cfg.label_smoothing))
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
     dataset = ManifestDataset(train, build_view(recipe), n_views=cfg.n_views, class_names=class_names,
-                              on_bad_image=TRAINING_BAD_IMAGE_POLICY, cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
+                              on_bad_image=TRAINING_BAD_IMAGE_POLICY, cache=image_cache(cfg, train, cfg.image_size),
+                              seed=cfg.seed)
     rank, world = dist.rank(), dist.world_size()
     if cfg.sampler == "pk":
         sampler = ClassBalancedSampler(class_codes(train, class_names), cfg.batch_size,
