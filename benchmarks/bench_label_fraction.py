@@ -52,15 +52,20 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_label_fraction"))
+    parser.add_argument("--reuse-pretrain", action="store_true", help="keep a finished pretrain artifact in --runs-dir")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "label_fraction.json"))
     args = parser.parse_args()
     if not (REPO.parent / "shared" / "data" / "cub50" / "images.txt").is_file():
         sys.exit("needs ../shared/data/cub50 (the real CUB subset)")
-    import pandas as pd
+    from finegrain.data.manifest import Manifest
 
     runs = Path(args.runs_dir)
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir(parents=True)
+    pretrain = runs / "pretrain"
+    for old in runs.glob("*") if runs.is_dir() else []:  # a finished pretrain of the same settings is reused
+        if args.reuse_pretrain and old.name in ("pretrain", "cache") and (pretrain / "artifact.json").is_file():
+            continue
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    runs.mkdir(parents=True, exist_ok=True)
     size = ["--image-size", str(args.image_size)]
     cache = ["--cache-dir", str(runs / "cache")]
     rows: dict[str, dict] = {}
@@ -71,15 +76,14 @@ def main() -> None:
         metrics = json.loads((out / "report" / "metrics.json").read_text())
         return {**{k: metrics[k] for k in KEYS}, "evaluate_s": round(seconds, 1)}
 
-    pretrain = runs / "pretrain"
-    pretrain_s = finegrain("pretrain", "--manifest", str(MANIFEST), *cache, "--out", str(pretrain), "--method", args.method,
+    pretrain_s = 0.0 if (pretrain / "artifact.json").is_file() else finegrain("pretrain", "--manifest", str(MANIFEST), *cache, "--out", str(pretrain), "--method", args.method,
                            "--epochs", str(args.pretrain_epochs), "--lr", args.pretrain_lr, *size, "--no-knn-monitor")
     for fraction in args.fractions:
         tag = f"{round(fraction * 100)}pct"
         manifest = runs / f"cub50_{tag}.csv"
         finegrain("manifest", "split", str(MANIFEST), "--label-fraction", str(fraction), "--seed", str(args.seed),
                   "-o", str(manifest))
-        labelled = int((pd.read_csv(manifest)["split"] == "train").sum())
+        labelled = len(Manifest.load(manifest).select("train"))
         epochs = str(math.ceil(args.supcon_steps / max(1, labelled // BATCH)))
         supcon = ["--manifest", str(manifest), *cache, *size, "--batch-size", str(BATCH), "--epochs", epochs,
                   "--max-steps", str(args.supcon_steps), "--no-knn-monitor"]
