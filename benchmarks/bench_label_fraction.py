@@ -24,22 +24,16 @@ import json
 import math
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
 KEYS = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
 BATCH = 64
-
-
-def finegrain(*args: str) -> float:
-    """Run one finegrain command; returns its wall time in seconds."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "finegrain", *args], check=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -66,3 +66,24 @@ class WritesAFile:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def spawn_ranks(fn, world: int, out_dir, deadline_s: float = 120.0) -> None:
+    """Run ``fn(rank, world, port, str(out_dir))`` in `world` processes (torch.multiprocessing, a free
+    local port); raise if one fails (join re-raises it) and fail the test if they hang past deadline_s."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(fn, args=(world, port, str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1):  # join raises ProcessRaisedException / ProcessExitedException
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"distributed workers did not finish within {deadline_s} s")

@@ -23,17 +23,16 @@ Why the gradients compare as they do (W = world size, B = local batch, x_r = ran
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from finegrain import dist
 from finegrain.losses import nt_xent, update_queue
+
+from conftest import spawn_ranks
 
 WORLD = 2
 B_LOCAL = 4
@@ -122,28 +121,10 @@ def _fail(rank: int, world: int, port: int, out_dir: str) -> None:
         raise RuntimeError("child failure on purpose")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, out_dir: Path) -> None:
-    """Run ``fn(rank, WORLD, port, out_dir)`` in WORLD processes; raise if one fails or hangs."""
-    ctx = mp.spawn(fn, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):  # join raises ProcessRaisedException / ProcessExitedException
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist")
-    _spawn(_worker, out)
+    spawn_ranks(_worker, WORLD, out, DEADLINE_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -177,7 +158,7 @@ def test_helpers_without_process_group(monkeypatch):
 
 def test_child_failure_fails_the_parent(tmp_path):
     with pytest.raises(Exception, match="on purpose"):
-        _spawn(_fail, tmp_path)
+        spawn_ranks(_fail, WORLD, tmp_path, DEADLINE_S)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from finegrain import dist
 from finegrain.losses import LOSSES, batch_hard_triplet, get_loss, supcon, supcon_anchors_without_positive
+
+from conftest import spawn_ranks
 
 TEMPERATURES = [0.07, 0.1, 0.5, 1.0]
 MARGINS = [0.0, 0.2, 1.0]
@@ -462,23 +461,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist_supervised")
-    ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):  # join raises if a child failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
+    spawn_ranks(_worker, WORLD, out, DEADLINE_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
