@@ -300,7 +300,9 @@ OPTION_HELP = {
     "n_views": "Augmented views of each image per batch.",
     "sampler": "pk: P classes x K images per batch (positives for every anchor); random: plain shuffled batches.",
     "classes_per_batch": "P of the P x K sampler; K = batch size / P.",
-    "freeze_bn": "Keep BatchNorm statistics and affine parameters as loaded (small fine-grained sets).",
+    "freeze_bn": "Keep the backbone's BatchNorm statistics and affine parameters as loaded (on by default; "
+                 "ignored for random initial weights). Small sets of augmented views otherwise wreck ImageNet "
+                 "statistics in a few dozen steps.",
     "backbone_lr_scale": "Backbone learning rate as a fraction of the head's.",
     "layer_decay": "timm layer-wise learning-rate decay over the backbone's blocks (e.g. 0.75; default off).",
     "head_warmup_epochs": "Epochs that train only the new head before the backbone is unfrozen (LP-FT).",

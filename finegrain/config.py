@@ -34,6 +34,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC: 1.3-1.6x faster train step on CPU here (benchmarks/README.md)
     compile: bool = False  # torch.compile the train step (see benchmarks/README.md for when it pays)
     sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA
+    freeze_bn: bool = True  # backbone BatchNorm statistics and affine parameters kept as loaded (not for random init)
     device: str = "auto"
     seed: int = 0
     workers: int = 2
@@ -89,7 +90,6 @@ class SupconConfig(TrainConfig):
     n_views: int = 2
     sampler: str = "pk"  # pk (P classes x K images per batch) | random
     classes_per_batch: int = 16  # P; K = batch_size / P
-    freeze_bn: bool = True  # BatchNorm statistics and affine parameters kept as loaded
     backbone_lr_scale: float = 0.1  # backbone learning rate = lr x this
     layer_decay: float | None = None  # timm layer-wise decay of the backbone rate (e.g. 0.75)
     head_warmup_epochs: float = 1.0  # train only the head first (LP-FT)

@@ -140,3 +140,49 @@ def test_hard_negative_beta_reaches_the_loss(birds, tmp_path, method):
     assert len(plain) == len(hard) and plain[0] != hard[0]
     with pytest.raises(FinegrainError, match="hard-negative-beta"):
         run_pretrain(_cfg(birds, tmp_path, "bad", method=method, epochs=1, hard_negative_beta=-1.0))
+
+
+def _bn_keys(state):
+    return [k for k in state if k.rsplit(".", 1)[-1] in ("running_mean", "running_var") and "bn" in k]
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_freeze_bn_keeps_loaded_statistics_in_backbone_and_momentum_copy(birds, tmp_path, monkeypatch, method):
+    from finegrain.models.backbone import create_backbone
+    from finegrain.stages import pretrain as pretrain_stage
+    from finegrain.models.method import batchnorm_layers
+
+    start = create_backbone("test_efficientnet").state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    seen = {}
+    real_fit = pretrain_stage.fit
+
+    def spy(model, *args, **kw):  # check the momentum copy's BatchNorm mode while training
+        result = real_fit(model, *args, **kw)
+        model.train()
+        copy = model.key_backbone if method == "moco" else model.target_backbone
+        seen["copy_bn_training"] = {bn.training for bn in batchnorm_layers(copy)}
+        return result
+
+    monkeypatch.setattr(pretrain_stage, "fit", spy)
+    frozen = run_pretrain(_cfg(birds, tmp_path, "frozen", method=method, weights=str(tmp_path / "start.pth")))
+    monkeypatch.undo()
+    end = frozen.state_dict("backbone.")
+    bn, conv = _bn_keys(start), [k for k in start if "conv" in k and k.endswith("weight")]
+    assert bn and conv
+    assert all(torch.equal(start[k], end[k]) for k in bn), "frozen BatchNorm statistics changed"
+    assert any(not torch.equal(start[k], end[k]) for k in conv), "the backbone did not train"
+    assert seen["copy_bn_training"] == {False}, "the momentum copy's BatchNorm was left in train mode"
+
+    trained = run_pretrain(_cfg(birds, tmp_path, "trained", method=method, weights=str(tmp_path / "start.pth"),
+                                freeze_bn=False)).state_dict("backbone.")
+    assert any(not torch.equal(start[k], trained[k]) for k in bn), "--no-freeze-bn left BatchNorm untouched"
+
+
+def test_freeze_bn_is_ignored_for_random_initial_weights(birds, tmp_path):
+    from finegrain.models.backbone import create_backbone
+
+    art = run_pretrain(_cfg(birds, tmp_path, method="simclr", weights="none", freeze_bn=True))
+    init = create_backbone("test_efficientnet").state_dict()  # timm's BatchNorm init: mean 0, var 1
+    end = art.state_dict("backbone.")
+    assert any(not torch.equal(init[k], end[k]) for k in _bn_keys(init)), "BatchNorm stayed at its random init"

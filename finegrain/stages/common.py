@@ -107,6 +107,18 @@ def wandb_parent(parent: dict | None) -> str | None:
     return f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None
 
 
+def batchnorm_frozen(cfg: TrainConfig, weights_source: str) -> bool:
+    """Whether to freeze the backbone's BatchNorm: cfg.freeze_bn, except for random initial weights.
+
+    A randomly initialised backbone has no statistics worth keeping (and frozen identity BatchNorm
+    would leave it unnormalised), so freeze_bn is dropped there with a log line.
+    """
+    if cfg.freeze_bn and weights_source == "none":
+        log.info("BatchNorm trains normally: random initial weights have no statistics to keep (--freeze-bn ignored)")
+        return False
+    return cfg.freeze_bn
+
+
 def build_backbone(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
     """The timm backbone (pooled features, no classifier) and a name for its weight source.
 

@@ -16,7 +16,7 @@ from finegrain.data.views import build_view, make_recipe
 from finegrain.engine.loop import fit
 from finegrain.errors import FinegrainError
 from finegrain.stages.common import (
-    TRAINING_BAD_IMAGE_POLICY, build_backbone, image_cache, knn_monitor, load_checked_manifest,
+    TRAINING_BAD_IMAGE_POLICY, batchnorm_frozen, build_backbone, image_cache, knn_monitor, load_checked_manifest,
     prepare_out_dir, setup, stored_run_id,
 )
 from finegrain.stages.pretrain_methods import METHODS
@@ -47,7 +47,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     method_cls = METHODS[cfg.method]
     method = method_cls(backbone, proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature,
                         queue_size=cfg.queue_size, moco_momentum=cfg.moco_momentum,
-                        hard_negative_beta=cfg.hard_negative_beta)
+                        hard_negative_beta=cfg.hard_negative_beta, freeze_bn=batchnorm_frozen(cfg, weights_source))
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
     dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=TRAINING_BAD_IMAGE_POLICY,
                               cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
@@ -58,8 +58,9 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
         tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
                           job_type="pretrain", config=config, run_id=stored_run_id(out) if cfg.resume else None)
         tracker.use_dataset(cfg.manifest, name=f"manifest-{manifest.content_hash[:12]}")
-    log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, device %s", cfg.method, cfg.backbone,
-             len(train), cfg.image_size, cfg.batch_size, lr, device)
+    log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, BatchNorm %s, device %s", cfg.method,
+             cfg.backbone, len(train), cfg.image_size, cfg.batch_size, lr, "frozen" if method.freeze_bn else "trained",
+             device)
     try:
         result = fit(method, dataset, cfg, out, device=device, base_lr=lr, tracker=tracker,
                      monitor=knn_monitor(cfg, manifest, data_cfg, device))

@@ -1,8 +1,9 @@
 """Self-supervised methods for `pretrain`: each a small nn.Module the engine trains.
 
 forward(views, labels) -> (loss, metrics); views: list of two (B, 3, S, S) tensors; labels unused.
-`embed(images) -> (B, D)` gives the backbone's pooled features (what later stages use).
-Registered by name in METHODS.
+`embed(images) -> (B, D)` gives the backbone's pooled features (what later stages use), and
+`freeze_bn` keeps the backbone's BatchNorm as loaded (see finegrain.models.method). Registered by
+name in METHODS.
 """
 
 from __future__ import annotations
@@ -15,27 +16,23 @@ from finegrain.losses.negative_cosine import negative_cosine
 from finegrain.losses.nt_xent import nt_xent
 from finegrain.models.backbone import embed_views
 from finegrain.models.heads import PredictionHead, ProjectionHead
+from finegrain.models.method import BackboneMethod
 from finegrain.models.momentum import cosine_momentum, ema_update, momentum_copy
 
 
-class SimCLR(nn.Module):
+class SimCLR(BackboneMethod):
     """SimCLR (Chen et al. 2020): backbone + projection MLP, NT-Xent over 2B views gathered across ranks."""
 
     default_temperature = 0.5
     base_lr = 0.3  # SGD/LARS, per 256 images
 
     def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, temperature: float | None = None,
-                 hard_negative_beta: float = 0.0, **_):
-        super().__init__()
+                 hard_negative_beta: float = 0.0, freeze_bn: bool = False, **_):
+        super().__init__(backbone, freeze_bn=freeze_bn)
         dim = backbone.num_features
-        self.backbone = backbone
         self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
         self.temperature = temperature or self.default_temperature
         self.hard_negative_beta = hard_negative_beta
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D) pooled backbone features."""
-        return self.backbone(images)
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
@@ -44,7 +41,7 @@ class SimCLR(nn.Module):
         return nt_xent(z1, z2, temperature=self.temperature, hard_negative_beta=self.hard_negative_beta), {}
 
 
-class MoCo(nn.Module):
+class MoCo(BackboneMethod):
     """MoCo v2 (Chen et al. 2020): momentum key encoder, a queue of negatives, InfoNCE.
 
     The key encoder (backbone + head) follows the online one by EMA with momentum rising from
@@ -56,10 +53,10 @@ class MoCo(nn.Module):
     base_lr = 0.06  # SGD, per 256 images (MoCo v2)
 
     def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, temperature: float | None = None,
-                 queue_size: int = 4096, moco_momentum: float = 0.99, hard_negative_beta: float = 0.0, **_):
-        super().__init__()
+                 queue_size: int = 4096, moco_momentum: float = 0.99, hard_negative_beta: float = 0.0,
+                 freeze_bn: bool = False, **_):
+        super().__init__(backbone, freeze_bn=freeze_bn)
         dim = backbone.num_features
-        self.backbone = backbone
         self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_head = momentum_copy(self.head)
@@ -69,10 +66,6 @@ class MoCo(nn.Module):
         self.register_buffer("queue", nn.functional.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: list[torch.Tensor] = []  # keys of this step's micro-batches, enqueued after the step
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D) pooled features of the online backbone."""
-        return self.backbone(images)
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
@@ -98,7 +91,7 @@ class MoCo(nn.Module):
         self._pending_keys = []
 
 
-class SimSiam(nn.Module):
+class SimSiam(BackboneMethod):
     """SimSiam (Chen & He 2021): projection + prediction heads, stop-gradient, no negatives, no momentum network.
 
     loss = (D(h(z1), z2) + D(h(z2), z1)) / 2 with D the negative cosine similarity and z the
@@ -109,16 +102,11 @@ class SimSiam(nn.Module):
 
     base_lr = 0.05  # SGD, per 256 images (SimSiam)
 
-    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, **_):
-        super().__init__()
+    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, freeze_bn: bool = False, **_):
+        super().__init__(backbone, freeze_bn=freeze_bn)
         dim = backbone.num_features
-        self.backbone = backbone
         self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
         self.predictor = PredictionHead(proj_dim)
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D) pooled backbone features."""
-        return self.backbone(images)
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]
@@ -127,7 +115,7 @@ class SimSiam(nn.Module):
         return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1)), {}
 
 
-class BYOL(nn.Module):
+class BYOL(BackboneMethod):
     """BYOL (Grill et al. 2020): online backbone + projection + prediction heads, a momentum target network.
 
     The target (backbone + projection head) follows the online network by EMA with momentum rising
@@ -139,19 +127,15 @@ class BYOL(nn.Module):
 
     base_lr = 0.05  # SGD, per 256 images (BYOL's LARS 0.2 does not carry over to SGD)
 
-    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, moco_momentum: float = 0.99, **_):
-        super().__init__()
+    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, moco_momentum: float = 0.99,
+                 freeze_bn: bool = False, **_):
+        super().__init__(backbone, freeze_bn=freeze_bn)
         dim = backbone.num_features
-        self.backbone = backbone
         self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
         self.predictor = PredictionHead(proj_dim, proj_hidden or dim)
         self.target_backbone = momentum_copy(self.backbone)
         self.target_head = momentum_copy(self.head)
         self.base_momentum = moco_momentum
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D) pooled features of the online backbone."""
-        return self.backbone(images)
 
     def forward(self, views, labels=None):
         x1, x2 = views[:2]

@@ -21,7 +21,7 @@ from finegrain.engine.loop import fit
 from finegrain.engine.sampler import ClassBalancedSampler, EpochSampler
 from finegrain.errors import FinegrainError
 from finegrain.stages.common import (
-    TRAINING_BAD_IMAGE_POLICY, build_backbone, class_codes, eval_dataset, image_cache, knn_monitor,
+    TRAINING_BAD_IMAGE_POLICY, batchnorm_frozen, build_backbone, class_codes, eval_dataset, image_cache, knn_monitor,
     load_checked_manifest, prepare_out_dir, setup, split_rows, stored_run_id, wandb_parent,
 )
 from finegrain.stages.supcon_methods import OBJECTIVES, SupervisedMethod
@@ -101,7 +101,8 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
         raise FinegrainError(f"{cfg.manifest} needs labelled train images of at least 2 classes for supcon; found {len(class_names)}")
     backbone, weights_source, parent = starting_backbone(cfg)
     data_cfg = data_config(backbone)
-    method = SupervisedMethod(backbone, cfg.loss, num_classes=len(class_names), freeze_bn=cfg.freeze_bn, options=dict(
+    method = SupervisedMethod(backbone, cfg.loss, num_classes=len(class_names),
+                              freeze_bn=batchnorm_frozen(cfg, weights_source), options=dict(
         proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature, margin=cfg.margin,
         neg_margin=cfg.neg_margin, label_smoothing=cfg.label_smoothing))
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])

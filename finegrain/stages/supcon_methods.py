@@ -18,6 +18,7 @@ from finegrain.losses.supcon import supcon
 from finegrain.losses.triplet import batch_hard_triplet
 from finegrain.models.backbone import embed_views
 from finegrain.models.heads import ProjectionHead
+from finegrain.models.method import BackboneMethod
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,7 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def _batchnorms(module: nn.Module):
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-class SupervisedMethod(nn.Module):
+class SupervisedMethod(BackboneMethod):
     """Backbone + objective head, trained by `finegrain.engine.loop.fit`.
 
     forward(views, labels): views is a list of V tensors (B, 3, S, S); all V*B views are embedded
@@ -74,30 +71,12 @@ class SupervisedMethod(nn.Module):
 
     def __init__(self, backbone: nn.Module, objective: str, *, num_classes: int, options: dict,
                  freeze_bn: bool = True, head_warmup_steps: int = 0):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, freeze_bn=freeze_bn)
         self.objective = OBJECTIVES[objective]
         self.options = dict(options)
         self.head = self.objective.make_head(backbone.num_features, num_classes, self.options)
-        self.freeze_bn = freeze_bn
         self.head_warmup_steps = head_warmup_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
-        if freeze_bn:
-            for bn in _batchnorms(backbone):
-                for p in bn.parameters():
-                    p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        """Train mode, except frozen BatchNorm layers, which stay in eval mode."""
-        super().train(mode)
-        if self.freeze_bn:
-            for bn in _batchnorms(self.backbone):
-                bn.eval()
-        return self
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D) pooled backbone features (what evaluation and predict use)."""
-        return self.backbone(images)
 
     def forward(self, views, labels):
         y = labels.repeat(len(views))
