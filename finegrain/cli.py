@@ -290,13 +290,14 @@ OPTION_HELP = {
     "moco_momentum": "MoCo and BYOL: starting EMA momentum of the key/target network (rises to 1 on a cosine).",
     "from_artifact": "Artifact folder to start from (a pretrain or supcon run); its backbone name and weights are used.",
     "loss": "supcon (Khosla et al. 2020), triplet (batch-hard), contrastive (pairwise margin, Hadsell et al. 2006), "
-            "or ce (cross-entropy baseline).",
+            "ce (cross-entropy baseline), or supcon_ce (SupCon + --ce-weight x cross-entropy).",
     "margin": "Triplet margin (on L2-normalised embeddings).",
     "neg_margin": "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which different-class pairs "
                   "cost nothing.",
     "hard_negative_beta": "simclr/moco: weight negatives by exp(beta x cosine similarity), harder ones more "
                           "(Robinson et al. 2021); 0 is the plain loss.",
-    "label_smoothing": "Cross-entropy label smoothing.",
+    "label_smoothing": "Cross-entropy label smoothing (ce, supcon_ce).",
+    "ce_weight": "supcon_ce: weight of the cross-entropy term beside SupCon.",
     "n_views": "Augmented views of each image per batch.",
     "sampler": "pk: P classes x K images per batch (positives for every anchor); random: plain shuffled batches.",
     "classes_per_batch": "P of the P x K sampler; K = batch size / P.",

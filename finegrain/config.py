@@ -79,11 +79,12 @@ class SupconConfig(TrainConfig):
     """
 
     from_artifact: str | None = None  # a pretrain (or any) artifact folder to start from
-    loss: str = "supcon"  # supcon | triplet | contrastive | ce
+    loss: str = "supcon"  # supcon | triplet | contrastive | ce | supcon_ce
     temperature: float = 0.1  # supcon
     margin: float = 0.2  # triplet
     neg_margin: float = 0.5  # contrastive: different-class pairs are pushed at least this far apart (L2, unit sphere)
-    label_smoothing: float = 0.1  # ce
+    label_smoothing: float = 0.1  # ce, supcon_ce
+    ce_weight: float = 1.0  # supcon_ce: loss = supcon + ce_weight x cross-entropy
     proj_dim: int = 128
     proj_hidden: int = 0  # 0: the backbone's embedding size
     views: str = "supcon"

@@ -36,7 +36,7 @@ def _losses(out):
     return [x["train/loss"] for x in lines if "train/loss" in x]
 
 
-@pytest.mark.parametrize("loss", ["supcon", "triplet", "contrastive", "ce"])
+@pytest.mark.parametrize("loss", ["supcon", "triplet", "contrastive", "ce", "supcon_ce"])
 def test_writes_an_artifact_that_classifies(birds, tmp_path, loss):
     art = run_supcon(_cfg(birds, tmp_path, loss=loss, knn_monitor=True))
     again = load_artifact(art.path)
@@ -50,6 +50,9 @@ def test_writes_an_artifact_that_classifies(birds, tmp_path, loss):
     assert any(k.startswith("backbone.") for k in weights) and any(k.startswith("head.") for k in weights)
     if loss == "ce":
         assert weights["head.weight"].shape == (len(birds.class_names), 256)
+    if loss == "supcon_ce":
+        assert weights["head.classifier.weight"].shape == (len(birds.class_names), 256)
+        assert any(k.startswith("head.projection.") for k in weights)
     assert 0 <= info["metrics"]["knn_top1_test"] <= 1
     assert info["classifier"]["C"] > 0
     # 24 labelled train images / batches of 8 = 3 steps per epoch.
@@ -177,3 +180,27 @@ def test_cli_supcon_and_predict(birds, tmp_path):
     r = CliRunner().invoke(app, ["supcon", "--manifest", str(birds.root / "manifest.csv"), "-o", str(tmp_path / "t"),
                                  "--from", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_supcon_ce_is_supcon_plus_weighted_cross_entropy():
+    import torch.nn.functional as F
+
+    from finegrain.losses.supcon import supcon
+    from finegrain.models.backbone import create_backbone
+    from finegrain.stages.supcon_methods import SupervisedMethod
+
+    torch.manual_seed(0)
+    options = dict(proj_dim=16, proj_hidden=32, temperature=0.1, margin=0.2, neg_margin=0.5, label_smoothing=0.1,
+                   ce_weight=0.7)
+    method = SupervisedMethod(create_backbone("test_efficientnet"), "supcon_ce", num_classes=3, options=options,
+                              freeze_bn=True).eval()
+    views = [torch.randn(6, 3, 32, 32) for _ in range(2)]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss, metrics = method(views, labels)
+    with torch.no_grad():
+        features = torch.cat([method.backbone(v) for v in views])
+        z, logits = method.head.projection(features), method.head.classifier(features)
+    y = labels.repeat(2)
+    expected = supcon(z, y, temperature=0.1) + 0.7 * F.cross_entropy(logits, y, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    assert 0 <= float(metrics["accuracy"]) <= 1

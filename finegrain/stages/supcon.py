@@ -104,7 +104,7 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
     method = SupervisedMethod(backbone, cfg.loss, num_classes=len(class_names),
                               freeze_bn=batchnorm_frozen(cfg, weights_source), options=dict(
         proj_dim=cfg.proj_dim, proj_hidden=cfg.proj_hidden, temperature=cfg.temperature, margin=cfg.margin,
-        neg_margin=cfg.neg_margin, label_smoothing=cfg.label_smoothing))
+        neg_margin=cfg.neg_margin, label_smoothing=cfg.label_smoothing, ce_weight=cfg.ce_weight))
     recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
     dataset = ManifestDataset(train, build_view(recipe), n_views=cfg.n_views, class_names=class_names,
                               on_bad_image=TRAINING_BAD_IMAGE_POLICY, cache=image_cache(cfg, train, cfg.image_size),

@@ -38,6 +38,27 @@ def _classifier(dim: int, num_classes: int, o: dict) -> nn.Module:
     return nn.Linear(dim, num_classes)
 
 
+class ProjectionAndClassifier(nn.Module):
+    """Two heads on the same pooled features: (B, D) -> ((B, proj_dim) projection, (B, classes) logits)."""
+
+    def __init__(self, dim: int, num_classes: int, o: dict):
+        super().__init__()
+        self.projection = _projection(dim, num_classes, o)
+        self.classifier = _classifier(dim, num_classes, o)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.projection(features), self.classifier(features)
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, o: dict) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y, label_smoothing=o["label_smoothing"])
+
+
+def _supcon_plus_ce(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, o: dict) -> torch.Tensor:
+    z, logits = out
+    return supcon(z, y, temperature=o["temperature"]) + o["ce_weight"] * _cross_entropy(logits, y, o)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "supcon": Objective(_projection, lambda z, y, o: supcon(z, y, temperature=o["temperature"]),
                         "SupCon (Khosla et al. 2020): all same-class views in the batch are positives"),
@@ -46,8 +67,10 @@ OBJECTIVES: dict[str, Objective] = {
     "contrastive": Objective(_projection, lambda z, y, o: contrastive(z, y, pos_margin=0.0, neg_margin=o["neg_margin"]),
                              "pairwise margin loss (Hadsell et al. 2006): same class pulled together, others "
                              "pushed past the margin"),
-    "ce": Objective(_classifier, lambda logits, y, o: F.cross_entropy(logits.float(), y, label_smoothing=o["label_smoothing"]),
-                    "cross-entropy with label smoothing (baseline)"),
+    "ce": Objective(_classifier, _cross_entropy, "cross-entropy with label smoothing (baseline)"),
+    "supcon_ce": Objective(ProjectionAndClassifier, _supcon_plus_ce,
+                           "SupCon on a projection head + ce_weight x cross-entropy on a linear classifier, "
+                           "both on the backbone features"),
 }
 
 
@@ -61,7 +84,7 @@ class SupervisedMethod(BackboneMethod):
         backbone: timm model giving pooled features (B, D).
         objective: a name in OBJECTIVES.
         num_classes: classes in the labelled train split (for ce).
-        options: proj_dim, proj_hidden, temperature, margin, neg_margin, label_smoothing.
+        options: proj_dim, proj_hidden, temperature, margin, neg_margin, label_smoothing, ce_weight.
         freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
         head_warmup_steps: optimizer steps during which only the head trains (backbone run under
             no_grad, so its parameters get no gradient and no weight decay).
@@ -90,8 +113,9 @@ class SupervisedMethod(BackboneMethod):
         with torch.no_grad():
             same = y[:, None] == y[None, :]
             metrics = {"positives_per_anchor": (same.sum(1) - 1).float().mean()}
-            if isinstance(self.head, nn.Linear):  # a classifier: report its train accuracy
-                metrics["accuracy"] = (out.argmax(1) == y).float().mean()
+            logits = out[1] if isinstance(out, tuple) else out if isinstance(self.head, nn.Linear) else None
+            if logits is not None:  # a classifier: report its train accuracy
+                metrics["accuracy"] = (logits.argmax(1) == y).float().mean()
         return loss, metrics
 
     @torch.no_grad()
