@@ -186,3 +186,17 @@ def test_freeze_bn_is_ignored_for_random_initial_weights(birds, tmp_path):
     init = create_backbone("test_efficientnet").state_dict()  # timm's BatchNorm init: mean 0, var 1
     end = art.state_dict("backbone.")
     assert any(not torch.equal(init[k], end[k]) for k in _bn_keys(init)), "BatchNorm stayed at its random init"
+
+
+def test_default_lr_on_pretrained_weights_warns(birds, tmp_path, caplog):
+    from finegrain.models.backbone import create_backbone
+
+    torch.save(create_backbone("test_efficientnet").state_dict(), tmp_path / "start.pth")
+    with caplog.at_level("WARNING", logger="finegrain"):
+        run_pretrain(_cfg(birds, tmp_path, "default", method="simclr", weights=str(tmp_path / "start.pth"), lr=None,
+                          epochs=1))
+    assert any("base rate for training from scratch" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finegrain"):
+        run_pretrain(_cfg(birds, tmp_path, "given", method="simclr", weights=str(tmp_path / "start.pth"), epochs=1))
+    assert not any("base rate for training from scratch" in r.getMessage() for r in caplog.records)

@@ -52,6 +52,10 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
     dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=TRAINING_BAD_IMAGE_POLICY,
                               cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
     lr = cfg.lr if cfg.lr is not None else method_cls.base_lr * cfg.batch_size * cfg.accumulate * dist.world_size() / 256
+    if cfg.lr is None and weights_source != "none":
+        log.warning("lr %.3g is %s's base rate for training from scratch; from pretrained weights it can wreck them "
+                    "(on cub50, simclr at 0.075 fell to chance kNN accuracy; 0.005 kept them): consider --lr 0.005",
+                    lr, cfg.method)
     config = {"stage": "pretrain", **cfg.to_dict(), "resolved_lr": lr, "view_recipe": recipe.to_dict()}
     tracker = None
     if dist.is_main():
