@@ -30,12 +30,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-# About 1.5 hours on a 2-core CPU; each script prints its table and writes benchmarks/results/*.json.
+# About 2.5 hours on a 2-core CPU; each script prints its table and writes benchmarks/results/*.json.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_throughput.py
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_accuracy.py --baselines
+	$(BIN)/python benchmarks/bench_label_fraction.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
