@@ -512,6 +512,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res["contrastive_loss"], res["contrastive_grad"] = loss.detach(), z.grad
         res["contrastive_local_only"] = contrastive(z.detach(), labels, 0.0, 1.0, gather=False)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.cleanup()
 

@@ -457,6 +457,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             loss.backward()
             res[f"{name}_uneven_loss"], res[f"{name}_uneven_grad"] = loss.detach(), x.grad
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.cleanup()
 
