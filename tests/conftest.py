@@ -68,18 +68,37 @@ class WritesAFile:
         return (open, (self.marker, "w"))
 
 
-def spawn_ranks(fn, world: int, out_dir, deadline_s: float = 120.0) -> None:
-    """Run ``fn(rank, world, port, str(out_dir))`` in `world` processes (torch.multiprocessing, a free
-    local port); raise if one fails (join re-raises it) and fail the test if they hang past deadline_s."""
+def _run_rank(rank: int, compute, world: int, port: int, out_dir: str) -> None:
+    """One spawned rank: join a gloo group as torchrun would, save ``compute(rank)`` to rank{rank}.pt."""
+    import torch
+
+    from finegrain import dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    assert dist.init_from_env("cpu")
+    try:
+        torch.save(compute(rank), Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts)
+    finally:
+        dist.cleanup()
+
+
+def spawn_ranks(compute, world: int, out_dir, deadline_s: float = 120.0) -> list[dict]:
+    """Run ``compute(rank) -> dict`` in `world` processes joined in one gloo process group (torch.multiprocessing,
+    a free local port) and return each rank's dict, in rank order. Raises if one rank fails (join re-raises it);
+    fails the test if they hang past deadline_s. `compute` must be a module-level function (it is pickled)."""
     import socket
     import time
 
+    import torch
     import torch.multiprocessing as mp
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.spawn(fn, args=(world, port, str(out_dir)), nprocs=world, join=False)
+    ctx = mp.spawn(_run_rank, args=(compute, world, port, str(out_dir)), nprocs=world, join=False)
     deadline = time.monotonic() + deadline_s
     while not ctx.join(timeout=1):  # join raises ProcessRaisedException / ProcessExitedException
         if time.monotonic() > deadline:
@@ -87,3 +106,4 @@ def spawn_ranks(fn, world: int, out_dir, deadline_s: float = 120.0) -> None:
                 if p.is_alive():
                     p.terminate()
             pytest.fail(f"distributed workers did not finish within {deadline_s} s")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]

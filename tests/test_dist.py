@@ -2,7 +2,7 @@
 
 The 2-process run happens once per module (fixture ``two_ranks``): each rank joins the group through
 ``finegrain.dist.init_from_env`` (as under torchrun), computes on its half of a fixed global batch and
-saves its results with ``torch.save``; the tests compare them in the parent with the single-process
+returns its results (saved by ``conftest.spawn_ranks``); the tests compare them in the parent with the single-process
 answers. An exception in a child makes ``torch.multiprocessing`` raise in the parent, and a child
 that hangs is terminated after a deadline, so either fails the tests.
 
@@ -22,8 +22,6 @@ Why the gradients compare as they do (W = world size, B = local batch, x_r = ran
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,67 +63,54 @@ def _queue_keys(rank: int, step: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    assert dist.init_from_env("cpu")
-    try:
-        res: dict[str, object] = {
-            "rank": dist.rank(),
-            "world_size": dist.world_size(),
-            "local_rank": dist.local_rank(),
-            "is_main": dist.is_main(),
-            "is_initialized": dist.is_initialized(),
-            "gathered_ranks": dist.gather_no_grad(torch.tensor([[float(rank)]])),
-        }
-        dist.barrier()
-        local = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+def _compute(rank: int) -> dict[str, object]:
+    """One rank's view of the process group, losses, DDP gradients and MoCo queue (run by spawn_ranks)."""
+    res: dict[str, object] = {
+        "rank": dist.rank(),
+        "world_size": dist.world_size(),
+        "local_rank": dist.local_rank(),
+        "is_main": dist.is_main(),
+        "is_initialized": dist.is_initialized(),
+        "gathered_ranks": dist.gather_no_grad(torch.tensor([[float(rank)]])),
+    }
+    dist.barrier()
+    local = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
 
-        # NT-Xent with gathered negatives, gradients w.r.t. the local inputs
-        z1, z2 = _global_batch()
-        x1 = z1[local].clone().requires_grad_()
-        x2 = z2[local].clone().requires_grad_()
-        loss = nt_xent(x1, x2, TEMPERATURE)
-        loss.backward()
-        res.update(loss=loss.detach(), grad1=x1.grad, grad2=x2.grad)
-        res["loss_local_only"] = nt_xent(z1[local], z2[local], TEMPERATURE, gather=False)
+    # NT-Xent with gathered negatives, gradients w.r.t. the local inputs
+    z1, z2 = _global_batch()
+    x1 = z1[local].clone().requires_grad_()
+    x2 = z2[local].clone().requires_grad_()
+    loss = nt_xent(x1, x2, TEMPERATURE)
+    loss.backward()
+    res.update(loss=loss.detach(), grad1=x1.grad, grad2=x2.grad)
+    res["loss_local_only"] = nt_xent(z1[local], z2[local], TEMPERATURE, gather=False)
 
-        # a real DDP model; both views go through one forward call, as an engine would do
-        model = nn.parallel.DistributedDataParallel(_model())
-        i1, i2 = _global_images()
-        out = model(torch.cat([i1[local], i2[local]]))
-        nt_xent(*out.chunk(2), TEMPERATURE).backward()
-        res.update(ddp_weight_grad=model.module.weight.grad, ddp_bias_grad=model.module.bias.grad)
+    # a real DDP model; both views go through one forward call, as an engine would do
+    model = nn.parallel.DistributedDataParallel(_model())
+    i1, i2 = _global_images()
+    out = model(torch.cat([i1[local], i2[local]]))
+    nt_xent(*out.chunk(2), TEMPERATURE).backward()
+    res.update(ddp_weight_grad=model.module.weight.grad, ddp_bias_grad=model.module.bias.grad)
 
-        # MoCo queue: each step writes both ranks' keys, in rank order
-        queue = torch.zeros(QUEUE_SIZE, QUEUE_DIM)
-        ptrs, ptr = [], 0
-        for step in range(QUEUE_STEPS):
-            ptr = update_queue(queue, _queue_keys(rank, step), ptr)
-            ptrs.append(ptr)
-        res.update(queue=queue, ptrs=ptrs)
+    # MoCo queue: each step writes both ranks' keys, in rank order
+    queue = torch.zeros(QUEUE_SIZE, QUEUE_DIM)
+    ptrs, ptr = [], 0
+    for step in range(QUEUE_STEPS):
+        ptr = update_queue(queue, _queue_keys(rank, step), ptr)
+        ptrs.append(ptr)
+    res.update(queue=queue, ptrs=ptrs)
 
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.cleanup()
+    return res
 
 
-def _fail(rank: int, world: int, port: int, out_dir: str) -> None:
+def _fail(rank: int) -> dict:
     if rank == 1:
         raise RuntimeError("child failure on purpose")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist")
-    spawn_ranks(_worker, WORLD, out, DEADLINE_S)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_compute, WORLD, tmp_path_factory.mktemp("dist"), DEADLINE_S)
 
 
 def _local(r: int) -> slice:

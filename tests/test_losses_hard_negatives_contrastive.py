@@ -17,13 +17,10 @@ References used here, none of them the implementation under test:
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from finegrain import dist
 from finegrain.losses import LOSSES, contrastive, get_loss, info_nce, nt_xent
 from finegrain.losses.nt_xent import hard_negative_log_weights
 
@@ -494,34 +491,24 @@ def _local(r: int) -> slice:
     return slice(r * N_LOCAL, (r + 1) * N_LOCAL)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    assert dist.init_from_env("cpu")
-    try:
-        z1, z2, z = (x[_local(rank)].clone().requires_grad_() for x in _global_batch())
-        labels = torch.tensor(GLOBAL_LABELS)[_local(rank)]
-        res: dict[str, torch.Tensor] = {}
-        loss = nt_xent(z1, z2, T, hard_negative_beta=BETA)
-        loss.backward()
-        res["nt_xent_loss"], res["nt_xent_grad1"], res["nt_xent_grad2"] = loss.detach(), z1.grad, z2.grad
-        loss = contrastive(z, labels, 0.0, 1.0)
-        loss.backward()
-        res["contrastive_loss"], res["contrastive_grad"] = loss.detach(), z.grad
-        res["contrastive_local_only"] = contrastive(z.detach(), labels, 0.0, 1.0, gather=False)
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts)
-    finally:
-        dist.cleanup()
+def _compute(rank: int) -> dict[str, torch.Tensor]:
+    """One rank's losses and gradients on its half of the global batch (run by spawn_ranks)."""
+    z1, z2, z = (x[_local(rank)].clone().requires_grad_() for x in _global_batch())
+    labels = torch.tensor(GLOBAL_LABELS)[_local(rank)]
+    res: dict[str, torch.Tensor] = {}
+    loss = nt_xent(z1, z2, T, hard_negative_beta=BETA)
+    loss.backward()
+    res["nt_xent_loss"], res["nt_xent_grad1"], res["nt_xent_grad2"] = loss.detach(), z1.grad, z2.grad
+    loss = contrastive(z, labels, 0.0, 1.0)
+    loss.backward()
+    res["contrastive_loss"], res["contrastive_grad"] = loss.detach(), z.grad
+    res["contrastive_local_only"] = contrastive(z.detach(), labels, 0.0, 1.0, gather=False)
+    return res
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist_issue10")
-    spawn_ranks(_worker, WORLD, out, DEADLINE_S)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_compute, WORLD, tmp_path_factory.mktemp("dist_issue10"), DEADLINE_S)
 
 
 def test_gathered_hard_negative_nt_xent_is_the_global_loss(two_ranks):

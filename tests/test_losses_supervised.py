@@ -22,14 +22,11 @@ PML semantics, checked in its source (v2.x) and matched here:
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from finegrain import dist
 from finegrain.losses import LOSSES, batch_hard_triplet, get_loss, supcon, supcon_anchors_without_positive
 
 from conftest import spawn_ranks
@@ -424,49 +421,39 @@ LOSS_FNS = {"supcon": lambda z, y, **kw: supcon(z, y, TEMPERATURE, **kw),
             "triplet": lambda z, y, **kw: batch_hard_triplet(z, y, MARGIN, **kw)}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    assert dist.init_from_env("cpu")
-    try:
-        z, labels = _global_batch()
-        z, labels = z[_local(rank)], labels[_local(rank)]
-        res: dict[str, object] = {
-            "without_positive": supcon_anchors_without_positive(labels),
-            "without_positive_local": supcon_anchors_without_positive(labels, gather=False),
-        }
-        images = _global_images()[_local(rank)]
-        for name, fn in LOSS_FNS.items():
-            x = z.clone().requires_grad_()
-            loss = fn(x, labels)
-            loss.backward()
-            res[f"{name}_loss"], res[f"{name}_grad"] = loss.detach(), x.grad
-            res[f"{name}_local_only"] = fn(z, labels, gather=False)
+def _compute(rank: int) -> dict[str, object]:
+    """One rank's losses and gradients on its half of the global batch (run by spawn_ranks)."""
+    z, labels = _global_batch()
+    z, labels = z[_local(rank)], labels[_local(rank)]
+    res: dict[str, object] = {
+        "without_positive": supcon_anchors_without_positive(labels),
+        "without_positive_local": supcon_anchors_without_positive(labels, gather=False),
+    }
+    images = _global_images()[_local(rank)]
+    for name, fn in LOSS_FNS.items():
+        x = z.clone().requires_grad_()
+        loss = fn(x, labels)
+        loss.backward()
+        res[f"{name}_loss"], res[f"{name}_grad"] = loss.detach(), x.grad
+        res[f"{name}_local_only"] = fn(z, labels, gather=False)
 
-            model = nn.parallel.DistributedDataParallel(_model())
-            fn(model(images), labels).backward()
-            res[f"{name}_ddp_weight_grad"] = model.module.weight.grad
+        model = nn.parallel.DistributedDataParallel(_model())
+        fn(model(images), labels).backward()
+        res[f"{name}_ddp_weight_grad"] = model.module.weight.grad
 
-        # rank 0's anchors have no positive, rank 1's all have one: rank 0 takes the early return
-        # and must still join the gather's backward, or rank 1 would wait for it forever
-        for name, fn in LOSS_FNS.items():
-            x = z.clone().requires_grad_()
-            loss = fn(x, _uneven_labels()[_local(rank)])
-            loss.backward()
-            res[f"{name}_uneven_loss"], res[f"{name}_uneven_grad"] = loss.detach(), x.grad
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts)
-    finally:
-        dist.cleanup()
+    # rank 0's anchors have no positive, rank 1's all have one: rank 0 takes the early return
+    # and must still join the gather's backward, or rank 1 would wait for it forever
+    for name, fn in LOSS_FNS.items():
+        x = z.clone().requires_grad_()
+        loss = fn(x, _uneven_labels()[_local(rank)])
+        loss.backward()
+        res[f"{name}_uneven_loss"], res[f"{name}_uneven_grad"] = loss.detach(), x.grad
+    return res
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist_supervised")
-    spawn_ranks(_worker, WORLD, out, DEADLINE_S)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_compute, WORLD, tmp_path_factory.mktemp("dist_supervised"), DEADLINE_S)
 
 
 @pytest.mark.parametrize("name", list(LOSS_FNS))
