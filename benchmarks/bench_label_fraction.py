@@ -102,9 +102,7 @@ def main() -> None:
     best = max(args.methods, key=lambda m: pretrains[m]["screen_knn_top1"])
     print(f"pretrain screen at {screen_tag}: " + ", ".join(f"{m} {pretrains[m]['screen_knn_top1']:.3f}" for m in args.methods)
           + f"; carrying {best} on", flush=True)
-    for fraction in args.fractions:
-        tag = f"{round(fraction * 100)}pct"
-        manifest = manifests[tag]
+    for tag, manifest in manifests.items():
         labelled = len(Manifest.load(manifest).select("train"))
         epochs = str(math.ceil(args.supcon_steps / max(1, labelled // BATCH)))
         supcon = ["--manifest", str(manifest), *cache, *size, "--batch-size", str(BATCH), "--epochs", epochs,
