@@ -68,13 +68,16 @@ class WritesAFile:
         return (open, (self.marker, "w"))
 
 
-def _run_rank(rank: int, compute, world: int, port: int, out_dir: str) -> None:
-    """One spawned rank: join a gloo group as torchrun would, save ``compute(rank)`` to rank{rank}.pt."""
+def _run_rank(rank: int, compute, world: int, port: int, out_dir: str, group: bool) -> None:
+    """One spawned rank: join a gloo group as torchrun would (if `group`), save ``compute(rank)`` to rank{rank}.pt."""
     import torch
 
     from finegrain import dist
 
     torch.set_num_threads(1)
+    if not group:
+        torch.save(compute(rank), Path(out_dir) / f"rank{rank}.pt")
+        return
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     assert dist.init_from_env("cpu")
@@ -85,10 +88,11 @@ def _run_rank(rank: int, compute, world: int, port: int, out_dir: str) -> None:
         dist.cleanup()
 
 
-def spawn_ranks(compute, world: int, out_dir, deadline_s: float = 120.0) -> list[dict]:
+def spawn_ranks(compute, world: int, out_dir, deadline_s: float = 120.0, *, group: bool = True) -> list[dict]:
     """Run ``compute(rank) -> dict`` in `world` processes joined in one gloo process group (torch.multiprocessing,
     a free local port) and return each rank's dict, in rank order. Raises if one rank fails (join re-raises it);
-    fails the test if they hang past deadline_s. `compute` must be a module-level function (it is pickled)."""
+    fails the test if they hang past deadline_s. `compute` must be a module-level function (it is pickled).
+    group=False runs the ranks without a process group."""
     import socket
     import time
 
@@ -98,7 +102,7 @@ def spawn_ranks(compute, world: int, out_dir, deadline_s: float = 120.0) -> list
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.spawn(_run_rank, args=(compute, world, port, str(out_dir)), nprocs=world, join=False)
+    ctx = mp.spawn(_run_rank, args=(compute, world, port, str(out_dir), group), nprocs=world, join=False)
     deadline = time.monotonic() + deadline_s
     while not ctx.join(timeout=1):  # join raises ProcessRaisedException / ProcessExitedException
         if time.monotonic() > deadline:
