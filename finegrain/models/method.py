@@ -44,6 +44,12 @@ class BackboneMethod(nn.Module):
         """(B, 3, S, S) -> (B, D) pooled backbone features (what evaluation, predict and later stages use)."""
         return self.backbone(images)
 
+    # The engine's hooks. DDP: parameters outside the graph on some steps (e.g. a head-only warm-up).
+    find_unused_parameters: bool = False
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called by the engine after each optimizer step (momentum updates, queues); default: nothing."""
+
     def train(self, mode: bool = True):
         """Train mode, except frozen BatchNorm layers (backbone and momentum copies), which stay in eval mode."""
         super().train(mode)
