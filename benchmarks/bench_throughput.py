@@ -39,8 +39,9 @@ import torch  # noqa: E402
 from finegrain.config import PretrainConfig, SupconConfig  # noqa: E402
 from finegrain.data.synthetic import make_demo_dataset  # noqa: E402
 from finegrain.engine.device import resolve_device  # noqa: E402
-from finegrain.stages import pretrain as pretrain_stage  # noqa: E402
-from finegrain.stages import supcon as supcon_stage  # noqa: E402
+from finegrain.stages import skeleton  # noqa: E402
+from finegrain.stages.pretrain import run_pretrain  # noqa: E402
+from finegrain.stages.supcon import run_supcon  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CUB50 = REPO.parent / "shared" / "data" / "cub50"
@@ -49,19 +50,18 @@ WARM = 3  # steps left out of every median (worker start-up, allocator warm-up)
 
 def run_stage(stage: str, cfg, captured: dict) -> float:
     """Run the stage end to end; return its median img/s and leave the trained model in `captured`."""
-    module = pretrain_stage if stage != "supcon" else supcon_stage
-    real_fit = module.fit
+    real_fit = skeleton.fit
 
     def spy(method, dataset, cfg_, out, **kw):
         result = real_fit(method, dataset, cfg_, out, **kw)
         captured.update(method=method, dataset=dataset, cfg=cfg_, kw=kw)
         return result
 
-    module.fit = spy
+    skeleton.fit = spy
     try:
-        (module.run_pretrain if stage != "supcon" else module.run_supcon)(cfg)
+        (run_pretrain if stage != "supcon" else run_supcon)(cfg)
     finally:
-        module.fit = real_fit
+        skeleton.fit = real_fit
     lines = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     # With log_every=1 the engine logs each step's img/s, timed from the previous step's end (loading included).
     return statistics.median(x["train/img_per_s"] for x in lines if "train/img_per_s" in x and x["step"] > WARM)
@@ -150,7 +150,7 @@ def extraction_rate(captured: dict, device, n: int) -> tuple[float, float]:
     """(end-to-end, in-memory) img/s of backbone feature extraction with eval views at the stage's size."""
     from finegrain.data.manifest import Manifest
     from finegrain.eval.features import extract_features
-    from finegrain.stages.common import eval_dataset
+    from finegrain.data.dataset import eval_dataset
 
     cfg = captured["cfg"]
     method = captured["method"].eval().to(device)

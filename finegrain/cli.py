@@ -246,85 +246,17 @@ def demo_data(
 
 
 # --- training stages: options generated from the config dataclasses --------------------------
-OPTION_HELP = {
-    "manifest": "Manifest file (.csv/.parquet) of the images.",
-    "out": "Output folder for the stage's artifact.",
-    "root": "Dataset root (overrides the one stored in the manifest).",
-    "backbone": "Any timm model name; `finegrain backbones` lists what works offline.",
-    "weights": "Backbone weights: a .safetensors/.pth state dict, 'builtin' (offline ImageNet weights), or 'none'. Default: builtin when the backbone has them.",
-    "pretrained": "Download timm hub weights (needs internet).",
-    "image_size": "Training image side in pixels.",
-    "batch_size": "Images per batch per process.",
-    "epochs": "Passes over the training images.",
-    "max_steps": "Stop after this many optimizer steps (the schedule is sized for it).",
-    "lr": "Learning rate (default: the method's base rate x batch / 256).",
-    "optimizer": "timm optimizer name: sgd, adamw, lars, ...",
-    "weight_decay": "Weight decay.",
-    "warmup_epochs": "Linear warm-up length in epochs, then cosine decay.",
-    "accumulate": "Gradient accumulation: micro-batches per optimizer step.",
-    "amp": "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.",
-    "channels_last": "Channels-last (NHWC) memory format: faster on CPU and with AMP on GPUs (on by default).",
-    "compile": "torch.compile the train step (first steps are slow while it compiles).",
-    "sync_bn": "Synchronise BatchNorm across processes under torchrun (CUDA).",
-    "device": "auto, cpu or cuda.",
-    "seed": "Random seed (data order, augmentations, initialisation).",
-    "workers": "DataLoader worker processes.",
-    "cache_images": "Decode and resize images once into a uint8 memory map.",
-    "cache_dir": "Folder for the decoded-image cache (default ~/.cache/finegrain/images or $FINEGRAIN_CACHE).",
-    "checkpoint_every": "Also checkpoint every N optimizer steps (0: at epoch ends only).",
-    "log_every": "Optimizer steps between logged metric lines.",
-    "resume": "Continue the unfinished run in --out from its checkpoint.",
-    "knn_monitor": "Report kNN accuracy on labelled val/test images after each epoch.",
-    "wandb": "Weights & Biases mode: offline (default, no account needed), online, disabled.",
-    "wandb_project": "W&B project.",
-    "wandb_entity": "W&B entity (user or team).",
-    "wandb_tags": "W&B tag (repeat for several).",
-    "on_bad_image": "error: stop before training if a file is bad; skip: leave bad files out.",
-    "method": "simclr (NT-Xent), moco (momentum encoder + queue), byol (momentum target + predictor) or "
-              "simsiam (predictor + stop-gradient); byol and simsiam need no negatives and suit small batches.",
-    "temperature": "Contrastive temperature (default 0.5 for simclr, 0.2 for moco).",
-    "proj_dim": "Projection head output size.",
-    "proj_hidden": "Projection head hidden size (0: the backbone's embedding size).",
-    "views": "View recipe: simclr, supcon, eval.",
-    "queue_size": "MoCo: negatives kept in the queue.",
-    "moco_momentum": "MoCo and BYOL: starting EMA momentum of the key/target network (rises to 1 on a cosine).",
-    "from_artifact": "Artifact folder to start from (a pretrain or supcon run); its backbone name and weights are used.",
-    "loss": "supcon (Khosla et al. 2020), triplet (batch-hard), contrastive (pairwise margin, Hadsell et al. 2006), "
-            "ce (cross-entropy baseline), or supcon_ce (SupCon + --ce-weight x cross-entropy).",
-    "margin": "Triplet margin (on L2-normalised embeddings).",
-    "neg_margin": "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which different-class pairs "
-                  "cost nothing.",
-    "hard_negative_beta": "simclr/moco: weight negatives by exp(beta x cosine similarity), harder ones more "
-                          "(Robinson et al. 2021); 0 is the plain loss.",
-    "label_smoothing": "Cross-entropy label smoothing (ce, supcon_ce).",
-    "ce_weight": "supcon_ce: weight of the cross-entropy term beside SupCon.",
-    "n_views": "Augmented views of each image per batch.",
-    "sampler": "pk: P classes x K images per batch (positives for every anchor); random: plain shuffled batches.",
-    "classes_per_batch": "P of the P x K sampler; K = batch size / P.",
-    "freeze_bn": "Keep the backbone's BatchNorm statistics and affine parameters as loaded (on by default; "
-                 "ignored for random initial weights). Small sets of augmented views otherwise wreck ImageNet "
-                 "statistics in a few dozen steps.",
-    "backbone_lr_scale": "Backbone learning rate as a fraction of the head's.",
-    "layer_decay": "timm layer-wise learning-rate decay over the backbone's blocks (e.g. 0.75; default off).",
-    "head_warmup_epochs": "Epochs that train only the new head before the backbone is unfrozen (LP-FT).",
-    "classifier": "Fit a logistic-regression classifier on the embedding after training (used by predict).",
-    "bbox_crop": "Crop images to their bounding boxes (when the manifest has them).",
-    "knn_k": "kNN neighbours (k).",
-    "knn_t": "kNN temperature on cosine similarity.",
-    "linear": "Fit a linear probe (logistic regression, C chosen on val or a train hold-out).",
-    "retrieval_split": "Split to compute Recall@K and MAP@R on (leave-one-out; classes may be unseen in training).",
-    "embedding_map": "Draw a t-SNE map of the test embeddings.",
-}
 
-STAGE_HELP = {
-    "supcon": {"temperature": "SupCon temperature.", "views": "View recipe: supcon (crop + flip), simclr, eval.",
-               "lr": "Head learning rate (default 0.2 x batch / 256); the backbone gets --backbone-lr-scale of it.",
-               "warmup_epochs": "Linear learning-rate warm-up in epochs, then cosine decay."},
-    "evaluate": {"out": "Output folder for the evaluation (report/, features cache, metrics).",
-                 "backbone": "timm backbone to evaluate when no --from is given.",
-                 "image_size": "Evaluation image side (default: the artifact's training size, 224 without --from).",
-                 "batch_size": "Images per batch for feature extraction."},
-}
+def _option_help(f) -> str:
+    """A field's help text, with its choices (from the registry or the fixed list) appended."""
+    from finegrain.registry import Registry
+
+    text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+    if isinstance(choices, Registry):
+        return f"{text} {choices.describe()}."
+    if choices is not None and "," not in text:
+        return f"{text} One of: {', '.join(choices)}."
+    return text
 
 
 def _stage_command(name: str, config_cls, run, doc: str):
@@ -338,19 +270,23 @@ def _stage_command(name: str, config_cls, run, doc: str):
     for f in dataclasses.fields(config_cls):
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--from" if f.name == "from_artifact" else "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         decls = [flag, "-o"] if f.name == "out" else [f"{flag}/--no-{flag[2:]}"] if hint is bool else [flag]
-        if f.name == "wandb_tags":
-            decls = ["--wandb-tag"]
         if f.name in ("manifest", "out"):
             default = ...
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
-            annotation=Annotated[hint, typer.Option(*decls, help=STAGE_HELP.get(name, {}).get(f.name, OPTION_HELP.get(f.name, "")))],
-            default=default))
+            annotation=Annotated[hint, typer.Option(*decls, help=_option_help(f))], default=default))
+
+    flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)}
 
     def command(**kwargs):
-        config = config_cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()})
+        from finegrain.config import ConfigError
+
+        try:
+            config = config_cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()})
+        except ConfigError as e:  # name the flag the user typed, not the field
+            raise FinegrainError(f"{flags.get(e.key, e.key)}{str(e)[len(e.key):]}") from None
         run(config)
 
     command.__signature__ = inspect.Signature(params)
@@ -388,8 +324,9 @@ def _run_evaluate(config) -> None:
 
 def _register_stages() -> None:
     from finegrain.config import EvaluateConfig, PretrainConfig, SupconConfig
+    from finegrain.registry import PRETRAIN_METHODS, SUPCON_LOSSES
 
-    _stage_command("pretrain", PretrainConfig, _run_pretrain, """Self-supervised contrastive pretraining (SimCLR, MoCo v2) of any timm backbone.
+    _stage_command("pretrain", PretrainConfig, _run_pretrain, f"""Self-supervised pretraining of any timm backbone (--method: {", ".join(PRETRAIN_METHODS.names())}).
 
     Labels are ignored: every train and unlabeled image is used. Writes an artifact folder that `supcon` and `evaluate` start from. Scale out with torchrun.
 
@@ -397,7 +334,7 @@ def _register_stages() -> None:
 
     Example (2 GPUs): torchrun --nproc_per_node 2 -m finegrain pretrain --manifest M --out runs/p
     """)
-    _stage_command("supcon", SupconConfig, _run_supcon, """Supervised contrastive fine-tuning (SupCon, triplet or cross-entropy) on the labelled train images.
+    _stage_command("supcon", SupconConfig, _run_supcon, f"""Supervised fine-tuning on the labelled train images (--loss: {", ".join(SUPCON_LOSSES.names())}).
 
     Starts from a pretrain artifact (--from) or backbone weights. Defaults are a gentle recipe for small fine-grained sets: frozen BatchNorm, backbone at 0.1x the head's rate, one head-only epoch, crop + flip views, 16 x 4 class-balanced batches. Afterwards a linear classifier is fitted on the embedding, so `finegrain predict` can name species.
 

@@ -1,54 +1,101 @@
-"""One dataclass per stage; the CLI and pipeline files fill them, artifacts store them as YAML."""
+"""One dataclass per stage, checked when it is built; the CLI, pipeline files and Python fill them alike.
+
+Every field carries its help text (the CLI's option help) and, where it has one, its check: a range,
+fixed choices or a registry of names. Building a config converts each value to its declared type
+(pipeline YAML gives '1e-3' as a string) or stops with a ConfigError naming the key, before any file
+is read. Fields marked `method_option` belong to some methods or losses only: setting one that the
+chosen method does not read is refused, not silently ignored.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from finegrain.errors import FinegrainError
+from finegrain.registry import PRETRAIN_METHODS, SAMPLERS, SUPCON_LOSSES, VIEW_RECIPES, Registry
+
+
+class ConfigError(FinegrainError):
+    """A config value of the wrong type, out of range, or not a known name. `key` names the field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Check:
+    """A range check: `test(value)` must hold; `says` completes 'must be ...'."""
+
+    test: typing.Callable[[object], bool]
+    says: str
+
+
+def at_least(low) -> Check:
+    return Check(lambda v: v >= low, f"at least {low}")
+
+
+def between(low, high) -> Check:
+    return Check(lambda v: low <= v <= high, f"between {low} and {high}")
+
+
+POSITIVE = Check(lambda v: v > 0, "greater than 0")
+FRACTION_BELOW_1 = Check(lambda v: 0 <= v < 1, "at least 0 and below 1")
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None = None, choices=None,
+           method_option: bool = False, flag: str | None = None, default_factory=dataclasses.MISSING):
+    """A config field with its CLI help, its check, and its choices (a tuple or a Registry)."""
+    metadata = {"help": help, "check": check, "choices": choices, "method_option": method_option, "flag": flag}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+BAD_IMAGE_POLICIES = ("error", "skip")
+LABELLED_SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class TrainConfig:
-    """Options shared by the training stages (pretrain, supcon). Sizes in pixels.
+class StageConfig:
+    """What every stage takes: data, backbone, output folder, device, tracking."""
 
-    `lr` is used as given; None means the method's base rate scaled by batch_size / 256.
-    """
+    manifest: str = option("", "Manifest file (.csv/.parquet) of the images.")
+    out: str = option("", "Output folder for the stage's artifact.", flag="--out")
+    root: str | None = option(None, "Dataset root (overrides the one stored in the manifest).")
+    backbone: str = option("tf_efficientnet_lite0", "Any timm model name; `finegrain backbones` lists what works offline.")
+    weights: str | None = option(None, "Backbone weights: a .safetensors/.pth state dict, 'builtin' (offline ImageNet "
+                                       "weights), or 'none'. Default: builtin when the backbone has them.")
+    pretrained: bool = option(False, "Download timm hub weights (needs internet).")
+    device: str = option("auto", "auto, cpu or cuda (cuda:N for one GPU).",
+                         check=Check(lambda v: v in DEVICES or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"))
+    amp: str = option("auto", "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.", choices=AMP_MODES)
+    seed: int = option(0, "Random seed (data order, augmentations, initialisation).")
+    workers: int = option(2, "DataLoader worker processes.", check=at_least(0))
+    cache_images: bool = option(True, "Decode and resize images once into a uint8 memory map.")
+    cache_dir: str | None = option(None, "Folder for the decoded-image cache (default ~/.cache/finegrain/images or "
+                                         "$FINEGRAIN_CACHE).")
+    on_bad_image: str = option("error", "error: stop before training if a file is bad; skip: leave bad files out.",
+                               choices=BAD_IMAGE_POLICIES)
+    wandb: str = option("offline", "Weights & Biases mode: offline (default, no account needed), online, disabled.",
+                        choices=WANDB_MODES)
+    wandb_project: str = option("finegrain", "W&B project.")
+    wandb_entity: str | None = option(None, "W&B entity (user or team).")
+    wandb_tags: list[str] = option(help="W&B tag (repeat for several).", flag="--wandb-tag", default_factory=list)
 
-    manifest: str = ""
-    out: str = ""
-    root: str | None = None
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str | None = None  # FILE, "builtin", "none"; None = builtin offline weights when the backbone has them
-    pretrained: bool = False  # timm hub weights (needs internet)
-    image_size: int = 224
-    batch_size: int = 64
-    epochs: int = 10
-    max_steps: int | None = None
-    lr: float | None = None
-    optimizer: str = "sgd"  # any timm optimizer name: sgd, adamw, lars, ...
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    accumulate: int = 1
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
-    channels_last: bool = True  # NHWC: 1.3-1.6x faster train step on CPU here (benchmarks/README.md)
-    compile: bool = False  # torch.compile the train step (see benchmarks/README.md for when it pays)
-    sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA
-    freeze_bn: bool = True  # backbone BatchNorm statistics and affine parameters kept as loaded (not for random init)
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 2
-    cache_images: bool = True
-    cache_dir: str | None = None
-    checkpoint_every: int = 0  # steps; 0 = only at the end of each epoch
-    log_every: int = 10  # steps between metric lines
-    resume: bool = False
-    knn_monitor: bool = True
-    wandb: str = "offline"
-    wandb_project: str = "finegrain"
-    wandb_entity: str | None = None
-    wandb_tags: list[str] = field(default_factory=list)
-    on_bad_image: str = "error"
+    def __post_init__(self):
+        check_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (subclasses extend)."""
 
     def to_dict(self) -> dict:
         """Plain dict of every field (for YAML, W&B and artifact.json)."""
@@ -56,17 +103,54 @@ class TrainConfig:
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
-    """`finegrain pretrain`: self-supervised contrastive pretraining (labels ignored)."""
+class TrainConfig(StageConfig):
+    """Options shared by the training stages (pretrain, supcon). Sizes in pixels.
 
-    method: str = "simclr"  # simclr | moco | byol | simsiam
-    temperature: float | None = None  # None: 0.5 for simclr, 0.2 for moco
-    proj_dim: int = 128
-    proj_hidden: int = 0  # 0: the backbone's embedding size
-    views: str = "simclr"  # view recipe name (finegrain.data.views.RECIPES)
-    queue_size: int = 4096  # moco
-    hard_negative_beta: float = 0.0  # simclr, moco: re-weight negatives by exp(beta x similarity); 0 = plain loss
-    moco_momentum: float = 0.99  # moco, byol: EMA of the key/target network, raised to 1.0 on a cosine schedule
+    `lr` is used as given; None means the method's base rate scaled by batch_size / 256.
+    """
+
+    image_size: int = option(224, "Training image side in pixels.", check=at_least(8))
+    batch_size: int = option(64, "Images per batch per process.", check=at_least(1))
+    epochs: int = option(10, "Passes over the training images.", check=at_least(1))
+    max_steps: int | None = option(None, "Stop after this many optimizer steps (the schedule is sized for it).",
+                                   check=at_least(1))
+    lr: float | None = option(None, "Learning rate (default: the method's base rate x batch / 256).", check=POSITIVE)
+    optimizer: str = option("sgd", "timm optimizer name: sgd, adamw, lars, ...")
+    weight_decay: float = option(1e-4, "Weight decay.", check=at_least(0))
+    warmup_epochs: float = option(1.0, "Linear warm-up length in epochs, then cosine decay.", check=at_least(0))
+    accumulate: int = option(1, "Gradient accumulation: micro-batches per optimizer step.", check=at_least(1))
+    channels_last: bool = option(True, "Channels-last (NHWC) memory format: faster on CPU and with AMP on GPUs.")
+    compile: bool = option(False, "torch.compile the train step (first steps are slow while it compiles).")
+    sync_bn: bool = option(True, "Synchronise BatchNorm across processes under torchrun (CUDA).")
+    freeze_bn: bool = option(True, "Keep the backbone's BatchNorm statistics and affine parameters as loaded (ignored "
+                                   "for random initial weights). Small sets of augmented views otherwise wreck "
+                                   "ImageNet statistics in a few dozen steps.")
+    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: at epoch ends only).", check=at_least(0))
+    log_every: int = option(10, "Optimizer steps between logged metric lines.", check=at_least(1))
+    resume: bool = option(False, "Continue the unfinished run in --out from its checkpoint.")
+    knn_monitor: bool = option(True, "Report kNN accuracy on labelled val/test images after each epoch.")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """`finegrain pretrain`: self-supervised pretraining (labels ignored)."""
+
+    method: str = option("simclr", "Self-supervised method:", choices=PRETRAIN_METHODS)
+    temperature: float | None = option(None, "Contrastive temperature (default: the method's, 0.5 simclr, 0.2 moco).",
+                                       check=POSITIVE, method_option=True)
+    proj_dim: int = option(128, "Projection head output size.", check=at_least(1), method_option=True)
+    proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
+                              method_option=True)
+    views: str = option("simclr", "View recipe:", choices=VIEW_RECIPES)
+    queue_size: int = option(4096, "MoCo: negatives kept in the queue.", check=at_least(1), method_option=True)
+    hard_negative_beta: float = option(0.0, "simclr/moco: weight negatives by exp(beta x cosine similarity), harder "
+                                            "ones more (Robinson et al. 2021); 0 is the plain loss.",
+                                       check=at_least(0), method_option=True)
+    moco_momentum: float = option(0.99, "MoCo and BYOL: starting EMA momentum of the key/target network (rises to 1 "
+                                        "on a cosine).", check=between(0, 1), method_option=True)
+
+    def check(self) -> None:
+        refuse_unused_options(self, PRETRAIN_METHODS.get(self.method), f"--method {self.method}")
 
 
 @dataclass
@@ -78,65 +162,156 @@ class SupconConfig(TrainConfig):
     (colour is a species cue) and P x K class-balanced batches (16 classes x 4 images).
     """
 
-    from_artifact: str | None = None  # a pretrain (or any) artifact folder to start from
-    loss: str = "supcon"  # supcon | triplet | contrastive | ce | supcon_ce
-    temperature: float = 0.1  # supcon
-    margin: float = 0.2  # triplet
-    neg_margin: float = 0.5  # contrastive: different-class pairs are pushed at least this far apart (L2, unit sphere)
-    label_smoothing: float = 0.1  # ce, supcon_ce
-    ce_weight: float = 1.0  # supcon_ce: loss = supcon + ce_weight x cross-entropy
-    proj_dim: int = 128
-    proj_hidden: int = 0  # 0: the backbone's embedding size
-    views: str = "supcon"
-    n_views: int = 2
-    sampler: str = "pk"  # pk (P classes x K images per batch) | random
-    classes_per_batch: int = 16  # P; K = batch_size / P
-    backbone_lr_scale: float = 0.1  # backbone learning rate = lr x this
-    layer_decay: float | None = None  # timm layer-wise decay of the backbone rate (e.g. 0.75)
-    head_warmup_epochs: float = 1.0  # train only the head first (LP-FT)
-    classifier: bool = True  # fit a linear classifier on the embedding after training
+    lr: float | None = option(None, "Head learning rate (default 0.2 x batch / 256); the backbone gets "
+                                    "--backbone-lr-scale of it.", check=POSITIVE)
+    from_artifact: str | None = option(None, "Artifact folder to start from (a pretrain or supcon run); its backbone "
+                                             "name and weights are used.", flag="--from")
+    loss: str = option("supcon", "Training objective:", choices=SUPCON_LOSSES)
+    temperature: float = option(0.1, "SupCon temperature.", check=POSITIVE, method_option=True)
+    margin: float = option(0.2, "Triplet margin (on L2-normalised embeddings).", check=at_least(0), method_option=True)
+    neg_margin: float = option(0.5, "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which "
+                                    "different-class pairs cost nothing.", check=Check(lambda v: 0 < v <= 2,
+                                                                                       "above 0 and at most 2"),
+                               method_option=True)
+    label_smoothing: float = option(0.1, "Cross-entropy label smoothing (ce, supcon_ce).", check=FRACTION_BELOW_1,
+                                    method_option=True)
+    ce_weight: float = option(1.0, "supcon_ce: weight of the cross-entropy term beside SupCon.", check=at_least(0),
+                              method_option=True)
+    proj_dim: int = option(128, "Projection head output size.", check=at_least(1), method_option=True)
+    proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
+                              method_option=True)
+    views: str = option("supcon", "View recipe:", choices=VIEW_RECIPES)
+    n_views: int = option(2, "Augmented views of each image per batch.", check=at_least(1))
+    sampler: str = option("pk", "Batch sampler:", choices=SAMPLERS)
+    classes_per_batch: int = option(16, "P of the P x K sampler; K = batch size / P.", check=at_least(1))
+    backbone_lr_scale: float = option(0.1, "Backbone learning rate as a fraction of the head's.", check=at_least(0))
+    layer_decay: float | None = option(None, "timm layer-wise learning-rate decay over the backbone's blocks (e.g. "
+                                             "0.75; default off).", check=Check(lambda v: 0 < v <= 1,
+                                                                                "above 0 and at most 1"))
+    head_warmup_epochs: float = option(1.0, "Epochs that train only the new head before the backbone is unfrozen "
+                                            "(LP-FT).", check=at_least(0))
+    classifier: bool = option(True, "Fit a logistic-regression classifier on the embedding after training (used by "
+                                    "predict).")
+
+    def check(self) -> None:
+        refuse_unused_options(self, SUPCON_LOSSES.get(self.loss), f"--loss {self.loss}")
+        if self.sampler == "pk" and self.batch_size % self.classes_per_batch:
+            raise ConfigError("batch_size", f"{self.batch_size} must be a multiple of classes_per_batch "
+                                            f"{self.classes_per_batch} (P x K batches)")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(StageConfig):
     """`finegrain evaluate`: kNN, linear probe, retrieval and a report, for an artifact or a bare backbone."""
 
-    manifest: str = ""
-    out: str = ""
-    root: str | None = None
-    from_artifact: str | None = None
-    backbone: str = "tf_efficientnet_lite0"  # used without --from
-    weights: str | None = None  # used without --from: FILE, builtin, none
-    pretrained: bool = False
-    image_size: int | None = None  # None: the artifact's training size (224 for a bare backbone)
-    bbox_crop: bool = False  # crop test and train images to their boxes when the manifest has them
-    batch_size: int = 128
-    knn_k: int = 20
-    knn_t: float = 0.07
-    linear: bool = True
-    retrieval_split: str = "test"
-    embedding_map: bool = True
-    device: str = "auto"
-    amp: str = "auto"
-    workers: int = 2
-    cache_images: bool = True
-    cache_dir: str | None = None
-    seed: int = 0
-    on_bad_image: str = "error"
-    wandb: str = "offline"
-    wandb_project: str = "finegrain"
-    wandb_entity: str | None = None
-    wandb_tags: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """Plain dict of every field."""
-        return dataclasses.asdict(self)
+    out: str = option("", "Output folder for the evaluation (report/, features cache, metrics).", flag="--out")
+    backbone: str = option("tf_efficientnet_lite0", "timm backbone to evaluate when no --from is given.")
+    from_artifact: str | None = option(None, "Artifact folder to evaluate (a pretrain or supcon run).", flag="--from")
+    image_size: int | None = option(None, "Evaluation image side (default: the artifact's training size, 224 without "
+                                          "--from).", check=at_least(8))
+    bbox_crop: bool = option(False, "Crop images to their bounding boxes (when the manifest has them).")
+    batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
+    knn_k: int = option(20, "kNN neighbours (k).", check=at_least(1))
+    knn_t: float = option(0.07, "kNN temperature on cosine similarity.", check=POSITIVE)
+    linear: bool = option(True, "Fit a linear probe (logistic regression, C chosen on val or a train hold-out).")
+    retrieval_split: str = option("test", "Split to compute Recall@K and MAP@R on (leave-one-out; classes may be unseen "
+                                          "in training).", choices=LABELLED_SPLITS)
+    embedding_map: bool = option(True, "Draw a t-SNE map of the test embeddings.")
 
 
-def config_from_dict(cls, values: dict):
-    """Build a config dataclass from a dict, refusing unknown keys with the list of known ones."""
+# --- checking ----------------------------------------------------------------------------------
+
+def check_fields(config) -> None:
+    """Convert every field of `config` to its declared type and check its range and choices, in place."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = _convert(f.name, getattr(config, f.name), hints[f.name])
+        setattr(config, f.name, value)
+        if value is None:
+            continue
+        check, choices = f.metadata.get("check"), f.metadata.get("choices")
+        if check is not None and not check.test(value):
+            raise ConfigError(f.name, f"must be {check.says}, got {value!r}")
+        if isinstance(choices, Registry):
+            try:
+                choices.get(value)
+            except FinegrainError as e:
+                raise ConfigError(f.name, str(e)) from None
+        elif choices is not None and value not in choices:
+            raise ConfigError(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _convert(key: str, value, hint):
+    """`value` as the type `hint` (int, float, bool, str, list[str], X | None), or ConfigError."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _convert(key, value, hint)
+    if typing.get_origin(hint) is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(key, f"must be a list of {args[0].__name__}, got {value!r}")
+        return [_convert(key, v, args[0]) for v in items]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"must be text, got {value!r} ({type(value).__name__}); quote it in YAML")
+    raise ConfigError(key, f"must be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def method_options(config_cls) -> list[str]:
+    """The fields of `config_cls` that only some methods (or losses) read."""
+    return [f.name for f in dataclasses.fields(config_cls) if f.metadata.get("method_option")]
+
+
+def refuse_unused_options(config, method, chosen: str) -> None:
+    """ConfigError if a method option is set (differs from its default) but `method.options` does not list it."""
+    used = set(getattr(method, "options", ()))
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in method_options(type(config)):
+        if name not in used and getattr(config, name) != defaults[name]:
+            uses = ", ".join(sorted(used)) or "none of them"
+            raise ConfigError(name, f"{chosen} does not use this option (it uses: {uses}); remove it")
+
+
+def config_from_dict(cls, values: dict, where: str = ""):
+    """Build and check a config dataclass from a dict, refusing unknown keys with the list of known ones.
+
+    where: prefix for error messages (e.g. "pipelines/demo.yaml: stages.supcon").
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
+    prefix = f"{where}." if where else ""
     if unknown:
-        raise FinegrainError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**values)
+        raise FinegrainError(f"unknown option(s) {', '.join(prefix + k for k in unknown)}; "
+                             f"known: {', '.join(sorted(names))}")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(prefix + e.key, str(e).split(": ", 1)[1]) from None

@@ -97,7 +97,27 @@ def load_pipeline(path, overrides=()) -> dict:
         raise FinegrainError(f"unknown stage(s) {', '.join(sorted(bad))}; stages are {', '.join(STAGES)}")
     spec["stages"] = {name: dict(stages[name] or {}) for name in STAGES if name in stages}
     spec["_file"] = str(path)
+    _check_stage_options(spec, path)
     return spec
+
+
+def _check_stage_options(spec: dict, path: Path) -> None:
+    """Build every stage's config once, so a wrong type, value or key stops here, before any work.
+
+    A key under `defaults:` must be an option of at least one stage (it is applied to each stage that has it).
+    """
+    defaults = spec.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise FinegrainError(f"{path}: defaults must be a mapping of option: value")
+    known = {f.name for cls in STAGES.values() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise FinegrainError(f"{path}: unknown option(s) under defaults: {', '.join(unknown)}; "
+                             f"no stage has them (stage options: {', '.join(sorted(known))})")
+    for name, options in spec["stages"].items():
+        if not isinstance(options, dict):
+            raise FinegrainError(f"{path}: stages.{name} must be a mapping of option: value")
+        _stage_config(name, spec, Path(""), None, where=f"{path}: stages.{name}")
 
 
 def prepare_data(spec: dict) -> Path:
@@ -164,7 +184,8 @@ def stage_key(stage: str, config, manifest_hash: str, parent_hash: str | None) -
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _stage_config(name: str, spec: dict, manifest: Path, parent: Path | None):
+def _stage_config(name: str, spec: dict, manifest: Path, parent: Path | None, where: str = ""):
+    """The stage's checked config: `defaults` it has, then its own options, then the manifest and parent."""
     cls = STAGES[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in (spec.get("defaults") or {}).items() if k in fields}
@@ -172,7 +193,7 @@ def _stage_config(name: str, spec: dict, manifest: Path, parent: Path | None):
     values.update(manifest=str(manifest))
     if parent is not None:
         values["from_artifact"] = str(parent)
-    return config_from_dict(cls, copy.deepcopy(values))
+    return config_from_dict(cls, copy.deepcopy(values), where=where or f"{spec['_file']}: stages.{name}")
 
 
 def run_pipeline(spec: dict, *, force=(), runner=None) -> list[StageResult]:

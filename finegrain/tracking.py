@@ -25,6 +25,11 @@ def _jsonable(value):
     return value
 
 
+def wandb_parent(parent: dict | None) -> str | None:
+    """The W&B artifact reference ("name:latest") of a parent lineage dict, for Tracker.log_artifact."""
+    return f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None
+
+
 class Tracker:
     """Logs metrics to `<out>/metrics.jsonl` and to a W&B run.
 

@@ -150,3 +150,39 @@ def test_table_errors(tmp_path):
         import_table(tmp_path / "l.csv", path_col="path")
     with pytest.raises(ManifestError, match="unknown split"):
         import_table(tmp_path / "l.csv", path_col="p", split_col="s")
+
+
+def _real_image(path, colour, fmt):
+    """A small real JPEG or PNG (with a gradient, so it is not a flat colour)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.linear_gradient("L").resize((40, 30)).convert("RGB")
+    Image.blend(img, Image.new("RGB", img.size, colour), 0.5).save(path, format=fmt)
+
+
+@pytest.mark.parametrize("layout", ["class", "split"])
+def test_folder_under_a_dot_folder_imports_and_still_skips_hidden_below_root(tmp_path, layout):
+    # ~/.cache/birds-like location: ROOT's ancestors start with ".", which must not hide anything.
+    root = tmp_path / ".hidden" / "birds"
+    base = root / "train" if layout == "split" else root
+    for c, cls in enumerate(("sparrow", "wren", "finch")):
+        _real_image(base / cls / "a.jpg", (60 * c, 90, 30), "JPEG")
+        _real_image(base / cls / "b.png", (20, 60 * c, 90), "PNG")
+    # Hidden things below ROOT are still skipped: a dot file, a dot folder inside a class, a dot class.
+    _real_image(base / "sparrow" / ".thumb.jpg", (0, 0, 0), "JPEG")
+    _real_image(base / "wren" / ".previews" / "p.png", (0, 0, 0), "PNG")
+    _real_image(root / ".cache" / "sparrow" / "c.jpg", (0, 0, 0), "JPEG")
+    m = import_folder(root)
+    assert m.root == root.resolve()
+    assert len(m) == 6 and m.class_names == ["finch", "sparrow", "wren"]
+    assert not any("/." in "/" + p for p in m.table["path"]), m.table["path"].tolist()
+    assert all(Image.open(m.abspath(p)).size == (40, 30) for p in m.table["path"])
+
+
+def test_cub_and_table_under_a_dot_folder(tmp_path):
+    root = tmp_path / ".data" / "cub"
+    root.mkdir(parents=True)
+    _write_cub_variant(root, sep="space", base=1, header=False, boxes=False)
+    m = import_cub(root)
+    assert len(m) == 6 and m.root == root.resolve()
+    pd.DataFrame({"file": m.table["path"], "species": m.table["label"]}).to_csv(root / "list.csv", index=False)
+    assert len(import_table(root / "list.csv", path_col="file", label_col="species")) == 6

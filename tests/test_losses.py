@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from finegrain.losses import LOSSES, get_loss, info_nce, nt_xent, update_queue
+from finegrain.losses import info_nce, nt_xent, update_queue
 
 TEMPERATURES = [0.07, 0.1, 0.5, 1.0]
 
@@ -262,13 +262,3 @@ def test_update_queue_casts_and_detaches():
         update_queue(queue, keys, 4)
 
 
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-
-def test_registry():
-    assert get_loss("nt_xent") is nt_xent and get_loss("info_nce") is info_nce
-    assert set(LOSSES) >= {"nt_xent", "info_nce"}
-    with pytest.raises(ValueError, match="info_nce, nt_xent"):
-        get_loss("simclr")

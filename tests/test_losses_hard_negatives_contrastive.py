@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from finegrain.losses import LOSSES, contrastive, get_loss, info_nce, nt_xent
+from finegrain.losses import contrastive, info_nce, nt_xent
 from finegrain.losses.nt_xent import hard_negative_log_weights
 
 from conftest import spawn_ranks
@@ -466,7 +466,6 @@ def test_contrastive_rejects_bad_input_and_is_registered():
         contrastive(z, torch.tensor([0.0, 0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="labels"):
         contrastive(z, torch.tensor([0, 1]))
-    assert get_loss("contrastive") is contrastive and LOSSES["contrastive"] is contrastive
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from finegrain.losses import LOSSES, batch_hard_triplet, get_loss, supcon, supcon_anchors_without_positive
+from finegrain.losses import batch_hard_triplet, supcon, supcon_anchors_without_positive
 
 from conftest import spawn_ranks
 
@@ -372,11 +372,6 @@ def test_triplet_rejects_bad_input():
         batch_hard_triplet(z, labels[:2])
     with pytest.raises(ValueError, match="integer"):
         batch_hard_triplet(z, labels.bool())
-
-
-def test_registry_has_supervised_losses():
-    assert get_loss("supcon") is supcon and get_loss("batch_hard_triplet") is batch_hard_triplet
-    assert set(LOSSES) >= {"supcon", "batch_hard_triplet"}
 
 
 # ---------------------------------------------------------------------------------------------

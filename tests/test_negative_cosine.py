@@ -7,7 +7,8 @@ import torch
 from lightly.loss import NegativeCosineSimilarity
 
 from finegrain.losses.negative_cosine import negative_cosine
-from finegrain.stages.pretrain_methods import BYOL, SimSiam
+from finegrain.methods.byol import BYOL
+from finegrain.methods.simsiam import SimSiam
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -82,11 +82,11 @@ def test_second_run_is_cached_and_a_supcon_change_reruns_supcon_and_evaluate(bir
 
 
 def test_an_interrupted_stage_resumes_on_the_next_run(birds, tmp_path, monkeypatch):
-    from finegrain.stages import supcon_methods
+    from finegrain.methods import SupervisedMethod
 
     path = _write(tmp_path, birds, supcon={"batch_size": 8, "classes_per_batch": 4, "epochs": 2, "checkpoint_every": 2,
                                            "classifier": False})
-    crash_after_step(monkeypatch, supcon_methods.SupervisedMethod, 3)
+    crash_after_step(monkeypatch, SupervisedMethod, 3)
     with pytest.raises(Crash):
         run_pipeline(load_pipeline(path))
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from finegrain.artifacts import load_artifact
 from finegrain.cli import app
 from finegrain.config import PretrainConfig
 from finegrain.errors import FinegrainError
-from finegrain.stages import pretrain_methods
+from finegrain.registry import PRETRAIN_METHODS
 from finegrain.stages.pretrain import run_pretrain
 
 
@@ -21,7 +21,9 @@ def _cfg(birds, tmp_path, name="run", **kw):
     base = dict(manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / name), backbone="test_efficientnet",
                 weights="none", image_size=32, batch_size=8, epochs=2, workers=0, wandb="disabled",
                 cache_dir=str(tmp_path / "cache"), optimizer="adamw", lr=2e-3, warmup_epochs=0.0, knn_monitor=False,
-                queue_size=64, proj_dim=32, proj_hidden=64)
+                proj_dim=32, proj_hidden=64)
+    if kw.get("method") == "moco":
+        base["queue_size"] = 64
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -69,7 +71,7 @@ def test_resume_ends_with_the_same_weights(birds, tmp_path, monkeypatch, method)
     kw = dict(method=method, epochs=2, checkpoint_every=3, workers=2)
     full = run_pretrain(_cfg(birds, tmp_path, "full", **kw))
 
-    cls = pretrain_methods.METHODS[method]
+    cls = PRETRAIN_METHODS.get(method)
     original = getattr(cls, "after_step", None)
 
     def crash_at_5(self, step, total):
@@ -98,7 +100,7 @@ def test_nan_loss_stops_with_a_clear_message(birds, tmp_path, monkeypatch):
         z = self.head(self.backbone(views[0]))
         return z.sum() * float("nan"), {}
 
-    monkeypatch.setattr(pretrain_methods.SimCLR, "forward", nan_forward)
+    monkeypatch.setattr(PRETRAIN_METHODS.get("simclr"), "forward", nan_forward)
     with pytest.raises(FinegrainError, match="loss became nan"):
         run_pretrain(_cfg(birds, tmp_path))
 
@@ -138,7 +140,7 @@ def test_hard_negative_beta_reaches_the_loss(birds, tmp_path, method):
     hard = _losses(run_pretrain(_cfg(birds, tmp_path, "hard", method=method, epochs=1, log_every=1,
                                       hard_negative_beta=2.0)).path)
     assert len(plain) == len(hard) and plain[0] != hard[0]
-    with pytest.raises(FinegrainError, match="hard-negative-beta"):
+    with pytest.raises(FinegrainError, match="hard_negative_beta: must be at least 0"):
         run_pretrain(_cfg(birds, tmp_path, "bad", method=method, epochs=1, hard_negative_beta=-1.0))
 
 
@@ -149,13 +151,13 @@ def _bn_keys(state):
 @pytest.mark.parametrize("method", ["moco", "byol"])
 def test_freeze_bn_keeps_loaded_statistics_in_backbone_and_momentum_copy(birds, tmp_path, monkeypatch, method):
     from finegrain.models.backbone import create_backbone
-    from finegrain.stages import pretrain as pretrain_stage
-    from finegrain.models.method import batchnorm_layers
+    from finegrain.stages import skeleton
+    from finegrain.methods import batchnorm_layers
 
     start = create_backbone("test_efficientnet").state_dict()
     torch.save(start, tmp_path / "start.pth")
     seen = {}
-    real_fit = pretrain_stage.fit
+    real_fit = skeleton.fit
 
     def spy(model, *args, **kw):  # check the momentum copy's BatchNorm mode while training
         result = real_fit(model, *args, **kw)
@@ -164,7 +166,7 @@ def test_freeze_bn_keeps_loaded_statistics_in_backbone_and_momentum_copy(birds, 
         seen["copy_bn_training"] = {bn.training for bn in batchnorm_layers(copy)}
         return result
 
-    monkeypatch.setattr(pretrain_stage, "fit", spy)
+    monkeypatch.setattr(skeleton, "fit", spy)
     frozen = run_pretrain(_cfg(birds, tmp_path, "frozen", method=method, weights=str(tmp_path / "start.pth")))
     monkeypatch.undo()
     end = frozen.state_dict("backbone.")

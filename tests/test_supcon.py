@@ -14,7 +14,8 @@ from finegrain.artifacts import load_artifact
 from finegrain.cli import app
 from finegrain.config import PretrainConfig, SupconConfig
 from finegrain.errors import FinegrainError
-from finegrain.stages import supcon_methods
+from finegrain.methods import SupervisedMethod
+from finegrain.registry import SUPCON_LOSSES
 from finegrain.stages.predict import run_predict
 from finegrain.stages.pretrain import run_pretrain
 from finegrain.stages.supcon import run_supcon
@@ -99,9 +100,7 @@ def test_backbone_learning_rate_is_scaled(birds, tmp_path):
     cfg = _cfg(birds, tmp_path, backbone_lr_scale=0.1, weight_decay=1e-4)
     from finegrain.models.backbone import create_backbone
 
-    method = supcon_methods.SupervisedMethod(create_backbone("test_efficientnet"), "supcon", num_classes=4,
-                                             options=dict(proj_dim=8, proj_hidden=0, temperature=0.1, margin=0.2,
-                                                          label_smoothing=0.0))
+    method = SUPCON_LOSSES.get("supcon")(create_backbone("test_efficientnet"), num_classes=4, proj_dim=8)
     groups = _param_groups(method, cfg)
     head = {id(p) for p in method.head.parameters()}
     for g in groups:
@@ -130,7 +129,7 @@ def test_supcon_loss_goes_down(birds, tmp_path):
 def test_resume_with_the_class_balanced_sampler_ends_with_the_same_weights(birds, tmp_path, monkeypatch):
     kw = dict(epochs=2, checkpoint_every=2, workers=2, classifier=False)
     full = run_supcon(_cfg(birds, tmp_path, "full", **kw))
-    crash_after_step(monkeypatch, supcon_methods.SupervisedMethod, 4)
+    crash_after_step(monkeypatch, SupervisedMethod, 4)
     with pytest.raises(Crash):
         run_supcon(_cfg(birds, tmp_path, "cut", **kw))
     monkeypatch.undo()
@@ -187,13 +186,11 @@ def test_supcon_ce_is_supcon_plus_weighted_cross_entropy():
 
     from finegrain.losses.supcon import supcon
     from finegrain.models.backbone import create_backbone
-    from finegrain.stages.supcon_methods import SupervisedMethod
 
     torch.manual_seed(0)
-    options = dict(proj_dim=16, proj_hidden=32, temperature=0.1, margin=0.2, neg_margin=0.5, label_smoothing=0.1,
-                   ce_weight=0.7)
-    method = SupervisedMethod(create_backbone("test_efficientnet"), "supcon_ce", num_classes=3, options=options,
-                              freeze_bn=True).eval()
+    method = SUPCON_LOSSES.get("supcon_ce")(create_backbone("test_efficientnet"), num_classes=3, proj_dim=16,
+                                            proj_hidden=32, temperature=0.1, label_smoothing=0.1, ce_weight=0.7,
+                                            freeze_bn=True).eval()
     views = [torch.randn(6, 3, 32, 32) for _ in range(2)]
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     loss, metrics = method(views, labels)

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from finegrain import dist
 from finegrain.data.cache import DecodedImageCache
 from finegrain.data.images import DecodedImage, decode_image
 from finegrain.data.manifest import BBOX_COLUMNS, Manifest
+from finegrain.data.views import build_view, make_recipe
 from finegrain.errors import BadImageError, FinegrainError
 
 log = logging.getLogger("finegrain")
+
+# --on-bad-image is applied when the manifest is checked, before training starts ("error" stops there).
+# A file that breaks after that check (changed on disk mid-run) is skipped with a warning, so hours of
+# training never die in the middle of an epoch because of one file.
+TRAINING_BAD_IMAGE_POLICY = "skip"
 
 View = Callable[..., torch.Tensor]
 
@@ -120,3 +129,34 @@ class ManifestDataset(Dataset):
                 view.reseed(int(np.random.SeedSequence([self.seed, self.epoch, i, v]).generate_state(1)[0]))
             views.append(view(pixels, bbox))
         return views, int(self.labels[i]), i
+
+
+def image_cache(cfg, manifest: Manifest, image_size: int, *, collective: bool = True) -> DecodedImageCache | None:
+    """The decoded-image cache for these rows (shorter side image_size / 0.875 px), or None when disabled.
+
+    cfg: any stage config with cache_images, cache_dir and on_bad_image.
+    collective: every rank calls this; rank 0 builds the cache while the others wait. Pass False
+    when only one rank calls it (the kNN monitor).
+    """
+    if not cfg.cache_images:
+        return None
+    cache_dir = Path(cfg.cache_dir or os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain" / "images"))
+    side = int(round(image_size / 0.875))
+    if collective and not dist.is_main():
+        dist.barrier()  # wait while rank 0 builds it, then open it
+    cache = DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image,
+                                            progress=dist.is_main())
+    if collective and dist.is_main():
+        dist.barrier()
+    return cache
+
+
+def eval_dataset(cfg, manifest: Manifest, *, image_size: int, mean, std, class_names, crop_to_bbox: bool = False,
+                 collective: bool = True) -> ManifestDataset:
+    """Single eval views of these rows: [crop to box,] resize, center crop, normalise with mean/std.
+
+    cfg: any stage config with cache_images, cache_dir and on_bad_image.
+    """
+    recipe = make_recipe("eval", image_size=image_size, mean=mean, std=std, crop_to_bbox=crop_to_bbox)
+    return ManifestDataset(manifest, build_view(recipe), class_names=class_names, on_bad_image=cfg.on_bad_image,
+                           cache=image_cache(cfg, manifest, image_size, collective=collective))

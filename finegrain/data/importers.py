@@ -142,10 +142,19 @@ def import_cub(root: str | os.PathLike) -> Manifest:
 
 
 # --- image folders --------------------------------------------------------------------------
+def _is_hidden_below(path: Path, top: Path) -> bool:
+    """True when a part of `path` below `top` starts with "." (`top`'s own ancestors never count)."""
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
 def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder`, sorted, skipping hidden files and folders below it.
+
+    Only the parts below `folder` are checked, so a dataset kept in `~/.cache/birds` is found.
+    """
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.parts)
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden_below(p, folder)
     )
 
 
@@ -184,7 +193,8 @@ def import_folder(root: str | os.PathLike) -> Manifest:
         for c in top:
             add("train", c.name, c)
         log.info("folder: class layout ROOT/<class>/*; every image is in split 'train'")
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    loose = [p for p in root.iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
     if loose:
         log.warning("folder: %d image(s) directly in %s have no class folder and were left out", len(loose), root)
     if not rows:

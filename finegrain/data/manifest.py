@@ -7,6 +7,19 @@ Columns (see data_manifests/README.md):
     split     one of train, val, test, unlabeled
     bbox_x, bbox_y, bbox_w, bbox_h   optional float pixels (all four or none; NaN = no box)
 Extra columns are kept as they are.
+
+Metadata (format version, dataset root relative to the file and absolute, content hash, row count):
+    Parquet: in the schema metadata under key "finegrain".
+    CSV: in a JSON sidecar `NAME.csv.json` beside `NAME.csv`, so the CSV itself is a plain table
+        that pandas.read_csv, DuckDB or a spreadsheet open as-is (header row, no comment lines).
+        A sidecar rather than an extra column (repeated on every row, and a column users must
+        drop) or a comment line (what older versions wrote; plain readers trip over it). It is
+        named after the whole file name so `m.csv`, `m.parquet` and an unrelated `m.json` never
+        collide. Without a sidecar a CSV is a user's table: its root is its own folder.
+    Old CSVs whose first line is `# finegrain-manifest {json}` still load; that line wins over a
+        sidecar (it travels with the rows it describes).
+The stored hash is informational: `content_hash` is always computed from the rows, so a CSV edited
+in a spreadsheet loads with its new hash (and a stale sidecar still gives the root).
 """
 
 from __future__ import annotations
@@ -16,19 +29,57 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from finegrain.errors import ManifestError
-from finegrain.fsutil import atomic_path
+from finegrain.fsutil import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED_COLUMNS = ("image_id", "path", "label", "split")
 BBOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 SPLITS = ("train", "val", "test", "unlabeled")
-FORMAT_VERSION = 1
-_CSV_MAGIC = "# finegrain-manifest "
+FORMAT_VERSION = 1  # schema version; part of content_hash, so a file-layout change must not bump it
+_CSV_MAGIC = "# finegrain-manifest "  # first line of CSVs older versions wrote (read, no longer written)
 _PARQUET_KEY = b"finegrain"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON metadata file that goes with a CSV manifest: `m.csv` -> `m.csv.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _read_sidecar(path: Path) -> dict:
+    """The metadata in `path`'s sidecar, or {} when there is none (a user's own table)."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(f"{side}: cannot read manifest metadata ({e}); fix it or delete it") from None
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{side}: manifest metadata must be a JSON object; fix it or delete it")
+    return meta
+
+
+def _read_csv(path: Path) -> tuple[pd.DataFrame, dict]:
+    """(table of str, metadata) of a CSV/TSV manifest: from an old comment line, else the sidecar."""
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline()
+        if first.startswith(_CSV_MAGIC):
+            meta = json.loads(first[len(_CSV_MAGIC):])
+        else:
+            f.seek(0)
+            meta = None
+        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        table = pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep)
+    return table, (_read_sidecar(path) if meta is None else meta)
 
 
 def _examples(values, n: int = 5) -> str:
@@ -154,6 +205,36 @@ class Manifest:
             raise ManifestError(f"unknown split(s) {sorted(unknown)}; allowed: {', '.join(SPLITS)}")
         return Manifest(self.table[self.table["split"].isin(splits)].reset_index(drop=True), self.root)
 
+    def rows(self, split, classes=None) -> "Manifest":
+        """The rows of `split` (a name or a list of names, as `select`), in order, same root.
+
+        With `classes` (a collection of class names), only the rows whose label is one of them.
+        """
+        picked = self.select(split)
+        if classes is None:
+            return picked
+        keep = picked.table["label"].isin(list(classes))
+        return Manifest(picked.table[keep].reset_index(drop=True), picked.root)
+
+    def class_codes(self, classes) -> torch.Tensor:
+        """(N,) int64 tensor: each row's label as its index in `classes` (a sequence of names).
+
+        Raises:
+            ManifestError: a row's label is not in `classes` (the error names the label and path).
+        """
+        import torch
+
+        index = {c: i for i, c in enumerate(classes)}
+        codes = self.table["label"].astype(str).map(index)
+        missing = codes.isna()
+        if missing.any():
+            row = self.table.loc[missing].iloc[0]
+            raise ManifestError(
+                f"label {row['label']!r} of {row['path']} (root {self.root}) is not one of the "
+                f"{len(index)} classes {_examples(index)} ({int(missing.sum())} row(s) in all)"
+            )
+        return torch.from_numpy(np.array(codes.to_numpy(dtype=np.int64)))  # a writable copy
+
     def abspath(self, rel: str) -> Path:
         """Absolute path of a manifest path (no check that it exists or stays under root)."""
         return self.root / rel
@@ -173,11 +254,12 @@ class Manifest:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the manifest atomically as .csv or .parquet (chosen by suffix).
+        """Write the manifest atomically as .csv or .parquet (chosen by suffix); returns the path.
 
         The root is stored relative to the manifest file (and absolute, as a fallback), with the
-        content hash: in the Parquet schema metadata, or in a leading `# finegrain-manifest {json}`
-        line of the CSV.
+        content hash: in the Parquet schema metadata, or in the sidecar `NAME.csv.json` of a CSV
+        (see `sidecar_path`). The CSV is complete before its sidecar is replaced, and renamed into
+        place after it, so a new CSV is never visible without its metadata.
         """
         out = Path(path)
         meta = self._meta(out)
@@ -187,8 +269,8 @@ class Manifest:
         with atomic_path(out) as tmp:
             if suffix == ".csv":
                 with open(tmp, "w", encoding="utf-8", newline="") as f:
-                    f.write(_CSV_MAGIC + json.dumps(meta) + "\n")
                     self.table.to_csv(f, index=False, lineterminator="\n")
+                atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
             else:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
@@ -204,7 +286,8 @@ class Manifest:
         """Read a manifest written by `save` (or a hand-written CSV/Parquet with the schema columns).
 
         Args:
-            path: the .csv or .parquet file.
+            path: the .csv or .parquet file (a CSV's metadata comes from its old comment line or
+                its sidecar `NAME.csv.json`).
             root: dataset root; overrides the stored one. Without it, the stored root is used
                 (relative to the manifest file first, then the stored absolute path), and for a
                 file with no stored root, the manifest's own folder.
@@ -223,14 +306,7 @@ class Manifest:
                 meta = json.loads(raw) if raw else {}
                 table = arrow.to_pandas()
             elif suffix in (".csv", ".tsv"):
-                with open(path, encoding="utf-8", newline="") as f:
-                    first = f.readline()
-                    if first.startswith(_CSV_MAGIC):
-                        meta = json.loads(first[len(_CSV_MAGIC):])
-                    else:
-                        f.seek(0)
-                    sep = "\t" if suffix == ".tsv" else ","
-                    table = pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep)
+                table, meta = _read_csv(path)
             else:
                 raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .csv or .parquet)")
         except ManifestError:

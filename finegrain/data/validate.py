@@ -8,6 +8,7 @@ it and checks its size, then table-level checks run on the results. The report l
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,9 @@ import pandas as pd
 
 from finegrain.data.images import DEFAULT_MAX_PIXELS, decode_image
 from finegrain.data.manifest import Manifest
-from finegrain.errors import BadImageError, ManifestError
+from finegrain.errors import BadImageError, FinegrainError, ManifestError
+
+log = logging.getLogger("finegrain")
 
 # Splits whose images a model may learn from; an image shared with "test" leaks.
 FIT_SPLITS = ("train", "val", "unlabeled")
@@ -266,3 +269,20 @@ def check_manifest_or_raise(manifest: Manifest, *, on_bad_image: str = "error", 
     if bad:
         manifest = Manifest(manifest.table[~manifest.table["path"].isin(bad)].reset_index(drop=True), manifest.root)
     return manifest, report
+
+
+def load_checked_manifest(path, *, root=None, on_bad_image: str = "error", progress: bool = True,
+                          allow_unseen_classes: bool = False) -> Manifest:
+    """Load a manifest and validate it before any training (bad files dropped with on_bad_image "skip", and named)."""
+    if not path:
+        raise FinegrainError("--manifest is required")
+    manifest = Manifest.load(path, root=root)
+    manifest, report = check_manifest_or_raise(manifest, on_bad_image=on_bad_image, progress=progress,
+                                                allow_unseen_classes=allow_unseen_classes)
+    skipped = [p for p in report.errors if p.path in report.bad_files]
+    if skipped:
+        log.warning("--on-bad-image skip: leaving out %d file(s):\n  - %s%s", len(skipped),
+                    "\n  - ".join(str(p) for p in skipped[:20]), "\n  ..." if len(skipped) > 20 else "")
+    for p in report.warnings[:10]:
+        log.warning("manifest: %s", p)
+    return manifest

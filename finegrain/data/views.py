@@ -17,6 +17,7 @@ import albumentations as A  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 from finegrain.errors import FinegrainError  # noqa: E402
+from finegrain.registry import VIEW_RECIPES  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,6 +67,11 @@ RECIPES: dict[str, dict] = {
     "supcon": dict(name="supcon", crop_scale=(0.35, 1.0), color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
     "eval": dict(name="eval", train=False),
 }
+
+
+for _name, _description in (("simclr", "strong crops, colour distortion, blur"), ("supcon", "crop + flip only"),
+                             ("eval", "resize + centre crop")):
+    VIEW_RECIPES.add(_name, RECIPES[_name], _description)
 
 
 def make_recipe(name: str, **overrides) -> ViewRecipe:

@@ -63,3 +63,9 @@ def load_checkpoint(out_dir, map_location="cpu") -> dict | None:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise FinegrainError(f"{path} is not a valid finegrain checkpoint and was not loaded ({type(e).__name__}: {e})") from None
+
+
+def stored_wandb_run_id(out_dir) -> str | None:
+    """The W&B run id saved in `out_dir`'s checkpoint (so a resumed run continues the same W&B run)."""
+    ckpt = load_checkpoint(out_dir)
+    return ckpt.get("wandb_run_id") if ckpt else None

@@ -1,18 +1,42 @@
 """The training loop: any method, any view recipe, CPU or CUDA, one process or torchrun.
 
-A *method* is an nn.Module whose `forward(views, labels) -> (loss, metrics)` computes the loss of
-one batch (views: list of (B, 3, S, S) tensors; labels: (B,) int, -1 = unlabeled) and which may
-define `after_step(step, total_steps)` (momentum updates) . Its state_dict holds everything it needs
-to resume (momentum encoders and queues are submodules and buffers).
+The method contract. A *method* is a `finegrain.methods.base.BackboneMethod` (an nn.Module) with:
+
+* ``forward(views, labels) -> (loss, metrics)``: the loss of one batch (views: list of (B, 3, S, S)
+  tensors; labels: (B,) int, -1 = unlabeled) and a dict of scalars logged on log steps;
+* ``after_step(step, total_steps)``: called after every optimizer step (momentum updates, queues,
+  head warm-up); the base class's does nothing;
+* ``find_unused_parameters``: handed to DDP (True when some parameters are outside the graph on some steps);
+* ``embed(images) -> (B, D)``: the features the monitor, evaluation and later stages use.
+
+Its state_dict holds everything it needs to resume (momentum encoders and queues are submodules and buffers).
+
+How `fit` reads: `_prepare` (device, SyncBatchNorm, DDP, compile), `build_optimizer` (timm optimizer
+and cosine schedule), `_restore` (resume from checkpoint.pt), then `_run_epoch` per epoch, which
+runs `_micro_step` (forward + backward) per batch and `_optimizer_step` every `accumulate` batches;
+`_Logger` writes the progress bar, the tracker lines and the monitor's metrics; `_checkpoint` saves.
+The run's fixed settings are in `_Run`, what changes from step to step in `LoopState`.
+
+Gradient accumulation under DDP: the micro-steps that do not step the optimizer run inside
+``no_sync()``, so gradients are all-reduced once per optimizer step, on its last micro-step.
+
+Non-finite losses: on CPU each micro-step's loss is checked before its backward (a host read costs
+nothing there). On CUDA a read each micro-step would stall the GPU, so the loop keeps the first
+non-finite loss and the last loss on the device and reads them (`_read_losses`) only on log steps,
+at each epoch end (before the monitor), before every checkpoint and at the end: a divergence raises
+TrainingDiverged there, before any checkpoint is written with the damaged weights. Under DDP the
+flag is summed over ranks at those reads, so every rank stops at the same point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +66,38 @@ class FitResult:
     monitor: dict
 
 
+@dataclass
+class _Run:
+    """What stays fixed during one `fit` call."""
+
+    cfg: TrainConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    out_dir: Path
+    tracker: Any
+    world: int
+    check_every_step: bool  # read each loss on the host before its backward (CPU); else deferred reads
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step; the checkpoint saves it."""
+
+    method: nn.Module  # whose state_dict is saved (after SyncBatchNorm conversion)
+    train_module: nn.Module  # what is called: the method, DDP(method), or either compiled
+    ddp: nn.parallel.DistributedDataParallel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm CosineLRScheduler
+    scaler: torch.amp.GradScaler
+    total: int  # optimizer steps of the whole run
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches done in this epoch
+    last_loss: torch.Tensor | None = None  # the last optimizer step's loss, detached, on the device
+    first_bad: torch.Tensor | None = None  # deferred reads: the first non-finite loss (finite: none yet)
+    checked_step: int = 0  # deferred reads: the step of the last read that found every loss finite
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -57,6 +113,252 @@ def _quiet_worker(worker_id: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def _check_every_step(device: torch.device) -> bool:
+    """Read every loss on the host before its backward: on CPU, where the read costs nothing."""
+    return device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up: modules, schedule, optimizer, resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare(method: nn.Module, cfg: TrainConfig, device: torch.device, world: int):
+    """Move `method` to `device` (channels_last), convert BatchNorm and wrap in DDP under torchrun, compile.
+
+    Returns (method, train_module, ddp): the module to save, the one to call, the DDP wrapper or None.
+    """
+    method.to(device)
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    train_module, ddp = method, None
+    if world > 1:
+        if cfg.sync_bn and device.type == "cuda":
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        ddp = train_module = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=method.find_unused_parameters)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    return method, train_module, ddp
+
+
+def _schedule_length(cfg: TrainConfig, n_images: int, sampler, world: int) -> tuple[int, int]:
+    """(total optimizer steps, warm-up steps) for this dataset, sampler and accumulation."""
+    per_epoch = sampler.batches_per_epoch // cfg.accumulate
+    if per_epoch == 0:
+        raise FinegrainError(
+            f"{n_images} training images are too few for batches of {cfg.batch_size} x {world} process(es)"
+            f" x {cfg.accumulate} accumulation; lower --batch-size")
+    total = cfg.epochs * per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = min(int(round(cfg.warmup_epochs * per_epoch)), max(0, total - 1))
+    return total, warmup
+
+
+def build_optimizer(params, cfg: TrainConfig, base_lr: float, total: int, warmup: int):
+    """timm's optimizer `cfg.optimizer` on `params` (a module or parameter groups) and a per-step cosine
+    schedule from base_lr to base_lr / 1000 after `warmup` linear steps from base_lr / 1000.
+
+    Returns (optimizer, scheduler); call scheduler.step_update(step) before each optimizer step.
+    """
+    import timm.optim
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = timm.optim.create_optimizer_v2(
+        params, opt=cfg.optimizer, lr=base_lr, weight_decay=cfg.weight_decay, momentum=0.9)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
+                                  warmup_lr_init=base_lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def _restore(st: LoopState, out_dir) -> None:
+    """Load out_dir's checkpoint (if any) into `st`: weights, optimizer, scaler, position, RNGs."""
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is None:
+        return
+    st.method.load_state_dict(ckpt["method"])
+    st.optimizer.load_state_dict(ckpt["optimizer"])
+    st.scaler.load_state_dict(ckpt["scaler"])
+    st.step, st.epoch, st.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    st.checked_step = st.step
+    set_rng_state(ckpt["rng"])
+    if ckpt.get("total") != st.total:
+        raise FinegrainError(f"the checkpoint was made for {ckpt.get('total')} steps but this run has {st.total}; resume with the same --epochs/--max-steps/--batch-size")
+    if dist.is_main():
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", Path(out_dir) / "checkpoint.pt", st.step, st.epoch, st.batch_in_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses: non-finite checks, host reads
+# ---------------------------------------------------------------------------------------------
+
+
+def _diverged(run: _Run, what: str) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"the loss became {what}; training stopped. "
+        f"The last good checkpoint is kept in {run.out_dir}. Try a lower --lr, --amp off, or check the data.")
+
+
+def _note_loss(run: _Run, st: LoopState, loss: torch.Tensor) -> None:
+    """Before the backward: stop at a non-finite loss (CPU), or remember the first one on the device (CUDA)."""
+    if run.check_every_step:
+        if not torch.isfinite(loss):
+            raise _diverged(run, f"{loss.item()} at step {st.step} (epoch {st.epoch})")
+        return
+    value = loss.detach().float()
+    st.first_bad = value if st.first_bad is None else torch.where(torch.isfinite(st.first_bad), value, st.first_bad)
+
+
+def _read_losses(run: _Run, st: LoopState) -> float:
+    """The last step's loss as a float (nan before the first step); one host read.
+
+    With deferred checks, raises TrainingDiverged when a loss since the last read was not finite
+    (on any rank: a collective under DDP, so every rank must call it at the same step).
+    """
+    last = st.last_loss if st.last_loss is not None else torch.tensor(float("nan"), device=run.device)
+    if run.check_every_step or st.first_bad is None:
+        return last.item()
+    bad_here = (~torch.isfinite(st.first_bad)).float()
+    bad_anywhere = bad_here.clone()
+    if run.world > 1:
+        torch.distributed.all_reduce(bad_anywhere)  # sum over ranks
+    bad_here, bad_anywhere, value, last_value = torch.stack([bad_here, bad_anywhere, st.first_bad, last.float()]).tolist()
+    if bad_anywhere:
+        what = value if bad_here else "non-finite on another process"
+        raise _diverged(run, f"{what} between step {st.checked_step} and step {st.step} (epoch {st.epoch})")
+    st.checked_step = st.step
+    return last_value
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch
+# ---------------------------------------------------------------------------------------------
+
+
+def _epoch_loader(dataset, sampler, cfg: TrainConfig, device: torch.device, epoch: int) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch), worker_init_fn=_quiet_worker)
+
+
+def _micro_step(run: _Run, st: LoopState, views, labels, *, sync: bool):
+    """Forward and backward of one micro-batch; under DDP, gradients are all-reduced only when `sync`."""
+    cfg, device = run.cfg, run.device
+    views = [v.to(device, non_blocking=True) for v in views]
+    if cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    labels = labels.to(device, non_blocking=True)
+    no_sync = st.ddp.no_sync() if st.ddp is not None and not sync else contextlib.nullcontext()
+    with no_sync:
+        with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            loss, metrics = st.train_module(views, labels)
+        _note_loss(run, st, loss)
+        st.scaler.scale(loss / cfg.accumulate).backward()
+    return loss, metrics
+
+
+def _optimizer_step(st: LoopState, loss: torch.Tensor) -> None:
+    """Schedule, step (through the AMP scaler), clear the gradients, then the method's after_step."""
+    st.scheduler.step_update(st.step)
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    st.method.after_step(st.step, st.total)
+    st.last_loss = loss.detach()
+
+
+def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> None:
+    """Train through the rest of epoch `st.epoch` (or until the last step), checkpointing as asked."""
+    cfg = run.cfg
+    sampler.set_epoch(st.epoch, st.batch_in_epoch)
+    dataset.set_epoch(st.epoch)
+    loader = _epoch_loader(dataset, sampler, cfg, run.device, st.epoch)
+    st.train_module.train()
+    logger.start_epoch()
+    micro = 0
+    st.optimizer.zero_grad(set_to_none=True)
+    for views, labels, _ in loader:
+        last_micro = (micro + 1) % cfg.accumulate == 0
+        loss, metrics = _micro_step(run, st, views, labels, sync=last_micro)
+        micro += 1
+        st.batch_in_epoch += 1
+        if not last_micro:
+            continue
+        _optimizer_step(st, loss)
+        logger.after_step(run, st, metrics)
+        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < st.total:
+            _checkpoint(run, st)
+        if st.step >= st.total:
+            break
+    st.epoch += 1
+    st.batch_in_epoch = 0
+
+
+def _checkpoint(run: _Run, st: LoopState) -> None:
+    """Save the training state (rank 0) after checking the losses: damaged weights are never saved."""
+    _read_losses(run, st)
+    if dist.is_main():
+        save_checkpoint(run.out_dir, {
+            "method": st.method.state_dict(), "optimizer": st.optimizer.state_dict(), "scaler": st.scaler.state_dict(),
+            "step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "total": st.total,
+            "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None),
+        })
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+# ---------------------------------------------------------------------------------------------
+
+
+class _Logger:
+    """Progress bar and tracker lines every cfg.log_every steps (and on the first and last), monitor metrics."""
+
+    def __init__(self, cfg: TrainConfig, tracker, monitor, images_per_step: int):
+        self.cfg, self.tracker, self.monitor_fn, self.images_per_step = cfg, tracker, monitor, images_per_step
+        self.progress, self.task = None, None
+        self.t_last, self.n_since = time.perf_counter(), 0
+
+    def attach(self, progress, task) -> None:
+        self.progress, self.task = progress, task
+
+    def start_epoch(self) -> None:
+        self.t_last, self.n_since = time.perf_counter(), 0
+
+    def after_step(self, run: _Run, st: LoopState, metrics: dict) -> None:
+        """After each optimizer step; reads the loss on the host only on log steps."""
+        self.n_since += self.images_per_step
+        lr = st.optimizer.param_groups[0]["lr"]
+        if st.step % self.cfg.log_every == 0 or st.step == st.total or st.step == 1:
+            last_loss = _read_losses(run, st)
+            now = time.perf_counter()
+            ips = self.n_since / max(now - self.t_last, 1e-9)
+            self.t_last, self.n_since = now, 0
+            if self.tracker is not None:
+                self.tracker.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": ips, "epoch": st.epoch,
+                                  **{f"train/{k}": float(v) for k, v in metrics.items()}}, step=st.step)
+            self.progress.update(self.task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
+        self.progress.update(self.task, completed=st.step)
+
+    def monitor(self, st: LoopState, epoch: int) -> dict:
+        """Run the monitor (if any) on the method; log its metrics."""
+        metrics = self.monitor_fn(st.method, epoch) if self.monitor_fn is not None else {}
+        if metrics and self.tracker is not None:
+            self.tracker.log({f"monitor/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=st.step)
+        if metrics and dist.is_main():
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
 
 
 def fit(
@@ -87,132 +389,27 @@ def fit(
         sampler: an index sampler with `batches_per_epoch` and `set_epoch(epoch, start_batch)`
             that yields whole batches of cfg.batch_size for this rank (default: EpochSampler).
     """
-    import timm.optim
-    from timm.scheduler import CosineLRScheduler
-
     rank, world = dist.rank(), dist.world_size()
-    amp_dtype = resolve_amp(cfg.amp, device)
-    method.to(device)
-    if cfg.channels_last:
-        method.to(memory_format=torch.channels_last)
-    train_module = method
-    if world > 1:
-        if cfg.sync_bn and device.type == "cuda":
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        train_module = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=getattr(method, "find_unused_parameters", False))
-
-    if cfg.compile:
-        train_module = torch.compile(train_module)
-
+    run = _Run(cfg, device, resolve_amp(cfg.amp, device), out_dir, tracker, world, _check_every_step(device))
+    method, train_module, ddp = _prepare(method, cfg, device, world)
     if sampler is None:
         sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
-    per_epoch = sampler.batches_per_epoch // cfg.accumulate
-    if per_epoch == 0:
-        raise FinegrainError(
-            f"{len(dataset)} training images are too few for batches of {cfg.batch_size} x {world} process(es)"
-            f" x {cfg.accumulate} accumulation; lower --batch-size")
-    total = cfg.epochs * per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    warmup = min(int(round(cfg.warmup_epochs * per_epoch)), max(0, total - 1))
+    total, warmup = _schedule_length(cfg, len(dataset), sampler, world)
+    optimizer, scheduler = build_optimizer(param_groups if param_groups is not None else method, cfg, base_lr, total, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
+    st = LoopState(method, train_module, ddp, optimizer, scheduler, scaler, total)
+    if cfg.resume:
+        _restore(st, out_dir)
 
-    optimizer = timm.optim.create_optimizer_v2(
-        param_groups if param_groups is not None else method, opt=cfg.optimizer, lr=base_lr,
-        weight_decay=cfg.weight_decay, momentum=0.9)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
-                                  warmup_lr_init=base_lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    ckpt = load_checkpoint(out_dir) if cfg.resume else None
-    if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        set_rng_state(ckpt["rng"])
-        if ckpt.get("total") != total:
-            raise FinegrainError(f"the checkpoint was made for {ckpt.get('total')} steps but this run has {total}; resume with the same --epochs/--max-steps/--batch-size")
-        if dist.is_main():
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", Path(out_dir) / "checkpoint.pt", step, epoch, batch_in_epoch)
-
-    def checkpoint(epoch_: int, batch_: int) -> None:
-        if dist.is_main():
-            save_checkpoint(out_dir, {
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "epoch": epoch_, "batch_in_epoch": batch_, "total": total, "rng": rng_state(),
-                "wandb_run_id": getattr(tracker, "run_id", None),
-            })
-        dist.barrier()
-
-    last_loss, monitor_metrics = float("nan"), {}
-    images_per_step = cfg.batch_size * cfg.accumulate * world
-
-    def run_monitor(epoch_: int) -> dict:
-        metrics = monitor(method, epoch_) if monitor is not None else {}
-        if metrics and tracker is not None:
-            tracker.log({f"monitor/{k}": v for k, v in metrics.items()} | {"epoch": epoch_}, step=step)
-        if metrics and dist.is_main():
-            log.info("epoch %d: %s", epoch_, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    if step == 0:
-        run_monitor(0)  # the starting point, to compare each epoch with
+    logger = _Logger(cfg, tracker, monitor, cfg.batch_size * cfg.accumulate * world)
+    monitor_metrics = {}
+    if st.step == 0:
+        logger.monitor(st, 0)  # the starting point, to compare each epoch with
     with _progress(dist.is_main()) as progress:
-        task = progress.add_task("training", total=total, completed=step, stats="")
-        while step < total and epoch < cfg.epochs:
-            sampler.set_epoch(epoch, batch_in_epoch)
-            dataset.set_epoch(epoch)
-            loader = DataLoader(
-                dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-                pin_memory=device.type == "cuda", persistent_workers=False,
-                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch), worker_init_fn=_quiet_worker)
-            train_module.train()
-            micro, t_last, n_since = 0, time.perf_counter(), 0
-            optimizer.zero_grad(set_to_none=True)
-            for views, labels, _ in loader:
-                views = [v.to(device, non_blocking=True) for v in views]
-                if cfg.channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, metrics = train_module(views, labels)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); training stopped. "
-                        f"The last good checkpoint is kept in {out_dir}. Try a lower --lr, --amp off, or check the data.")
-                scaler.scale(loss / cfg.accumulate).backward()
-                micro += 1
-                batch_in_epoch += 1
-                if micro % cfg.accumulate:
-                    continue
-                scheduler.step_update(step)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if hasattr(method, "after_step"):
-                    method.after_step(step, total)
-                last_loss = loss.item()
-                n_since += images_per_step
-                lr = optimizer.param_groups[0]["lr"]
-                if step % cfg.log_every == 0 or step == total or step == 1:
-                    now = time.perf_counter()
-                    ips = n_since / max(now - t_last, 1e-9)
-                    t_last, n_since = now, 0
-                    if tracker is not None:
-                        tracker.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": ips, "epoch": epoch,
-                                     **{f"train/{k}": float(v) for k, v in metrics.items()}}, step=step)
-                    progress.update(task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
-                progress.update(task, completed=step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    checkpoint(epoch, batch_in_epoch)
-                if step >= total:
-                    break
-            epoch += 1
-            batch_in_epoch = 0
-            monitor_metrics = run_monitor(epoch)
-            checkpoint(epoch, 0)
-    return FitResult(steps=step, epochs_done=epoch, last_loss=last_loss, monitor=monitor_metrics)
+        logger.attach(progress, progress.add_task("training", total=total, completed=st.step, stats=""))
+        while st.step < total and st.epoch < cfg.epochs:
+            _run_epoch(run, st, dataset, sampler, logger)
+            _read_losses(run, st)  # no monitor on damaged weights
+            monitor_metrics = logger.monitor(st, st.epoch)
+            _checkpoint(run, st)
+    return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics)

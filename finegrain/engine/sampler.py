@@ -1,9 +1,15 @@
-"""A resumable, rank-aware epoch sampler."""
+"""Resumable, rank-aware batch samplers, registered by name in SAMPLERS (`--sampler`)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.utils.data import Sampler
+
+from finegrain.registry import SAMPLERS
+
+log = logging.getLogger("finegrain")
 
 
 class _ResumableBatches(Sampler[int]):
@@ -116,3 +122,26 @@ class ClassBalancedSampler(_ResumableBatches):
     def __iter__(self):
         batches = self._global_batches()[self.rank::self.world]
         return iter([i for batch in batches[self.start_batch:] for i in batch])
+
+
+@SAMPLERS.register("pk")
+def pk_batches(labels, batch_size: int, classes_per_batch: int, *, seed: int, rank: int, world: int) -> ClassBalancedSampler:
+    """P classes x K images per batch: positives for every anchor.
+
+    labels: (n,) class ids. With fewer classes than P, P drops to the largest divisor of the batch size
+    that fits (logged).
+    """
+    num_classes = len(torch.unique(torch.as_tensor(labels)))
+    p = classes_per_batch
+    if p > num_classes:
+        p = max(d for d in range(1, num_classes + 1) if batch_size % d == 0)
+        log.warning("only %d classes: using %d classes x %d images per batch", num_classes, p, batch_size // p)
+    if p == batch_size:
+        log.warning("P x K batches of %d classes x 1 image have no positives; lower --classes-per-batch", p)
+    return ClassBalancedSampler(labels, batch_size, p, seed=seed, rank=rank, world=world)
+
+
+@SAMPLERS.register("random")
+def random_batches(labels, batch_size: int, classes_per_batch: int, *, seed: int, rank: int, world: int) -> EpochSampler:
+    """Plain shuffled batches."""
+    return EpochSampler(len(labels), batch_size, seed=seed, rank=rank, world=world)

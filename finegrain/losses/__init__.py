@@ -1,42 +1,21 @@
-"""Losses: pure functions of embeddings (and labels), chosen by name.
+"""Losses: pure functions of embeddings (and labels), one file each, with shapes in their docstrings.
 
-Adding a loss is one file here and one line in ``LOSSES``.
+Methods (finegrain/methods/) call them by import; the names users choose are the methods' and
+objectives' registries (finegrain.registry), not the losses'.
 """
-
-from __future__ import annotations
-
-from typing import Callable
 
 from finegrain.losses.contrastive import contrastive
 from finegrain.losses.info_nce import info_nce, update_queue
+from finegrain.losses.negative_cosine import negative_cosine
 from finegrain.losses.nt_xent import nt_xent
 from finegrain.losses.supcon import supcon, supcon_anchors_without_positive
 from finegrain.losses.triplet import batch_hard_triplet
 
-LOSSES: dict[str, Callable[..., object]] = {
-    "nt_xent": nt_xent,
-    "info_nce": info_nce,
-    "supcon": supcon,
-    "batch_hard_triplet": batch_hard_triplet,
-    "contrastive": contrastive,
-}
-
-
-def get_loss(name: str) -> Callable[..., object]:
-    """The loss function registered as ``name``; ValueError listing the known names otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        known = ", ".join(sorted(LOSSES))
-        raise ValueError(f"unknown loss {name!r}; known losses: {known}") from None
-
-
 __all__ = [
-    "LOSSES",
     "batch_hard_triplet",
     "contrastive",
-    "get_loss",
     "info_nce",
+    "negative_cosine",
     "nt_xent",
     "supcon",
     "supcon_anchors_without_positive",

@@ -102,6 +102,23 @@ def create_backbone(
     return model
 
 
+def build_backbone(name: str, *, weights: str | None = None, pretrained: bool = False) -> tuple[nn.Module, str]:
+    """The backbone a stage starts from, and a name for its weight source (for artifact.json).
+
+    weights: None -> built-in offline weights when the backbone has them (else random init, with a
+    warning); "builtin"; "none" (random); or a file (.safetensors / .pth state dict).
+    pretrained: timm hub weights (a download). The source is "builtin", "none", "timm-hub" or the file.
+    """
+    if weights is None and not pretrained:
+        entry = BUILTIN_WEIGHTS.get(name)
+        weights = "builtin" if entry is not None and entry.installed() else "none"
+        if weights == "none":
+            log.warning("no weights given for %s: starting from random initialisation (see --weights, --pretrained)", name)
+    file = None if weights in (None, "builtin", "none") else weights
+    model = create_backbone(name, weights=file, pretrained=pretrained, builtin=weights == "builtin")
+    return model, "timm-hub" if pretrained else weights
+
+
 def data_config(model: nn.Module) -> dict:
     """The model's input preprocessing, as plain JSON-able types for transforms and artifacts.
 

@@ -18,21 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from finegrain.artifacts import ARTIFACT_FILE, Artifact, load_artifact, write_artifact
+from finegrain.artifacts import Artifact, load_artifact
 from finegrain.config import EvaluateConfig
-from finegrain.data.manifest import SPLITS, Manifest
-from finegrain.engine.device import resolve_amp, resolve_device
+from finegrain.data.dataset import eval_dataset
+from finegrain.data.manifest import Manifest
+from finegrain.engine.device import resolve_amp
 from finegrain.errors import FinegrainError
+from finegrain.eval.features import extract_features
+from finegrain.eval.knn import knn_scores, topk_accuracy
+from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.fsutil import atomic_path, atomic_write_text
-from finegrain.stages.common import (build_backbone, class_codes, eval_dataset, load_checked_manifest, split_rows,
-                                     wandb_parent)
+from finegrain.models.backbone import build_backbone, create_backbone, data_config
+from finegrain.stages.skeleton import stage_run
 
 log = logging.getLogger("finegrain")
 
@@ -44,8 +46,6 @@ class Subject:
     """What is evaluated: a backbone in eval mode, its preprocessing and an identity for the feature cache."""
 
     def __init__(self, cfg: EvaluateConfig):
-        from finegrain.models.backbone import create_backbone, data_config
-
         self.artifact: Artifact | None = None
         if cfg.from_artifact:
             self.artifact = load_artifact(cfg.from_artifact)
@@ -58,7 +58,7 @@ class Subject:
             self.mean, self.std = info["mean"], info["std"]
             self.source = f"{info['stage']} artifact {self.artifact.path}"
         else:
-            self.model, weights = build_backbone(cfg)
+            self.model, weights = build_backbone(cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained)
             dc = data_config(self.model)
             self.name = cfg.backbone
             self.image_size = cfg.image_size or 224
@@ -90,8 +90,6 @@ class FeatureStore:
         """(N, D) float32 features of `rows`, in row order."""
         from safetensors.torch import load_file, save_file
 
-        from finegrain.eval.features import extract_features
-
         path = self.folder / f"{what}-{self.key(rows)}.safetensors"
         if path.is_file():
             log.info("features: %s from cache (%s)", what, path.name)
@@ -114,102 +112,78 @@ class FeatureStore:
 
 def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     """Evaluate as `cfg` says; write OUT/report/ and the evaluation artifact; return it."""
-    from finegrain.eval.knn import knn_scores, topk_accuracy
-    from finegrain.eval.retrieval import retrieval_metrics
-    from finegrain.tracking import Tracker
+    with stage_run("evaluate", cfg, allow_unseen_classes=True) as run:
+        subject = Subject(cfg)
+        store = FeatureStore(cfg, subject, run.device, run.out / "features")
+        metrics: dict = {k: None for k in METRIC_KEYS}
+        context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
+                   "manifest_hash": run.manifest.content_hash, "image_size": subject.image_size,
+                   "bbox_crop": cfg.bbox_crop, "retrieval_split": cfg.retrieval_split}
+        timings: dict = {}
+        probe, report_data = _classify(cfg, run.manifest, store, metrics, context, timings)
+        retrieval_rows = run.manifest.rows(cfg.retrieval_split)
+        if len(retrieval_rows) >= 2:
+            fr = store.features(retrieval_rows, cfg.retrieval_split)
+            start = time.perf_counter()
+            found = retrieval_metrics(fr, retrieval_rows.class_codes(retrieval_rows.class_names))
+            context["retrieval_queries"] = int(found.pop("retrieval_queries"))  # a count, not a metric
+            metrics.update(found)
+            timings["retrieval_s"] = time.perf_counter() - start
+        else:
+            log.warning("fewer than 2 labelled %s images: retrieval metrics skipped", cfg.retrieval_split)
+        timings["extraction_s"] = store.seconds
+        context.update({f"time_{k}": round(v, 2) for k, v in timings.items()})
 
-    if not cfg.out:
-        raise FinegrainError("--out is required: the folder the evaluation is written to")
-    if cfg.knn_k < 1 or cfg.knn_t <= 0:
-        raise FinegrainError("--knn-k must be at least 1 and --knn-t positive")
-    if cfg.retrieval_split not in SPLITS:
-        raise FinegrainError(f"--retrieval-split must be one of {', '.join(SPLITS)}, got {cfg.retrieval_split!r}")
-    out = Path(cfg.out)
-    previous = out / ARTIFACT_FILE
-    if previous.is_file() and json.loads(previous.read_text()).get("stage") != "evaluate":
-        raise FinegrainError(f"{out} holds a {json.loads(previous.read_text()).get('stage')} artifact; choose another --out")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    manifest = load_checked_manifest(cfg, allow_unseen_classes=True)
-    subject = Subject(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(cfg, subject, device, out / "features")
-
-    train = split_rows(manifest, "train")
-    classes = sorted(set(train.table["label"].astype(str)))
-    query_split = "test" if (manifest.table["split"] == "test").any() else "val"
-    all_queries = split_rows(manifest, query_split)
-    metrics: dict = {k: None for k in METRIC_KEYS}
-    timings: dict = {}
-    context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
-               "manifest_hash": manifest.content_hash, "image_size": subject.image_size, "bbox_crop": cfg.bbox_crop,
-               "query_split": query_split, "retrieval_split": cfg.retrieval_split}
-    report_data: dict = {}
-    probe = None
-    if len(classes) >= 2 and len(all_queries):
-        queries = split_rows(manifest, query_split, classes)
-        if len(queries) < len(all_queries):
-            log.warning("%d %s images of classes without train images are left out of kNN and the linear probe",
-                        len(all_queries) - len(queries), query_split)
-        ftr, ytr = store.features(train, "train"), class_codes(train, classes)
-        fq, yq = store.features(queries, query_split), class_codes(queries, classes)
-        start = time.perf_counter()
-        knn = knn_scores(ftr, ytr, fq, num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t)
-        acc = topk_accuracy(knn, yq)
-        timings["knn_s"] = time.perf_counter() - start
-        metrics.update(knn_top1=acc[1], knn_top5=acc[5])
-        predictions = knn.argmax(1)
-        context.update(knn_k=cfg.knn_k, knn_t=cfg.knn_t, train_images=len(train), query_images=len(queries),
-                       classes=len(classes))
-        if cfg.linear:
-            probe, selected_on, lin_pred, lin_acc, seconds = _linear_probe(store, manifest, classes, ftr, ytr, fq, yq,
-                                                                           query_split, cfg)
-            timings["linear_s"] = seconds
-            metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
-            predictions = lin_pred
-            context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
-        report_data.update(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes,
-                           predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy())
-    else:
-        log.warning("no labelled train images of 2+ classes, or no labelled %s images: kNN and linear probe skipped", query_split)
-
-    retrieval_rows = split_rows(manifest, cfg.retrieval_split)
-    if len(retrieval_rows) >= 2:
-        fr = store.features(retrieval_rows, cfg.retrieval_split)
-        start = time.perf_counter()
-        metrics.update(retrieval_metrics(fr, class_codes(retrieval_rows, retrieval_rows.class_names)))
-        timings["retrieval_s"] = time.perf_counter() - start
-    else:
-        log.warning("fewer than 2 labelled %s images: retrieval metrics skipped", cfg.retrieval_split)
-    timings["extraction_s"] = store.seconds
-    context.update({f"time_{k}": round(v, 2) for k, v in timings.items()})
-
-    tracker = Tracker(out, mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags,
-                      job_type="evaluate", config={"stage": "evaluate", **cfg.to_dict()})
-    try:
-        tables, images = _write_report(out / "report", cfg, metrics, context, report_data)
-        tracker.summary({k: v for k, v in metrics.items() if v is not None})
-        tracker.log_report(tables, {name: out / "report" / file for name, file in images.items()})
+        if subject.artifact is not None:
+            run.parent = subject.artifact.lineage()
+        run.track()
+        tables, images = _write_report(run.out / "report", cfg, metrics, context, report_data)
+        if run.tracker is not None:
+            run.tracker.log_report(tables, {name: run.out / "report" / file for name, file in images.items()})
         state = {}
         if probe is not None:
             state = {"classifier.weight": torch.from_numpy(probe.weight), "classifier.bias": torch.from_numpy(probe.bias)}
-        parent = subject.artifact.lineage() if subject.artifact is not None else None
-        artifact = write_artifact(out, stage="evaluate", config={"stage": "evaluate", **cfg.to_dict()}, state_dict=state, info={
-            "backbone": subject.name, "embedding_dim": int(subject.model.num_features), "image_size": subject.image_size,
-            "mean": list(subject.mean), "std": list(subject.std), "bbox_crop": cfg.bbox_crop, "class_names": classes or None,
-            "manifest": str(cfg.manifest), "manifest_hash": manifest.content_hash, "parent": parent,
-            "metrics": metrics, "timings": timings, "report": "report/index.html",
-            "wandb_run_id": tracker.run_id, "wandb_artifact": "evaluation",
-        })
-        tracker.log_artifact(out / "report", name="evaluation", type="evaluation", metadata=metrics,
-                             parent=wandb_parent(parent))
-    finally:
-        tracker.finish()
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
-    log.info("evaluate: %s; report %s", shown, out / "report" / "index.html")
-    return artifact
+        info = {"backbone": subject.name, "embedding_dim": int(subject.model.num_features),
+                "image_size": subject.image_size, "mean": list(subject.mean), "std": list(subject.std),
+                "bbox_crop": cfg.bbox_crop, "class_names": report_data.get("classes") or None, "timings": timings,
+                "report": "report/index.html", "wandb_artifact": "evaluation"}
+        return run.write(state, info, metrics, wandb_type="evaluation", wandb_folder=run.out / "report")
+
+
+def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metrics: dict, context: dict,
+              timings: dict):
+    """kNN (and the linear probe) of the query split against train, into `metrics`; (probe or None, report data)."""
+    train = manifest.rows("train")
+    classes = sorted(set(train.table["label"].astype(str)))
+    query_split = "test" if (manifest.table["split"] == "test").any() else "val"
+    context["query_split"] = query_split
+    all_queries = manifest.rows(query_split)
+    if len(classes) < 2 or not len(all_queries):
+        log.warning("no labelled train images of 2+ classes, or no labelled %s images: kNN and linear probe skipped",
+                    query_split)
+        return None, {}
+    queries = manifest.rows(query_split, classes)
+    if len(queries) < len(all_queries):
+        log.warning("%d %s images of classes without train images are left out of kNN and the linear probe",
+                    len(all_queries) - len(queries), query_split)
+    ftr, ytr = store.features(train, "train"), train.class_codes(classes)
+    fq, yq = store.features(queries, query_split), queries.class_codes(classes)
+    start = time.perf_counter()
+    knn = knn_scores(ftr, ytr, fq, num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t)
+    acc = topk_accuracy(knn, yq)
+    timings["knn_s"] = time.perf_counter() - start
+    metrics.update(knn_top1=acc[1], knn_top5=acc[5])
+    predictions, probe = knn.argmax(1), None
+    context.update(knn_k=cfg.knn_k, knn_t=cfg.knn_t, train_images=len(train), query_images=len(queries),
+                   classes=len(classes))
+    if cfg.linear:
+        probe, selected_on, predictions, lin_acc, seconds = _linear_probe(store, manifest, classes, ftr, ytr, fq, yq,
+                                                                          query_split, cfg)
+        timings["linear_s"] = seconds
+        metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
+        context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
+    return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes,
+                       predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy())
 
 
 def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
@@ -219,9 +193,9 @@ def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
 
     val_x = val_y = None
     if query_split == "test":
-        val = split_rows(manifest, "val", classes)
+        val = manifest.rows("val", classes)
         if len(val):
-            val_x, val_y = store.features(val, "val"), class_codes(val, classes)
+            val_x, val_y = store.features(val, "val"), val.class_codes(classes)
     start = time.perf_counter()
     probe = fit_linear_probe(ftr, ytr, num_classes=len(classes), val_x=val_x, val_y=val_y, seed=cfg.seed)
     selected_on = "val" if val_x is not None else ("train hold-out" if probe.val_top1 is not None else "default C")

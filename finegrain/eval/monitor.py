@@ -1,0 +1,47 @@
+"""The kNN monitor: kNN accuracy of a training method's embedding on labelled train vs val (or test) rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from finegrain import dist
+from finegrain.data.dataset import eval_dataset
+from finegrain.data.manifest import Manifest
+from finegrain.eval.features import extract_features
+from finegrain.eval.knn import knn_scores, topk_accuracy
+
+
+def knn_monitor(cfg, manifest: Manifest, data_cfg: dict, device: torch.device,
+                amp_dtype: torch.dtype | None) -> Callable | None:
+    """A callable monitor(method, epoch) -> {"knn_top1_<split>": ..., "knn_top5_<split>": ...} (fractions).
+
+    Like solo-learn's online kNN: it only shows whether the representation improves; nothing is
+    tuned on it. cfg: a TrainConfig (knn_monitor, image_size, workers, cache options). Returns None
+    on ranks other than 0, when disabled, or when the manifest has no labelled train and val/test rows.
+    """
+    if not cfg.knn_monitor or not dist.is_main():
+        return None
+    train = manifest.rows("train")
+    query_split = "val" if (manifest.table["split"] == "val").any() else "test"
+    names = sorted(set(train.table["label"]))
+    query = manifest.rows(query_split, names)
+    if len(train) == 0 or len(query) == 0:
+        return None
+    norm = dict(image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"], class_names=names, collective=False)
+    train_ds = eval_dataset(cfg, train, **norm)
+    query_ds = eval_dataset(cfg, query, **norm)
+
+    def monitor(method, epoch):
+        was_training = method.training
+        method.eval()
+        ftr, ytr = extract_features(method.embed, train_ds, device=device, workers=cfg.workers, amp_dtype=amp_dtype,
+                                    progress="kNN monitor: train features")
+        fq, yq = extract_features(method.embed, query_ds, device=device, workers=cfg.workers, amp_dtype=amp_dtype,
+                                  progress=f"kNN monitor: {query_split} features")
+        method.train(was_training)
+        acc = topk_accuracy(knn_scores(ftr, ytr, fq, num_classes=len(names)), yq)
+        return {f"knn_top1_{query_split}": acc[1], f"knn_top5_{query_split}": acc[5]}
+
+    return monitor

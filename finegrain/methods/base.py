@@ -1,0 +1,109 @@
+"""The base of every trainable method (pretrain and supcon): a backbone, its BatchNorm optionally frozen.
+
+A method is an nn.Module the engine trains. What the engine calls:
+- `forward(views, labels) -> (loss, metrics)`: views a list of V tensors (B, 3, S, S), labels (B,)
+  int (-1 = unlabelled); loss a scalar tensor, metrics a dict of scalar tensors to log;
+- `after_step(step, total_steps)` after each optimizer step (momentum updates, queues);
+- `find_unused_parameters`: DDP must expect parameters outside the graph on some steps.
+What the stages call: `from_config(cfg, backbone, **context)`, `embed(images)`, `artifact_state()`.
+
+Frozen BatchNorm keeps the loaded running statistics and affine parameters: those layers run in
+eval mode through every `train()` call and their parameters get no gradient (on small sets of
+augmented views that is what keeps ImageNet features intact; benchmarks/README.md). Momentum copies
+made after freezing (MoCo's key encoder, BYOL's target) inherit it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("finegrain")
+
+# Attributes whose BatchNorm layers are held in eval mode when freeze_bn is on: the backbone and
+# its momentum copies. Looked up by name, so SyncBatchNorm conversion (which swaps the modules) keeps it.
+FROZEN_BN_ROOTS = ("backbone", "key_backbone", "target_backbone")
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d) inside `module`."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def embed_views(backbone: nn.Module, views) -> torch.Tensor:
+    """Pooled features of V views, one backbone pass per view: [(B, 3, S, S)] * V -> (V * B, D), view-major.
+
+    The same rows as `backbone(torch.cat(views))`, but BatchNorm (in train mode) normalises each view
+    on its own, as lightly and most SimCLR reimplementations do, and on CPU V passes of B images were
+    measured 1.2x faster than one pass of V * B (benchmarks/README.md).
+    """
+    return torch.cat([backbone(v) for v in views])
+
+
+def freeze_bn_for(freeze_bn: bool, weights_source: str) -> bool:
+    """Whether to freeze the backbone's BatchNorm: `freeze_bn`, except for random initial weights.
+
+    A randomly initialised backbone has no statistics worth keeping (and frozen identity BatchNorm
+    would leave it unnormalised), so freeze_bn is dropped there with a log line.
+    """
+    if freeze_bn and weights_source == "none":
+        log.info("BatchNorm trains normally: random initial weights have no statistics to keep (--freeze-bn ignored)")
+        return False
+    return freeze_bn
+
+
+class BackboneMethod(nn.Module):
+    """nn.Module holding `self.backbone` (timm, pooled features); subclasses add heads and a forward.
+
+    Class attributes a method sets:
+        options: the config fields (method options) its `__init__` takes; others are refused.
+        base_lr: SGD learning rate per 256 images when --lr is not given.
+
+    Args:
+        backbone: timm model giving pooled features (B, D).
+        freeze_bn: freeze the backbone's BatchNorm layers (statistics and affine parameters) as loaded.
+    """
+
+    options: tuple[str, ...] = ()
+    base_lr: float = 0.05
+    find_unused_parameters: bool = False
+
+    def __init__(self, backbone: nn.Module, *, freeze_bn: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for bn in batchnorm_layers(backbone):
+                for p in bn.parameters():
+                    p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg, backbone: nn.Module, **context) -> BackboneMethod:
+        """The method with its `options` read from `cfg`; `context` adds what the stage knows (freeze_bn, ...)."""
+        return cls(backbone, **{name: getattr(cfg, name) for name in cls.options}, **context)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D) pooled backbone features (what evaluation, predict and later stages use)."""
+        return self.backbone(images)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called by the engine after each optimizer step (momentum updates, queues); default: nothing."""
+
+    def artifact_state(self) -> dict[str, torch.Tensor]:
+        """The weights a stage artifact keeps: "backbone.*" and "head.*" (momentum copies and queues are not kept)."""
+        state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return state
+
+    def train(self, mode: bool = True):
+        """Train mode, except frozen BatchNorm layers (backbone and momentum copies), which stay in eval mode."""
+        super().train(mode)
+        if self.freeze_bn:
+            for name in FROZEN_BN_ROOTS:
+                root = getattr(self, name, None)
+                if root is not None:
+                    for bn in batchnorm_layers(root):
+                        bn.eval()
+        return self

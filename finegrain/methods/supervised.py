@@ -1,0 +1,176 @@
+"""Supervised objectives for `supcon`: a head on the backbone's pooled features plus a loss, by name.
+
+Every objective trains on the same engine, sampler and views, so `--loss` choices compare fairly.
+Adding one is a `SupervisedMethod` subclass registered in SUPCON_LOSSES (here or in its own file in
+this package) that builds its head and says its loss; its options are config fields.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.losses.contrastive import contrastive
+from finegrain.losses.supcon import supcon
+from finegrain.losses.triplet import batch_hard_triplet
+from finegrain.methods.base import BackboneMethod, embed_views
+from finegrain.models.heads import ProjectionHead
+from finegrain.registry import SUPCON_LOSSES
+
+
+class SupervisedMethod(BackboneMethod):
+    """Backbone + objective head, trained by `finegrain.engine.loop.fit`.
+
+    forward(views, labels): views is a list of V tensors (B, 3, S, S); all V*B views are embedded
+    (one backbone pass per view) and `loss(head_out, labels)` sees (V*B, ...) outputs with labels
+    repeated V times.
+
+    Args:
+        backbone: timm model giving pooled features (B, D).
+        head: the objective's head on (B, D) features.
+        num_classes: classes in the labelled train split.
+        freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
+        head_warmup_steps: optimizer steps during which only the head trains (backbone run under
+            no_grad, so its parameters get no gradient and no weight decay).
+    """
+
+    base_lr = 0.2  # SGD, per 256 images, for the head; the backbone gets backbone_lr_scale x this
+    find_unused_parameters = True  # the backbone is outside the graph during head warm-up (DDP)
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, num_classes: int, freeze_bn: bool = True,
+                 head_warmup_steps: int = 0):
+        super().__init__(backbone, freeze_bn=freeze_bn)
+        self.head = head
+        self.num_classes = num_classes
+        self.head_warmup_steps = head_warmup_steps
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
+
+    def loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+        """The objective on the head's output for (V*B,) labels -> scalar."""
+        raise NotImplementedError
+
+    def logits(self, out) -> torch.Tensor | None:
+        """(V*B, classes) class scores in the head's output, when the objective has a classifier."""
+        return None
+
+    def forward(self, views, labels):
+        y = labels.repeat(len(views))
+        if self.training and int(self.steps_done) < self.head_warmup_steps:
+            with torch.no_grad():
+                features = embed_views(self.backbone, views)
+        else:
+            features = embed_views(self.backbone, views)
+        out = self.head(features)
+        loss = self.loss(out, y)
+        with torch.no_grad():
+            same = y[:, None] == y[None, :]
+            metrics = {"positives_per_anchor": (same.sum(1) - 1).float().mean()}
+            logits = self.logits(out)
+            if logits is not None:  # a classifier: report its train accuracy
+                metrics["accuracy"] = (logits.argmax(1) == y).float().mean()
+        return loss, metrics
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Count optimizer steps (ends the head-only warm-up)."""
+        self.steps_done.fill_(step)
+
+
+def projection(backbone: nn.Module, proj_dim: int, proj_hidden: int) -> ProjectionHead:
+    """(B, D) -> (B, proj_dim) projection MLP sized from the backbone."""
+    dim = backbone.num_features
+    return ProjectionHead(dim, proj_hidden or dim, proj_dim)
+
+
+@SUPCON_LOSSES.register("supcon")
+class SupCon(SupervisedMethod):
+    """SupCon (Khosla et al. 2020): all same-class views in the batch are positives"""
+
+    options = ("proj_dim", "proj_hidden", "temperature")
+
+    def __init__(self, backbone, *, proj_dim=128, proj_hidden=0, temperature=0.1, **common):
+        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **common)
+        self.temperature = temperature
+
+    def loss(self, z, labels):
+        return supcon(z, labels, temperature=self.temperature)
+
+
+@SUPCON_LOSSES.register("triplet")
+class Triplet(SupervisedMethod):
+    """batch-hard triplet (Hermans et al. 2017)"""
+
+    options = ("proj_dim", "proj_hidden", "margin")
+
+    def __init__(self, backbone, *, proj_dim=128, proj_hidden=0, margin=0.2, **common):
+        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **common)
+        self.margin = margin
+
+    def loss(self, z, labels):
+        return batch_hard_triplet(z, labels, margin=self.margin)
+
+
+@SUPCON_LOSSES.register("contrastive")
+class Contrastive(SupervisedMethod):
+    """pairwise margin loss (Hadsell et al. 2006): same class pulled together, others pushed past --neg-margin"""
+
+    options = ("proj_dim", "proj_hidden", "neg_margin")
+
+    def __init__(self, backbone, *, proj_dim=128, proj_hidden=0, neg_margin=0.5, **common):
+        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **common)
+        self.neg_margin = neg_margin
+
+    def loss(self, z, labels):
+        return contrastive(z, labels, pos_margin=0.0, neg_margin=self.neg_margin)
+
+
+@SUPCON_LOSSES.register("ce")
+class CrossEntropy(SupervisedMethod):
+    """cross-entropy with label smoothing on a linear classifier (baseline)"""
+
+    options = ("label_smoothing",)
+
+    def __init__(self, backbone, *, num_classes, label_smoothing=0.1, **common):
+        super().__init__(backbone, nn.Linear(backbone.num_features, num_classes), num_classes=num_classes, **common)
+        self.label_smoothing = label_smoothing
+
+    def loss(self, logits, labels):
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def logits(self, out):
+        return out
+
+
+class ProjectionAndClassifier(nn.Module):
+    """Two heads on the same pooled features: (B, D) -> ((B, proj_dim) projection, (B, classes) logits)."""
+
+    def __init__(self, projection: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.projection = projection
+        self.classifier = classifier
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.projection(features), self.classifier(features)
+
+
+@SUPCON_LOSSES.register("supcon_ce")
+class SupConCE(SupervisedMethod):
+    """SupCon on a projection head + --ce-weight x cross-entropy on a linear classifier, both on the backbone features"""
+
+    options = ("proj_dim", "proj_hidden", "temperature", "label_smoothing", "ce_weight")
+
+    def __init__(self, backbone, *, num_classes, proj_dim=128, proj_hidden=0, temperature=0.1, label_smoothing=0.1,
+                 ce_weight=1.0, **common):
+        head = ProjectionAndClassifier(projection(backbone, proj_dim, proj_hidden),
+                                       nn.Linear(backbone.num_features, num_classes))
+        super().__init__(backbone, head, num_classes=num_classes, **common)
+        self.temperature, self.label_smoothing, self.ce_weight = temperature, label_smoothing, ce_weight
+
+    def loss(self, out, labels):
+        z, logits = out
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return supcon(z, labels, temperature=self.temperature) + self.ce_weight * ce
+
+    def logits(self, out):
+        return out[1]
