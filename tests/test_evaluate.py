@@ -92,7 +92,7 @@ def test_evaluates_a_supcon_artifact_at_its_own_size_and_records_the_parent(bird
     assert not (art.path / "report" / "embedding_map.png").exists()
     with pytest.raises(FinegrainError, match="is an evaluation"):
         run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "again", from_artifact=str(art.path)))
-    with pytest.raises(FinegrainError, match="holds a supcon artifact"):
+    with pytest.raises(FinegrainError, match=r"holds a finished artifact \(supcon\)"):
         run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "sup"))
 
 
@@ -107,7 +107,12 @@ def test_unseen_test_classes_leave_knn_but_count_in_retrieval(birds, tmp_path):
     n_test = int((table["split"] == "test").sum())
     n_unseen = int(((table["split"] == "test") & (table["label"] == unseen)).sum())
     assert ctx["query_images"] == n_test - n_unseen and ctx["classes"] == len(birds.class_names) - 1
-    assert art.info["metrics"]["retrieval_queries"] == n_test
+    # A count, not a metric: in the context as a whole number, not among the headline metrics.
+    assert ctx["retrieval_queries"] == n_test and isinstance(ctx["retrieval_queries"], int)
+    assert "retrieval_queries" not in art.info["metrics"]
+    html = (art.path / "report" / "index.html").read_text()
+    headline = html[html.index('id="headline"'):html.index('id="context"')]
+    assert "retrieval_queries" not in headline
 
 
 def test_wandb_offline_run_and_report_logged(birds, tmp_path, monkeypatch):

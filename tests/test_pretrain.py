@@ -202,3 +202,16 @@ def test_default_lr_on_pretrained_weights_warns(birds, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="finegrain"):
         run_pretrain(_cfg(birds, tmp_path, "given", method="simclr", weights=str(tmp_path / "start.pth"), epochs=1))
     assert not any("base rate for training from scratch" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("method,has_bn", [("moco", False), ("simclr", True), ("byol", True), ("simsiam", True)])
+def test_projection_head_batchnorm_follows_each_paper(method, has_bn):
+    """MoCo v2's projection MLP has no BatchNorm; SimCLR's, BYOL's and SimSiam's have it."""
+    from finegrain.models.backbone import create_backbone
+
+    cfg = PretrainConfig(method=method, proj_dim=8, proj_hidden=16)
+    model = PRETRAIN_METHODS.get(method).from_config(cfg, create_backbone("test_efficientnet"))
+    bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bool(bns) == has_bn
+    if method == "moco":
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.key_head.modules())
