@@ -132,8 +132,12 @@ class Tracker:
         try:
             import wandb
 
+            from finegrain.data.manifest import sidecar_path
+
             art = wandb.Artifact(name=name, type="dataset")
             art.add_file(str(manifest_file))
+            if sidecar_path(manifest_file).is_file():  # a CSV manifest's root and hash
+                art.add_file(str(sidecar_path(manifest_file)))
             self.run.use_artifact(art)
         except Exception as e:  # noqa: BLE001
             self._warn(f"W&B dataset logging failed ({type(e).__name__}: {e})")

@@ -24,7 +24,8 @@ class SupervisedMethod(BackboneMethod):
 
     forward(views, labels): views is a list of V tensors (B, 3, S, S); all V*B views are embedded
     (one backbone pass per view) and `loss(head_out, labels)` sees (V*B, ...) outputs with labels
-    repeated V times.
+    repeated V times. An objective's own options (temperature, margin, ...) are keyword arguments
+    named in `options`, kept as attributes; their class attributes are the defaults.
 
     Args:
         backbone: timm model giving pooled features (B, D).
@@ -39,12 +40,16 @@ class SupervisedMethod(BackboneMethod):
     find_unused_parameters = True  # the backbone is outside the graph during head warm-up (DDP)
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, num_classes: int, freeze_bn: bool = True,
-                 head_warmup_steps: int = 0):
+                 head_warmup_steps: int = 0, **options):
         super().__init__(backbone, freeze_bn=freeze_bn)
         self.head = head
         self.num_classes = num_classes
         self.head_warmup_steps = head_warmup_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
+        for name, value in options.items():
+            if name not in self.options:
+                raise TypeError(f"{type(self).__name__} takes no option {name!r} (its options: {self.options})")
+            setattr(self, name, value)
 
     def loss(self, out, labels: torch.Tensor) -> torch.Tensor:
         """The objective on the head's output for (V*B,) labels -> scalar."""
@@ -83,43 +88,43 @@ def projection(backbone: nn.Module, proj_dim: int, proj_hidden: int) -> Projecti
     return ProjectionHead(dim, proj_hidden or dim, proj_dim)
 
 
+class ProjectionObjective(SupervisedMethod):
+    """An objective on a projection head: (B, D) -> (B, proj_dim)."""
+
+    options = ("proj_dim", "proj_hidden")
+
+    def __init__(self, backbone, *, proj_dim: int = 128, proj_hidden: int = 0, **rest):
+        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **rest)
+
+
 @SUPCON_LOSSES.register("supcon")
-class SupCon(SupervisedMethod):
+class SupCon(ProjectionObjective):
     """SupCon (Khosla et al. 2020): all same-class views in the batch are positives"""
 
-    options = ("proj_dim", "proj_hidden", "temperature")
-
-    def __init__(self, backbone, *, proj_dim=128, proj_hidden=0, temperature=0.1, **common):
-        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **common)
-        self.temperature = temperature
+    options = ProjectionObjective.options + ("temperature",)
+    temperature = 0.1
 
     def loss(self, z, labels):
         return supcon(z, labels, temperature=self.temperature)
 
 
 @SUPCON_LOSSES.register("triplet")
-class Triplet(SupervisedMethod):
+class Triplet(ProjectionObjective):
     """batch-hard triplet (Hermans et al. 2017)"""
 
-    options = ("proj_dim", "proj_hidden", "margin")
-
-    def __init__(self, backbone, *, proj_dim=128, proj_hidden=0, margin=0.2, **common):
-        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **common)
-        self.margin = margin
+    options = ProjectionObjective.options + ("margin",)
+    margin = 0.2
 
     def loss(self, z, labels):
         return batch_hard_triplet(z, labels, margin=self.margin)
 
 
 @SUPCON_LOSSES.register("contrastive")
-class Contrastive(SupervisedMethod):
+class Contrastive(ProjectionObjective):
     """pairwise margin loss (Hadsell et al. 2006): same class pulled together, others pushed past --neg-margin"""
 
-    options = ("proj_dim", "proj_hidden", "neg_margin")
-
-    def __init__(self, backbone, *, proj_dim=128, proj_hidden=0, neg_margin=0.5, **common):
-        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **common)
-        self.neg_margin = neg_margin
+    options = ProjectionObjective.options + ("neg_margin",)
+    neg_margin = 0.5
 
     def loss(self, z, labels):
         return contrastive(z, labels, pos_margin=0.0, neg_margin=self.neg_margin)
@@ -130,10 +135,10 @@ class CrossEntropy(SupervisedMethod):
     """cross-entropy with label smoothing on a linear classifier (baseline)"""
 
     options = ("label_smoothing",)
+    label_smoothing = 0.1
 
-    def __init__(self, backbone, *, num_classes, label_smoothing=0.1, **common):
-        super().__init__(backbone, nn.Linear(backbone.num_features, num_classes), num_classes=num_classes, **common)
-        self.label_smoothing = label_smoothing
+    def __init__(self, backbone, *, num_classes: int, **rest):
+        super().__init__(backbone, nn.Linear(backbone.num_features, num_classes), num_classes=num_classes, **rest)
 
     def loss(self, logits, labels):
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -159,13 +164,12 @@ class SupConCE(SupervisedMethod):
     """SupCon on a projection head + --ce-weight x cross-entropy on a linear classifier, both on the backbone features"""
 
     options = ("proj_dim", "proj_hidden", "temperature", "label_smoothing", "ce_weight")
+    temperature, label_smoothing, ce_weight = 0.1, 0.1, 1.0
 
-    def __init__(self, backbone, *, num_classes, proj_dim=128, proj_hidden=0, temperature=0.1, label_smoothing=0.1,
-                 ce_weight=1.0, **common):
+    def __init__(self, backbone, *, num_classes: int, proj_dim: int = 128, proj_hidden: int = 0, **rest):
         head = ProjectionAndClassifier(projection(backbone, proj_dim, proj_hidden),
                                        nn.Linear(backbone.num_features, num_classes))
-        super().__init__(backbone, head, num_classes=num_classes, **common)
-        self.temperature, self.label_smoothing, self.ce_weight = temperature, label_smoothing, ce_weight
+        super().__init__(backbone, head, num_classes=num_classes, **rest)
 
     def loss(self, out, labels):
         z, logits = out
