@@ -172,7 +172,7 @@ def extraction_rate(captured: dict, device, n: int) -> tuple[float, float]:
     return e2e, 128 / statistics.median(times[1:])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -184,78 +184,110 @@ def main() -> None:
     ap.add_argument("--no-options", action="store_true", help="skip the channels_last / bf16 / compile timings")
     ap.add_argument("--option-steps", type=int, default=5, help="timed steps per speed option")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "throughput.json")
-    args = ap.parse_args()
-    device = resolve_device(args.device)
+    return ap.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        if (CUB50 / "images.txt").is_file():
-            manifest, images_dir, data = REPO / "data_manifests" / "cub50.csv", CUB50 / "images", "cub50 (real JPEGs)"
-        else:
-            make_demo_dataset(tmp / "birds", classes=12, per_class=60, image_size=256)
-            manifest, images_dir, data = tmp / "birds" / "manifest.csv", tmp / "birds" / "images", "synthetic birds 256px"
-        common = dict(manifest=str(manifest), image_size=args.image_size, batch_size=args.batch_size, epochs=100,
-                      max_steps=args.steps + WARM, workers=args.workers, wandb="disabled", knn_monitor=False,
-                      cache_dir=str(tmp / "cache"), device=args.device, warmup_epochs=0.0, log_every=1)
-        configs = {
-            "simclr": lambda out: PretrainConfig(out=out, method="simclr", **common),
-            "moco": lambda out: PretrainConfig(out=out, method="moco", queue_size=4096, **common),
-            "supcon": lambda out: SupconConfig(out=out, head_warmup_epochs=0, classes_per_batch=args.batch_size // 4,
-                                               **common),
-        }
-        stages, captured_simclr = {}, None
-        for stage in args.stages.split(","):
-            rounds = []
-            for r in range(args.rounds):
-                captured = {}
-                e2e = run_stage(stage, configs[stage](str(tmp / f"{stage}{r}")), captured)
-                compute = compute_rate(captured, device, args.steps)
-                rounds.append({"e2e_img_per_s": round(e2e, 2), "compute_img_per_s": round(compute, 2),
-                               "ratio": round(e2e / compute, 3)})
-                print(f"{stage} round {r}: end to end {e2e:.1f} img/s, compute {compute:.1f} img/s", flush=True)
-            stages[stage] = {
-                "e2e_img_per_s": round(statistics.median(x["e2e_img_per_s"] for x in rounds), 2),
-                "compute_img_per_s": round(statistics.median(x["compute_img_per_s"] for x in rounds), 2),
-                "e2e_over_compute": round(statistics.median(x["ratio"] for x in rounds), 3),
-                "rounds": rounds,
-            }
-            if stage == "simclr":
-                captured_simclr = captured
-                ours, theirs = [], []
-                for _ in range(args.rounds):
-                    theirs.append(lightly_rate(images_dir, captured["method"], args, device))
-                    ours.append(run_stage("simclr", configs["simclr"](str(tmp / f"vs{len(ours)}")), {}))
-                    print(f"simclr vs lightly: ours {ours[-1]:.1f} img/s, lightly {theirs[-1]:.1f} img/s", flush=True)
-                stages["simclr"].update(
-                    lightly_img_per_s=round(statistics.median(theirs), 2), ours_img_per_s_same_rounds=round(statistics.median(ours), 2),
-                    vs_lightly=round(statistics.median(o / t for o, t in zip(ours, theirs)), 3))
 
-        options = {}
-        if captured_simclr is not None and not args.no_options:
-            trials = {"contiguous": {"channels_last": False}, "channels_last": {"channels_last": True},
-                      "channels_last + bf16 autocast": {"channels_last": True, "amp": torch.bfloat16},
-                      "channels_last + torch.compile": {"channels_last": True, "compile": True}}
-            for name, kw in trials.items():
-                try:
-                    t0 = time.perf_counter()
-                    rate = compute_rate(captured_simclr, device, args.option_steps, **kw)
-                    options[name] = {"img_per_s": round(rate, 2), "wall_s": round(time.perf_counter() - t0, 1)}
-                except Exception as e:  # noqa: BLE001 - an option that fails here is reported, not fatal
-                    options[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-                print(f"option {name}: {options[name]}", flush=True)
-            base = options["contiguous"].get("img_per_s")
-            for v in options.values():
-                if base and "img_per_s" in v:
-                    v["vs_contiguous"] = round(v["img_per_s"] / base, 3)
+def prepare_data(tmp: Path) -> tuple[Path, Path, str]:
+    """(manifest, images directory, description of the data): cub50 when present, else synthetic birds in `tmp`."""
+    if (CUB50 / "images.txt").is_file():
+        return REPO / "data_manifests" / "cub50.csv", CUB50 / "images", "cub50 (real JPEGs)"
+    make_demo_dataset(tmp / "birds", classes=12, per_class=60, image_size=256)
+    return tmp / "birds" / "manifest.csv", tmp / "birds" / "images", "synthetic birds 256px"
 
-        extraction = {}
-        if captured_simclr is not None:
-            e2e, compute = extraction_rate(captured_simclr, device, 512)
-            extraction = {"e2e_img_per_s": round(e2e, 1), "compute_img_per_s": round(compute, 1),
-                          "e2e_over_compute": round(e2e / compute, 3), "images": 512, "batch_size": 128}
-            print(f"extraction: end to end {e2e:.1f} img/s, in memory {compute:.1f} img/s", flush=True)
 
-    result = {
+def stage_configs(args: argparse.Namespace, manifest: Path, tmp: Path) -> dict:
+    """Per stage name, a function from a run's output directory to that stage's config."""
+    common = dict(manifest=str(manifest), image_size=args.image_size, batch_size=args.batch_size, epochs=100,
+                  max_steps=args.steps + WARM, workers=args.workers, wandb="disabled", knn_monitor=False,
+                  cache_dir=str(tmp / "cache"), device=args.device, warmup_epochs=0.0, log_every=1)
+    return {
+        "simclr": lambda out: PretrainConfig(out=out, method="simclr", **common),
+        "moco": lambda out: PretrainConfig(out=out, method="moco", queue_size=4096, **common),
+        "supcon": lambda out: SupconConfig(out=out, head_warmup_epochs=0, classes_per_batch=args.batch_size // 4,
+                                           **common),
+    }
+
+
+def measure_stage(stage: str, configs: dict, args: argparse.Namespace, device, tmp: Path) -> tuple[dict, dict]:
+    """Alternate end-to-end and compute measurements of one stage for --rounds rounds.
+
+    Returns the stage's summary (medians over rounds, then the rounds) and the last round's captured model.
+    """
+    rounds, captured = [], {}
+    for r in range(args.rounds):
+        captured = {}
+        e2e = run_stage(stage, configs[stage](str(tmp / f"{stage}{r}")), captured)
+        compute = compute_rate(captured, device, args.steps)
+        rounds.append({"e2e_img_per_s": round(e2e, 2), "compute_img_per_s": round(compute, 2),
+                       "ratio": round(e2e / compute, 3)})
+        print(f"{stage} round {r}: end to end {e2e:.1f} img/s, compute {compute:.1f} img/s", flush=True)
+    summary = {
+        "e2e_img_per_s": round(statistics.median(x["e2e_img_per_s"] for x in rounds), 2),
+        "compute_img_per_s": round(statistics.median(x["compute_img_per_s"] for x in rounds), 2),
+        "e2e_over_compute": round(statistics.median(x["ratio"] for x in rounds), 3),
+        "rounds": rounds,
+    }
+    return summary, captured
+
+
+def compare_with_lightly(captured: dict, images_dir: Path, configs: dict, args: argparse.Namespace, device,
+                         tmp: Path) -> dict:
+    """Alternate lightly's SimCLR loop and our SimCLR stage end to end for --rounds rounds; return the medians."""
+    ours, theirs = [], []
+    for _ in range(args.rounds):
+        theirs.append(lightly_rate(images_dir, captured["method"], args, device))
+        ours.append(run_stage("simclr", configs["simclr"](str(tmp / f"vs{len(ours)}")), {}))
+        print(f"simclr vs lightly: ours {ours[-1]:.1f} img/s, lightly {theirs[-1]:.1f} img/s", flush=True)
+    return dict(
+        lightly_img_per_s=round(statistics.median(theirs), 2), ours_img_per_s_same_rounds=round(statistics.median(ours), 2),
+        vs_lightly=round(statistics.median(o / t for o, t in zip(ours, theirs)), 3))
+
+
+def measure_stages(args: argparse.Namespace, configs: dict, images_dir: Path, device,
+                   tmp: Path) -> tuple[dict, dict | None]:
+    """Every stage of --stages (SimCLR also against lightly); returns the summaries and SimCLR's captured model."""
+    stages, captured_simclr = {}, None
+    for stage in args.stages.split(","):
+        stages[stage], captured = measure_stage(stage, configs, args, device, tmp)
+        if stage == "simclr":
+            captured_simclr = captured
+            stages["simclr"].update(compare_with_lightly(captured, images_dir, configs, args, device, tmp))
+    return stages, captured_simclr
+
+
+def measure_speed_options(captured_simclr: dict, device, steps: int) -> dict:
+    """In-memory SimCLR step img/s with each speed option; an option that fails is reported with its error."""
+    options = {}
+    trials = {"contiguous": {"channels_last": False}, "channels_last": {"channels_last": True},
+              "channels_last + bf16 autocast": {"channels_last": True, "amp": torch.bfloat16},
+              "channels_last + torch.compile": {"channels_last": True, "compile": True}}
+    for name, kw in trials.items():
+        try:
+            t0 = time.perf_counter()
+            rate = compute_rate(captured_simclr, device, steps, **kw)
+            options[name] = {"img_per_s": round(rate, 2), "wall_s": round(time.perf_counter() - t0, 1)}
+        except Exception as e:  # noqa: BLE001 - an option that fails here is reported, not fatal
+            options[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(f"option {name}: {options[name]}", flush=True)
+    base = options["contiguous"].get("img_per_s")
+    for v in options.values():
+        if base and "img_per_s" in v:
+            v["vs_contiguous"] = round(v["img_per_s"] / base, 3)
+    return options
+
+
+def measure_extraction(captured_simclr: dict, device) -> dict:
+    """End-to-end and in-memory feature extraction img/s on 512 images, batches of 128."""
+    e2e, compute = extraction_rate(captured_simclr, device, 512)
+    extraction = {"e2e_img_per_s": round(e2e, 1), "compute_img_per_s": round(compute, 1),
+                  "e2e_over_compute": round(e2e / compute, 3), "images": 512, "batch_size": 128}
+    print(f"extraction: end to end {e2e:.1f} img/s, in memory {compute:.1f} img/s", flush=True)
+    return extraction
+
+
+def build_result(args: argparse.Namespace, device, data: str, stages: dict, options: dict, extraction: dict) -> dict:
+    """The JSON record of the run."""
+    return {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "data": data, "backbone": "tf_efficientnet_lite0 (offline ImageNet)",
@@ -263,13 +295,36 @@ def main() -> None:
         "rounds": args.rounds, "stages": stages, "speed_options_simclr_step": options, "extraction": extraction,
         "command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_and_print(result: dict, out: Path) -> None:
+    """Write the JSON record to `out`, then print the per-stage table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'stage':8s} {'e2e img/s':>10s} {'compute':>10s} {'ratio':>7s} {'vs lightly':>11s}")
-    for name, s in stages.items():
+    for name, s in result["stages"].items():
         print(f"{name:8s} {s['e2e_img_per_s']:10.1f} {s['compute_img_per_s']:10.1f} {s['e2e_over_compute']:7.3f} "
               f"{s.get('vs_lightly', float('nan')):11.3f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        manifest, images_dir, data = prepare_data(tmp)
+        configs = stage_configs(args, manifest, tmp)
+        stages, captured_simclr = measure_stages(args, configs, images_dir, device, tmp)
+        options = {}
+        if captured_simclr is not None and not args.no_options:
+            options = measure_speed_options(captured_simclr, device, args.option_steps)
+        extraction = {}
+        if captured_simclr is not None:
+            extraction = measure_extraction(captured_simclr, device)
+
+    write_and_print(build_result(args, device, data, stages, options, extraction), args.out)
 
 
 if __name__ == "__main__":

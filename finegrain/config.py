@@ -10,6 +10,7 @@ chosen method does not read is refused, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -309,8 +310,10 @@ def config_from_dict(cls, values: dict, where: str = ""):
     unknown = sorted(set(values) - names)
     prefix = f"{where}." if where else ""
     if unknown:
-        raise FinegrainError(f"unknown option(s) {', '.join(prefix + k for k in unknown)}; "
-                             f"known: {', '.join(sorted(names))}")
+        close = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1)]
+        raise FinegrainError(f"unknown option(s) {', '.join(prefix + k for k in unknown)}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else "")
+                             + f"; known: {', '.join(sorted(names))}")
     try:
         return cls(**values)
     except ConfigError as e:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -112,8 +113,10 @@ def _check_stage_options(spec: dict, path: Path) -> None:
     known = {f.name for cls in STAGES.values() for f in dataclasses.fields(cls)}
     unknown = sorted(set(defaults) - known)
     if unknown:
-        raise FinegrainError(f"{path}: unknown option(s) under defaults: {', '.join(unknown)}; "
-                             f"no stage has them (stage options: {', '.join(sorted(known))})")
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = "; ".join(f"did you mean {c[0]}?" for c in close.values() if c)
+        raise FinegrainError(f"{path}: unknown option(s) under defaults: {', '.join(unknown)}; no stage has them"
+                             + (f" ({hints})" if hints else ""))
     for name, options in spec["stages"].items():
         if not isinstance(options, dict):
             raise FinegrainError(f"{path}: stages.{name} must be a mapping of option: value")
