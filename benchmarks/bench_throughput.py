@@ -103,8 +103,7 @@ def compute_rate(captured: dict, device, steps: int, *, channels_last=None, amp=
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if hasattr(method, "after_step"):
-            method.after_step(i + 1, steps + WARM)
+        method.after_step(i + 1, steps + WARM)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
