@@ -181,6 +181,7 @@ def _sklearn_pipeline(x: np.ndarray, y: np.ndarray, C: float):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    x = x.astype(np.float64)  # the probe normalises in float64: the same input, so lbfgs takes the same path
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000)).fit(xn, y), xn
 

@@ -16,7 +16,7 @@ from finegrain.artifacts import load_artifact
 from finegrain.cli import app
 from finegrain.config import PretrainConfig
 from finegrain.data.images import DEFAULT_MAX_PIXELS
-from finegrain.stages import common
+from finegrain.data import validate
 from finegrain.stages.pretrain import run_pretrain
 
 TRAIN = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -114,7 +114,7 @@ def test_training_stops_before_it_starts_or_skips_the_bad_files(odd_manifest, tm
 def test_a_file_that_breaks_mid_training_does_not_kill_the_epoch(birds, tmp_path, monkeypatch, caplog, policy):
     """Validation passes, then a file is truncated on disk before the epoch reads it (no image cache)."""
     victim = birds.root / birds.select("train").table["path"][3]
-    checked = common.check_manifest_or_raise
+    checked = validate.check_manifest_or_raise
 
     def check_then_break(*args, **kwargs):
         result = checked(*args, **kwargs)
@@ -122,7 +122,7 @@ def test_a_file_that_breaks_mid_training_does_not_kill_the_epoch(birds, tmp_path
         victim.write_bytes(data[: len(data) // 3])
         return result
 
-    monkeypatch.setattr(common, "check_manifest_or_raise", check_then_break)
+    monkeypatch.setattr(validate, "check_manifest_or_raise", check_then_break)
     cfg = PretrainConfig(manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / "run"), backbone="test_efficientnet",
                          weights="none", image_size=32, batch_size=8, epochs=2, workers=0, wandb="disabled",
                          cache_images=False, knn_monitor=False, on_bad_image=policy)

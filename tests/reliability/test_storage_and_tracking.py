@@ -17,7 +17,7 @@ from finegrain import artifacts
 from finegrain.artifacts import load_artifact
 from finegrain.cli import app
 from finegrain.config import PretrainConfig
-from finegrain.stages import common
+from finegrain.stages import skeleton
 from finegrain.stages.pretrain import run_pretrain
 
 # 24 train images, batches of 8: 3 steps an epoch, 6 in all; checkpoints after steps 2, 3, 4 and 6.
@@ -88,7 +88,7 @@ def test_read_only_output_folder_is_refused_before_training(birds, tmp_path, mon
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(skeleton.tempfile, "TemporaryFile", read_only)
     r = CliRunner().invoke(app, _args(birds, tmp_path))
     _no_traceback(r)
     assert r.exit_code == 2

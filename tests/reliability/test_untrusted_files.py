@@ -35,7 +35,7 @@ def _invoke(*args):
 def test_malicious_weights_option_is_refused(birds, tmp_path, stage):
     marker, payload = _payload(tmp_path)
     torch.save(payload, tmp_path / "evil.pth")
-    options = SMALL if stage == "evaluate" else TRAIN
+    options = SMALL if stage == "evaluate" else TRAIN + (["--classes-per-batch", "4"] if stage == "supcon" else [])
     r = _invoke(stage, "--manifest", birds.root / "manifest.csv", "-o", tmp_path / "out", *options,
                 "--weights", tmp_path / "evil.pth", "--cache-dir", tmp_path / "cache")
     assert r.exit_code == 2 and "refused" in r.output, r.output
@@ -67,7 +67,7 @@ def test_artifact_whose_weights_are_a_pickle_is_refused(birds, tmp_path):
             "artifact_hash": "0" * 64}
     (art / "artifact.json").write_text(json.dumps(info))
     for stage in ("supcon", "evaluate"):
-        extra = TRAIN[-5:] if stage == "supcon" else []
+        extra = [*TRAIN[-5:], "--classes-per-batch", "4"] if stage == "supcon" else []
         r = _invoke(stage, "--manifest", birds.root / "manifest.csv", "-o", tmp_path / stage, "--from", art,
                     "--workers", "0", "--wandb", "disabled", "--cache-dir", tmp_path / "cache", *extra)
         assert r.exit_code == 2 and "safetensors" in r.output, (stage, r.output)
