@@ -11,6 +11,7 @@ A stage module then holds only what differs: which rows, which method, what its 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import tempfile
@@ -126,8 +127,6 @@ def prepare_out_dir(cfg: StageConfig, stage: str, *, training: bool) -> Path:
         raise FinegrainError(f"--out is required: the folder the {stage} stage writes its artifact to")
     out = Path(cfg.out)
     if (out / ARTIFACT_FILE).is_file():
-        import json
-
         previous = json.loads((out / ARTIFACT_FILE).read_text()).get("stage")
         if training or previous != stage:
             raise FinegrainError(f"{out} already holds a finished artifact ({previous}); choose another --out or delete it")
