@@ -178,6 +178,9 @@ class SupconConfig(TrainConfig):
                                     method_option=True)
     ce_weight: float = option(1.0, "supcon_ce: weight of the cross-entropy term beside SupCon.", check=at_least(0),
                               method_option=True)
+    ce_temperature: float = option(0.05, "ce, supcon_ce: the classifier's logits are cosine similarities divided by "
+                                         "this (NormSoftmax): stable at any feature scale.", check=POSITIVE,
+                                   method_option=True)
     proj_dim: int = option(128, "Projection head output size.", check=at_least(1), method_option=True)
     proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
                               method_option=True)

@@ -417,3 +417,22 @@ def test_models_package_imports_no_other_layer():
             for name in names:
                 if name.startswith("finegrain"):
                     assert name == "finegrain.errors" or name.startswith("finegrain.models"), f"{path.name} imports {name}"
+
+
+def test_cosine_classifier_scores_are_scaled_cosines_whatever_the_feature_scale():
+    from finegrain.models.heads import CosineClassifier
+
+    torch.manual_seed(0)
+    head = CosineClassifier(16, 5, temperature=0.1)
+    x = torch.randn(8, 16)
+    expected = torch.nn.functional.cosine_similarity(x[:, None, :], head.weight[None, :, :], dim=2) / 0.1
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+    assert head(x).abs().max() <= 1 / 0.1 + 1e-4
+    # Scaling the features changes neither the scores nor the classifier's gradient.
+    for scale in (1.0, 30.0):
+        head.zero_grad()
+        torch.nn.functional.cross_entropy(head(scale * x), torch.arange(8) % 5).backward()
+        grads = head.weight.grad.clone() if scale == 1.0 else grads
+        torch.testing.assert_close(head.weight.grad, grads, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError):
+        CosineClassifier(4, 2, temperature=0)

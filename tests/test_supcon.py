@@ -202,3 +202,23 @@ def test_supcon_ce_is_supcon_plus_weighted_cross_entropy():
     expected = supcon(z, y, temperature=0.1) + 0.7 * F.cross_entropy(logits, y, label_smoothing=0.1)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
     assert 0 <= float(metrics["accuracy"]) <= 1
+
+
+@pytest.mark.parametrize("loss", ["ce", "supcon_ce"])
+def test_ce_temperature_reaches_the_classifier(loss):
+    """The classifier's logits are cosines / ce_temperature: a different temperature gives other logits."""
+    from finegrain.models.backbone import create_backbone
+
+    torch.manual_seed(0)
+    views, labels = [torch.randn(4, 3, 32, 32)], torch.tensor([0, 1, 2, 0])
+    logits = {}
+    for t in (0.05, 0.5):
+        cfg = SupconConfig(loss=loss, ce_temperature=t, batch_size=8, classes_per_batch=4)
+        torch.manual_seed(1)
+        method = SUPCON_LOSSES.get(loss).from_config(cfg, create_backbone("test_efficientnet"), num_classes=3).eval()
+        features = method.backbone(views[0])
+        out = method.head(features)
+        logits[t] = method.logits(out)
+        assert logits[t].abs().max() <= 1 / t + 1e-4
+    torch.testing.assert_close(logits[0.05] * 0.05, logits[0.5] * 0.5, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits[0.05], logits[0.5])

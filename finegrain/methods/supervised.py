@@ -15,7 +15,7 @@ from finegrain.losses.contrastive import contrastive
 from finegrain.losses.supcon import supcon
 from finegrain.losses.triplet import batch_hard_triplet
 from finegrain.methods.base import BackboneMethod, embed_views
-from finegrain.models.heads import ProjectionHead
+from finegrain.models.heads import CosineClassifier, ProjectionHead
 from finegrain.registry import SUPCON_LOSSES
 
 
@@ -55,6 +55,10 @@ class SupervisedMethod(BackboneMethod):
         """The objective on the head's output for (V*B,) labels -> scalar."""
         raise NotImplementedError
 
+    def loss_terms(self, out, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"loss": the objective, and for a sum of terms each term by name (logged beside it)}."""
+        return {"loss": self.loss(out, labels)}
+
     def logits(self, out) -> torch.Tensor | None:
         """(V*B, classes) class scores in the head's output, when the objective has a classifier."""
         return None
@@ -67,10 +71,11 @@ class SupervisedMethod(BackboneMethod):
         else:
             features = embed_views(self.backbone, views)
         out = self.head(features)
-        loss = self.loss(out, y)
+        terms = self.loss_terms(out, y)
+        loss = terms.pop("loss")
         with torch.no_grad():
             same = y[:, None] == y[None, :]
-            metrics = {"positives_per_anchor": (same.sum(1) - 1).float().mean()}
+            metrics = {"positives_per_anchor": (same.sum(1) - 1).float().mean(), **{k: v.detach() for k, v in terms.items()}}
             logits = self.logits(out)
             if logits is not None:  # a classifier: report its train accuracy
                 metrics["accuracy"] = (logits.argmax(1) == y).float().mean()
@@ -132,13 +137,14 @@ class Contrastive(ProjectionObjective):
 
 @SUPCON_LOSSES.register("ce")
 class CrossEntropy(SupervisedMethod):
-    """cross-entropy with label smoothing on a linear classifier (baseline)"""
+    """cross-entropy with label smoothing on a cosine classifier (baseline)"""
 
-    options = ("label_smoothing",)
+    options = ("label_smoothing", "ce_temperature")
     label_smoothing = 0.1
 
-    def __init__(self, backbone, *, num_classes: int, **rest):
-        super().__init__(backbone, nn.Linear(backbone.num_features, num_classes), num_classes=num_classes, **rest)
+    def __init__(self, backbone, *, num_classes: int, ce_temperature: float = 0.05, **rest):
+        head = CosineClassifier(backbone.num_features, num_classes, ce_temperature)
+        super().__init__(backbone, head, num_classes=num_classes, **rest)
 
     def loss(self, logits, labels):
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -161,20 +167,25 @@ class ProjectionAndClassifier(nn.Module):
 
 @SUPCON_LOSSES.register("supcon_ce")
 class SupConCE(SupervisedMethod):
-    """SupCon on a projection head + --ce-weight x cross-entropy on a linear classifier, both on the backbone features"""
+    """SupCon on a projection head + --ce-weight x cross-entropy on a cosine classifier, both on the backbone features"""
 
-    options = ("proj_dim", "proj_hidden", "temperature", "label_smoothing", "ce_weight")
+    options = ("proj_dim", "proj_hidden", "temperature", "label_smoothing", "ce_weight", "ce_temperature")
     temperature, label_smoothing, ce_weight = 0.1, 0.1, 1.0
 
-    def __init__(self, backbone, *, num_classes: int, proj_dim: int = 128, proj_hidden: int = 0, **rest):
+    def __init__(self, backbone, *, num_classes: int, proj_dim: int = 128, proj_hidden: int = 0,
+                 ce_temperature: float = 0.05, **rest):
         head = ProjectionAndClassifier(projection(backbone, proj_dim, proj_hidden),
-                                       nn.Linear(backbone.num_features, num_classes))
+                                       CosineClassifier(backbone.num_features, num_classes, ce_temperature))
         super().__init__(backbone, head, num_classes=num_classes, **rest)
 
     def loss(self, out, labels):
+        return self.loss_terms(out, labels)["loss"]
+
+    def loss_terms(self, out, labels):
         z, logits = out
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        return supcon(z, labels, temperature=self.temperature) + self.ce_weight * ce
+        con = supcon(z, labels, temperature=self.temperature)
+        return {"loss": con + self.ce_weight * ce, "loss_supcon": con, "loss_ce": ce}
 
     def logits(self, out):
         return out[1]

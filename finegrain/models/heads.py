@@ -3,12 +3,15 @@
 - `ProjectionHead`: SimCLR / MoCo v2 / SupCon projection g(h), where the contrastive loss is taken;
   evaluation uses the backbone features h before it.
 - `PredictionHead`: BYOL / SimSiam predictor q(z) on the online branch only.
+- `CosineClassifier`: class scores as scaled cosine similarities (NormSoftmax), for cross-entropy.
 
-Both map (B, D_in) -> (B, D_out). With `batch_norm=True` they need B >= 2 in train mode.
+Each maps (B, D_in) -> (B, D_out). With `batch_norm=True` the MLPs need B >= 2 in train mode.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -76,3 +79,31 @@ class PredictionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class CosineClassifier(nn.Module):
+    """Class scores as cosine similarities between features and class weights, divided by a temperature.
+
+    logits = normalize(x) @ normalize(W).T / temperature (NormSoftmax, Zhai & Wu 2019; CosFace without
+    the margin). Unlike a plain Linear on raw features, whose stable SGD learning rate shrinks with
+    the squared feature norm (pooled timm features have norms of 10-30), its gradients do not grow
+    with the feature scale.
+
+    Args:
+        in_dim: feature size.
+        num_classes: number of classes.
+        temperature: logits lie in [-1 / temperature, 1 / temperature].
+
+    Shapes:
+        (B, in_dim) -> (B, num_classes).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.weight = nn.Parameter(torch.randn(num_classes, in_dim) / in_dim ** 0.5)
+        self.temperature = temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T / self.temperature
