@@ -1,0 +1,91 @@
+"""Which `supcon` recipe is best at full labels on real birds: each candidate trained and evaluated the same way.
+
+Runs, through the `finegrain` command line, on ../shared/data/cub50 (50 CUB species, 1452 train /
+1500 test images) from the offline ImageNet tf_efficientnet_lite0 at 128 px:
+
+    supcon --loss L [recipe options] --epochs E   (labelled train images)   -> evaluate (test)
+
+for every recipe named with --recipes (see RECIPES), and writes benchmarks/results/supcon_recipe.json
+with kNN / linear top-1, Recall@1/2/4/8, MAP@R, the train wall time and the command of each.
+Resumable: a recipe already in the JSON (same options) is skipped, and a killed supcon resumes from
+its checkpoint; each result is written as soon as it is measured. About 12 minutes a recipe here.
+
+Usage: python benchmarks/bench_supcon_recipe.py [--recipes supcon,ce,supcon_ce] [--epochs 10]
+       [--runs-dir runs/bench_supcon_recipe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "data_manifests" / "cub50.csv"
+CUB50 = REPO.parent / "shared" / "data" / "cub50"
+KEYS = ("knn_top1", "linear_top1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
+RECIPES: dict[str, list[str]] = {
+    "supcon": ["--loss", "supcon"],
+    "ce": ["--loss", "ce"],
+    "supcon_ce": ["--loss", "supcon_ce"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default="supcon,ce,supcon_ce", help=f"comma-separated, from {', '.join(RECIPES)}")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "bench_supcon_recipe")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "supcon_recipe.json")
+    return ap.parse_args()
+
+
+def run_recipe(name: str, args: argparse.Namespace) -> dict:
+    """Train (or resume) and evaluate one recipe; its metrics, wall time and command."""
+    train = ["supcon", "--manifest", str(MANIFEST), "--image-size", str(args.image_size), "--epochs",
+             str(args.epochs), "--no-knn-monitor", "--wandb", "disabled", *RECIPES[name]]
+    out = args.runs_dir / name
+    resume = ["--resume"] if (out / "checkpoint.pt").is_file() and not (out / "artifact.json").is_file() else []
+    seconds = None
+    if not (out / "artifact.json").is_file():
+        seconds = finegrain(*train, "--out", str(out), *resume)
+    evaluation = args.runs_dir / f"{name}-eval"
+    finegrain("evaluate", "--manifest", str(MANIFEST), "--from", str(out), "--out", str(evaluation),
+              "--no-embedding-map", "--wandb", "disabled")
+    metrics = json.loads((evaluation / "report" / "metrics.json").read_text())
+    return {"options": RECIPES[name], **{k: metrics.get(k) for k in KEYS},
+            "train_seconds": round(seconds, 1) if seconds is not None else None,
+            "command": "finegrain " + " ".join(train)}
+
+
+def main() -> None:
+    args = parse_args()
+    if not (CUB50 / "images.txt").is_file():
+        sys.exit(f"needs the cub50 birds at {CUB50}")
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results.setdefault("runs", {})
+    results.update(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()}, 2-core CPU", epochs=args.epochs,
+                   image_size=args.image_size, data="cub50 train -> test, lite0 offline ImageNet")
+    for name in args.recipes.split(","):
+        done = results["runs"].get(name)
+        if done and done.get("options") == RECIPES[name]:
+            print(f"{name}: already measured", flush=True)
+            continue
+        results["runs"][name] = run_recipe(name, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'recipe':14s} " + " ".join(f"{k:>11s}" for k in KEYS) + "   train s")
+    for name, r in results["runs"].items():
+        print(f"{name:14s} " + " ".join(f"{r[k]:11.3f}" if r[k] is not None else f"{'-':>11s}" for k in KEYS)
+              + f"   {r['train_seconds']}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
