@@ -130,6 +130,8 @@ class TrainConfig(StageConfig):
     log_every: int = option(10, "Optimizer steps between logged metric lines.", check=at_least(1))
     resume: bool = option(False, "Continue the unfinished run in --out from its checkpoint.")
     knn_monitor: bool = option(True, "Report kNN accuracy on labelled val/test images after each epoch.")
+    divergence_guard: bool = option(True, "Stop a run whose loss climbs far above its start or stays stuck, or whose "
+                                          "train or kNN accuracy falls to chance; the last good checkpoint is kept.")
 
 
 @dataclass

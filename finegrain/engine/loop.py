@@ -46,6 +46,7 @@ from finegrain import dist
 from finegrain.config import TrainConfig
 from finegrain.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from finegrain.engine.device import resolve_amp
+from finegrain.engine.guard import DivergenceGuard
 from finegrain.engine.sampler import EpochSampler
 from finegrain.errors import FinegrainError
 
@@ -293,16 +294,24 @@ def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> N
         _optimizer_step(st, loss)
         logger.after_step(run, st, metrics)
         if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < st.total:
-            _checkpoint(run, st)
+            _checkpoint(run, st, logger.guard)
         if st.step >= st.total:
             break
     st.epoch += 1
     st.batch_in_epoch = 0
 
 
-def _checkpoint(run: _Run, st: LoopState) -> None:
-    """Save the training state (rank 0) after checking the losses: damaged weights are never saved."""
+def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) -> None:
+    """Save the training state (rank 0) after checking the losses: damaged weights are never saved.
+
+    While the divergence guard sees a signal over its threshold, no checkpoint is written, so the
+    last one on disk predates the trouble.
+    """
     _read_losses(run, st)
+    if guard is not None and guard.suspicious:
+        if dist.is_main():
+            log.warning("step %d: checkpoint held back while the loss looks diverged or stuck", st.step)
+        return
     if dist.is_main():
         save_checkpoint(run.out_dir, {
             "method": st.method.state_dict(), "optimizer": st.optimizer.state_dict(), "scaler": st.scaler.state_dict(),
@@ -320,8 +329,9 @@ def _checkpoint(run: _Run, st: LoopState) -> None:
 class _Logger:
     """Progress bar and tracker lines every cfg.log_every steps (and on the first and last), monitor metrics."""
 
-    def __init__(self, cfg: TrainConfig, tracker, monitor, images_per_step: int):
+    def __init__(self, cfg: TrainConfig, tracker, monitor, images_per_step: int, guard: DivergenceGuard | None):
         self.cfg, self.tracker, self.monitor_fn, self.images_per_step = cfg, tracker, monitor, images_per_step
+        self.guard = guard
         self.progress, self.task = None, None
         self.t_last, self.n_since = time.perf_counter(), 0
 
@@ -344,16 +354,38 @@ class _Logger:
                 self.tracker.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": ips, "epoch": st.epoch,
                                   **{f"train/{k}": float(v) for k, v in metrics.items()}}, step=st.step)
             self.progress.update(self.task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
+            if self.guard is not None:
+                accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
+                _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
         self.progress.update(self.task, completed=st.step)
 
-    def monitor(self, st: LoopState, epoch: int) -> dict:
-        """Run the monitor (if any) on the method; log its metrics."""
+    def monitor(self, run: _Run, st: LoopState, epoch: int) -> dict:
+        """Run the monitor (if any) on the method; log its metrics; let the guard judge its kNN top-1."""
         metrics = self.monitor_fn(st.method, epoch) if self.monitor_fn is not None else {}
         if metrics and self.tracker is not None:
             self.tracker.log({f"monitor/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=st.step)
         if metrics and dist.is_main():
             log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.guard is not None:  # every rank calls it (the monitor runs on rank 0 only)
+            top1 = next((v for k, v in metrics.items() if k.startswith("knn_top1")), None)
+            _stop_if(run, self.guard.check_monitor(epoch, st.step, top1, metrics.get("knn_chance")))
         return metrics
+
+
+def _stop_if(run: _Run, reason: str | None) -> None:
+    """Raise TrainingDiverged for the guard's reason; under DDP every rank stops when any found one.
+
+    A collective: every rank calls it at the same points (log steps, epoch ends).
+    """
+    stop = bool(reason)
+    if run.world > 1:
+        flag = torch.tensor([float(stop)], device=run.device)
+        torch.distributed.all_reduce(flag)
+        stop = bool(flag.item())
+    if stop:
+        reason = reason or "the divergence guard stopped another process"
+        raise TrainingDiverged(f"training stopped: {reason}. The last good checkpoint is kept in {run.out_dir}; "
+                               "a lower --lr (or --backbone-lr-scale) usually avoids it.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,15 +433,16 @@ def fit(
     if cfg.resume:
         _restore(st, out_dir)
 
-    logger = _Logger(cfg, tracker, monitor, cfg.batch_size * cfg.accumulate * world)
+    guard = DivergenceGuard(accuracy_chance=method.accuracy_chance) if cfg.divergence_guard else None
+    logger = _Logger(cfg, tracker, monitor, cfg.batch_size * cfg.accumulate * world, guard)
     monitor_metrics = {}
     if st.step == 0:
-        logger.monitor(st, 0)  # the starting point, to compare each epoch with
+        logger.monitor(run, st, 0)  # the starting point, to compare each epoch with
     with _progress(dist.is_main()) as progress:
         logger.attach(progress, progress.add_task("training", total=total, completed=st.step, stats=""))
         while st.step < total and st.epoch < cfg.epochs:
             _run_epoch(run, st, dataset, sampler, logger)
             _read_losses(run, st)  # no monitor on damaged weights
-            monitor_metrics = logger.monitor(st, st.epoch)
-            _checkpoint(run, st)
+            monitor_metrics = logger.monitor(run, st, st.epoch)
+            _checkpoint(run, st, guard)
     return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics)

@@ -15,7 +15,7 @@ from finegrain.eval.knn import knn_scores, topk_accuracy
 
 def knn_monitor(cfg, manifest: Manifest, data_cfg: dict, device: torch.device,
                 amp_dtype: torch.dtype | None) -> Callable | None:
-    """A callable monitor(method, epoch) -> {"knn_top1_<split>": ..., "knn_top5_<split>": ...} (fractions).
+    """A callable monitor(method, epoch) -> {"knn_top1_<split>", "knn_top5_<split>", "knn_chance"} (fractions).
 
     Like solo-learn's online kNN: it only shows whether the representation improves; nothing is
     tuned on it. cfg: a TrainConfig (knn_monitor, image_size, workers, cache options). Returns None
@@ -42,6 +42,6 @@ def knn_monitor(cfg, manifest: Manifest, data_cfg: dict, device: torch.device,
                                   progress=f"kNN monitor: {query_split} features")
         method.train(was_training)
         acc = topk_accuracy(knn_scores(ftr, ytr, fq, num_classes=len(names)), yq)
-        return {f"knn_top1_{query_split}": acc[1], f"knn_top5_{query_split}": acc[5]}
+        return {f"knn_top1_{query_split}": acc[1], f"knn_top5_{query_split}": acc[5], "knn_chance": 1 / len(names)}
 
     return monitor

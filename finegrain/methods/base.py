@@ -69,6 +69,7 @@ class BackboneMethod(nn.Module):
     options: tuple[str, ...] = ()
     base_lr: float = 0.05
     find_unused_parameters: bool = False
+    accuracy_chance: float | None = None  # chance level of the "accuracy" metric forward() reports, if any
 
     def __init__(self, backbone: nn.Module, *, freeze_bn: bool = False):
         super().__init__()

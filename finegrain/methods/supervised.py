@@ -44,6 +44,7 @@ class SupervisedMethod(BackboneMethod):
         super().__init__(backbone, freeze_bn=freeze_bn)
         self.head = head
         self.num_classes = num_classes
+        self.accuracy_chance = 1.0 / num_classes
         self.head_warmup_steps = head_warmup_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
         for name, value in options.items():
