@@ -5,7 +5,9 @@ Runs, through the `finegrain` command line, on ../shared/data/cub50 (50 CUB spec
 
     supcon --loss L [recipe options] --epochs E   (labelled train images)   -> evaluate (test)
 
-for every recipe named with --recipes (see RECIPES), and writes benchmarks/results/supcon_recipe.json
+for every recipe named with --recipes (see RECIPES); with --eval-variants also evaluates each
+trained recipe at a larger test size (FixRes: train 128, test 144) and with flip test-time
+augmentation, alone and together; and writes benchmarks/results/supcon_recipe.json
 with kNN / linear top-1, Recall@1/2/4/8, MAP@R, the train wall time and the command of each.
 Resumable: a recipe already in the JSON (same options) is skipped, and a killed supcon resumes from
 its checkpoint; each result is written as soon as it is measured. About 12 minutes a recipe here.
@@ -41,9 +43,28 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--recipes", default="supcon,ce,supcon_ce", help=f"comma-separated, from {', '.join(RECIPES)}")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--eval-variants", action="store_true", help="also evaluate at 144 px and with flip TTA")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "bench_supcon_recipe")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "supcon_recipe.json")
     return ap.parse_args()
+
+
+EVAL_VARIANTS = {"test 144 px": ["--image-size", "144"], "flip TTA": ["--flip-tta"],
+                 "test 144 px + flip TTA": ["--image-size", "144", "--flip-tta"]}
+
+
+def evaluate(trained: Path, out: Path, *options: str) -> dict:
+    """Evaluate an artifact on cub50 test; its headline metrics."""
+    finegrain("evaluate", "--manifest", str(MANIFEST), "--from", str(trained), "--out", str(out),
+              "--no-embedding-map", "--wandb", "disabled", *options)
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    return {k: metrics.get(k) for k in KEYS}
+
+
+def eval_variants(name: str, args: argparse.Namespace) -> dict:
+    """The recipe's artifact evaluated under each EVAL_VARIANTS entry."""
+    return {variant: evaluate(args.runs_dir / name, args.runs_dir / f"{name}-eval-{i}", *options)
+            for i, (variant, options) in enumerate(EVAL_VARIANTS.items())}
 
 
 def run_recipe(name: str, args: argparse.Namespace) -> dict:
@@ -55,13 +76,15 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
     seconds = None
     if not (out / "artifact.json").is_file():
         seconds = finegrain(*train, "--out", str(out), *resume)
-    evaluation = args.runs_dir / f"{name}-eval"
-    finegrain("evaluate", "--manifest", str(MANIFEST), "--from", str(out), "--out", str(evaluation),
-              "--no-embedding-map", "--wandb", "disabled")
-    metrics = json.loads((evaluation / "report" / "metrics.json").read_text())
-    return {"options": RECIPES[name], **{k: metrics.get(k) for k in KEYS},
+    metrics = evaluate(out, args.runs_dir / f"{name}-eval")
+    return {"options": RECIPES[name], **metrics,
             "train_seconds": round(seconds, 1) if seconds is not None else None,
             "command": "finegrain " + " ".join(train)}
+
+
+def _save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -76,14 +99,18 @@ def main() -> None:
         done = results["runs"].get(name)
         if done and done.get("options") == RECIPES[name]:
             print(f"{name}: already measured", flush=True)
-            continue
-        results["runs"][name] = run_recipe(name, args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'recipe':14s} " + " ".join(f"{k:>11s}" for k in KEYS) + "   train s")
+        else:
+            results["runs"][name] = run_recipe(name, args)
+            _save(results, args.out)
+        if args.eval_variants and "eval_variants" not in results["runs"][name]:
+            results["runs"][name]["eval_variants"] = eval_variants(name, args)
+            _save(results, args.out)
+    print(f"\n{'recipe':36s} " + " ".join(f"{k:>11s}" for k in KEYS) + "   train s")
     for name, r in results["runs"].items():
-        print(f"{name:14s} " + " ".join(f"{r[k]:11.3f}" if r[k] is not None else f"{'-':>11s}" for k in KEYS)
-              + f"   {r['train_seconds']}")
+        rows = [(name, r, r["train_seconds"])] + [(f"  {v}", m, "") for v, m in r.get("eval_variants", {}).items()]
+        for label, m, seconds in rows:
+            print(f"{label:36s} " + " ".join(f"{m[k]:11.3f}" if m[k] is not None else f"{'-':>11s}" for k in KEYS)
+                  + f"   {seconds}")
     print(f"wrote {args.out}")
 
 

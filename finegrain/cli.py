@@ -365,6 +365,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    flip_tta: Annotated[bool, typer.Option(help="Average each photo's features with its mirror image's.")] = False,
 ):
     """Name the species in new photos with a trained artifact's embedding and classifier.
 
@@ -375,7 +376,8 @@ def predict(
     """
     from finegrain.stages.predict import run_predict
 
-    df = run_predict(artifact, images, top_k=top_k, out_csv=out_csv, device=device, batch_size=batch_size, workers=workers)
+    df = run_predict(artifact, images, top_k=top_k, out_csv=out_csv, device=device, batch_size=batch_size, workers=workers,
+                     flip_tta=flip_tta)
     if out_csv:
         out.print(f"wrote {out_csv}: {len(df)} photos")
         return

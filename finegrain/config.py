@@ -216,6 +216,7 @@ class EvaluateConfig(StageConfig):
     image_size: int | None = option(None, "Evaluation image side (default: the artifact's training size, 224 without "
                                           "--from).", check=at_least(8))
     bbox_crop: bool = option(False, "Crop images to their bounding boxes (when the manifest has them).")
+    flip_tta: bool = option(False, "Average each image's features with its mirror image's (test-time augmentation).")
     batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
     knn_k: int = option(20, "kNN neighbours (k).", check=at_least(1))
     knn_t: float = option(0.07, "kNN temperature on cosine similarity.", check=POSITIVE)

@@ -331,3 +331,14 @@ def test_probe_rejects_bad_labels():
     with pytest.raises(ValueError):
         fit_linear_probe(x, y, num_classes=4, val_x=x)
     assert isinstance(fit_linear_probe(x, y, num_classes=4), LinearProbe)
+
+
+def test_flip_averaged_features_are_the_mean_over_the_mirror_image():
+    from finegrain.eval.features import flip_averaged
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    x = torch.randn(2, 3, 6, 6)
+    expected = 0.5 * (net(x) + net(torch.flip(x, dims=[3])))
+    torch.testing.assert_close(flip_averaged(net)(x), expected)
+    assert not torch.allclose(flip_averaged(net)(x), net(x))

@@ -8,6 +8,15 @@ import torch
 from torch.utils.data import DataLoader
 
 
+def flip_averaged(embed: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Test-time augmentation: (B, 3, S, S) -> (B, D) mean of the features of each image and its mirror image."""
+
+    def embed_both(images: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (embed(images) + embed(images.flip(-1)))
+
+    return embed_both
+
+
 @torch.no_grad()
 def extract_features(
     embed: Callable[[torch.Tensor], torch.Tensor],

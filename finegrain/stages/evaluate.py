@@ -29,7 +29,7 @@ from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import Manifest
 from finegrain.engine.device import resolve_amp
 from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features
+from finegrain.eval.features import extract_features, flip_averaged
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.fsutil import atomic_path, atomic_write_text
@@ -83,7 +83,7 @@ class FeatureStore:
 
     def key(self, rows: Manifest) -> str:
         parts = [self.subject.identity, self.subject.image_size, self.cfg.bbox_crop, self.subject.mean, self.subject.std,
-                 str(rows.root), rows.content_hash]
+                 str(rows.root), rows.content_hash] + (["flip"] if self.cfg.flip_tta else [])
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
     def features(self, rows: Manifest, what: str) -> torch.Tensor:
@@ -97,7 +97,8 @@ class FeatureStore:
         ds = eval_dataset(self.cfg, rows, image_size=self.subject.image_size, mean=self.subject.mean, std=self.subject.std,
                           class_names=rows.class_names, crop_to_bbox=self.cfg.bbox_crop, collective=False)
         start = time.perf_counter()
-        feats, _ = extract_features(self.subject.model, ds, device=self.device, batch_size=self.cfg.batch_size,
+        embed = flip_averaged(self.subject.model) if self.cfg.flip_tta else self.subject.model
+        feats, _ = extract_features(embed, ds, device=self.device, batch_size=self.cfg.batch_size,
                                     workers=self.cfg.workers, amp_dtype=resolve_amp(self.cfg.amp, self.device),
                                     progress=f"features: {what}")
         seconds = time.perf_counter() - start
@@ -118,7 +119,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
         metrics: dict = {k: None for k in METRIC_KEYS}
         context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
                    "manifest_hash": run.manifest.content_hash, "image_size": subject.image_size,
-                   "bbox_crop": cfg.bbox_crop, "retrieval_split": cfg.retrieval_split}
+                   "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta, "retrieval_split": cfg.retrieval_split}
         timings: dict = {}
         probe, report_data = _classify(cfg, run.manifest, store, metrics, context, timings)
         retrieval_rows = run.manifest.rows(cfg.retrieval_split)

@@ -37,7 +37,7 @@ def collect_images(inputs) -> list[Path]:
 
 
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
-                workers: int = 2) -> pd.DataFrame:
+                workers: int = 2, flip_tta: bool = False) -> pd.DataFrame:
     """Predict the top-k classes of each image with the artifact's backbone and linear classifier.
 
     Returns (and writes to `out_csv` when given) one row per image: path, then pred_1..pred_k and
@@ -46,7 +46,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     """
     from finegrain.data.dataset import ManifestDataset
     from finegrain.data.views import build_view, make_recipe
-    from finegrain.eval.features import extract_features
+    from finegrain.eval.features import extract_features, flip_averaged
     from finegrain.models.backbone import create_backbone
 
     artifact = load_artifact(artifact_dir)
@@ -75,7 +75,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     if len(manifest):
         recipe = make_recipe("eval", image_size=info["image_size"], mean=info["mean"], std=info["std"])
         ds = ManifestDataset(manifest, build_view(recipe), class_names=[])
-        feats, _ = extract_features(model, ds, device=dev, batch_size=batch_size, workers=workers,
+        feats, _ = extract_features(flip_averaged(model) if flip_tta else model, ds, device=dev, batch_size=batch_size, workers=workers,
                                     amp_dtype=resolve_amp("auto", dev), progress="predict")
         logits = torch.nn.functional.normalize(feats, dim=1) @ head["weight"].T.float() + head["bias"].float()
         prob, idx = logits.softmax(1).topk(top_k, dim=1)
