@@ -147,3 +147,17 @@ def test_frozen_imagenet_features_recognise_real_birds(cub50, tmp_path):
     m = art.info["metrics"]
     assert m["knn_top1"] > 0.5 and m["linear_top1"] > 0.5 and m["recall_at_1"] > 0.5, m
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_flip_tta_reaches_the_features(birds, tmp_path):
+    """--flip-tta averages each image's features with its mirror image's: other features, other cache files."""
+    from safetensors.torch import load_file
+
+    plain = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "plain", embedding_map=False, linear=False))
+    flipped = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "flip", embedding_map=False, linear=False,
+                                flip_tta=True))
+    a = sorted((plain.path / "features").glob("test-*.safetensors"))
+    b = sorted((flipped.path / "features").glob("test-*.safetensors"))
+    assert a and b and a[0].name != b[0].name
+    assert not torch.allclose(load_file(a[0])["features"], load_file(b[0])["features"])
+    assert json.loads((flipped.path / "report" / "metrics.json").read_text())["context"]["flip_tta"] is True
