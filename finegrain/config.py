@@ -198,6 +198,9 @@ class SupconConfig(TrainConfig):
                                             "(LP-FT).", check=at_least(0))
     classifier: bool = option(True, "Fit a logistic-regression classifier on the embedding after training (used by "
                                     "predict).")
+    wise_ft: float = option(1.0, "After training, the backbone becomes this mix of its fine-tuned and starting weights "
+                                 "(WiSE-FT, Wortsman et al. 2022): 1 keeps the fine-tuned weights, 0.5 is halfway.",
+                            check=between(0, 1))
 
     def check(self) -> None:
         refuse_unused_options(self, SUPCON_LOSSES.get(self.loss), f"--loss {self.loss}")

@@ -222,3 +222,19 @@ def test_ce_temperature_reaches_the_classifier(loss):
         assert logits[t].abs().max() <= 1 / t + 1e-4
     torch.testing.assert_close(logits[0.05] * 0.05, logits[0.5] * 0.5, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(logits[0.05], logits[0.5])
+
+
+def test_wise_ft_mixes_the_fine_tuned_and_starting_backbones(birds, tmp_path):
+    """--wise-ft 0.5: the artifact's backbone is halfway between the starting and the fine-tuned weights."""
+    from finegrain.models.backbone import create_backbone
+
+    torch.manual_seed(0)
+    start = create_backbone("test_efficientnet").state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    kw = dict(weights=str(tmp_path / "start.pth"), head_warmup_epochs=0, epochs=2, classifier=False, freeze_bn=False)
+    tuned = run_supcon(_cfg(birds, tmp_path, "tuned", **kw)).state_dict("backbone.")
+    mixed = run_supcon(_cfg(birds, tmp_path, "mixed", wise_ft=0.5, **kw)).state_dict("backbone.")
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(mixed[k], 0.5 * (start[k] + tuned[k]), rtol=1e-5, atol=1e-6)

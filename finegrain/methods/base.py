@@ -42,6 +42,17 @@ def embed_views(backbone: nn.Module, views) -> torch.Tensor:
     return torch.cat([backbone(v) for v in views])
 
 
+@torch.no_grad()
+def interpolate_weights(module: nn.Module, start: dict[str, torch.Tensor], alpha: float) -> None:
+    """WiSE-FT: every floating-point tensor of `module` <- (1 - alpha) x start + alpha x itself, in place.
+
+    start: `module`'s state_dict before fine-tuning (same keys). Integer buffers (BatchNorm's counter) stay.
+    """
+    for name, value in module.state_dict().items():
+        if value.is_floating_point():
+            value.copy_(torch.lerp(start[name].to(value.device, value.dtype), value, alpha))
+
+
 def freeze_bn_for(freeze_bn: bool, weights_source: str) -> bool:
     """Whether to freeze the backbone's BatchNorm: `freeze_bn`, except for random initial weights.
 

@@ -19,7 +19,7 @@ from finegrain.data.views import build_view, make_recipe
 from finegrain.errors import FinegrainError
 from finegrain.eval.features import extract_features
 from finegrain.eval.linear import fit_linear_probe
-from finegrain.methods import SupervisedMethod, freeze_bn_for
+from finegrain.methods import SupervisedMethod, freeze_bn_for, interpolate_weights
 from finegrain.models.backbone import build_backbone, create_backbone, data_config
 from finegrain.registry import SAMPLERS, SUPCON_LOSSES
 from finegrain.stages.skeleton import StageRun, lr_for, model_info, stage_run
@@ -51,6 +51,7 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
                                             seed=cfg.seed, rank=dist.rank(), world=dist.world_size())
         method.head_warmup_steps = int(round(cfg.head_warmup_epochs * (sampler.batches_per_epoch // cfg.accumulate)))
         lr = lr_for(cfg, method_cls.base_lr)
+        start = {k: v.detach().clone() for k, v in backbone.state_dict().items()} if cfg.wise_ft < 1 else None
         log.info("supcon: %s loss, %s on %d labelled images of %d classes at %dpx, batch %d (%s), lr %.3g "
                  "(backbone x%g), device %s", cfg.loss, cfg.backbone, len(train), len(class_names), cfg.image_size,
                  cfg.batch_size, cfg.sampler, lr, cfg.backbone_lr_scale, run.device)
@@ -59,6 +60,9 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
         if result is None:
             return None
         metrics = {"final_loss": result.last_loss, "steps": result.steps, **result.monitor}
+        if start is not None:
+            interpolate_weights(method.backbone, start, cfg.wise_ft)
+            log.info("supcon: backbone = %g x fine-tuned + %g x starting weights (WiSE-FT)", cfg.wise_ft, 1 - cfg.wise_ft)
         state = method.artifact_state()
         classifier_info = None
         if cfg.classifier:
