@@ -7,7 +7,8 @@ Runs, through the `finegrain` command line, on ../shared/data/cub50 (50 CUB spec
 
 for every recipe named with --recipes (see RECIPES); with --eval-variants also evaluates each
 trained recipe at a larger test size (FixRes: train 128, test 144) and with flip test-time
-augmentation, alone and together; and writes benchmarks/results/supcon_recipe.json
+augmentation, alone and together; with --wise A,B also evaluates each trained backbone mixed with
+its ImageNet start (WiSE-FT, what `supcon --wise-ft A` writes, made here from the same run); and writes benchmarks/results/supcon_recipe.json
 with kNN / linear top-1, Recall@1/2/4/8, MAP@R, the train wall time and the command of each.
 Resumable: a recipe already in the JSON (same options) is skipped, and a killed supcon resumes from
 its checkpoint; each result is written as soon as it is measured. About 12 minutes a recipe here.
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--eval-variants", action="store_true", help="also evaluate at 144 px and with flip TTA")
+    ap.add_argument("--wise", default="", help="comma-separated WiSE-FT weights of the fine-tuned backbone, e.g. 0.5,0.7")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "bench_supcon_recipe")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "supcon_recipe.json")
     return ap.parse_args()
@@ -65,6 +67,32 @@ def eval_variants(name: str, args: argparse.Namespace) -> dict:
     """The recipe's artifact evaluated under each EVAL_VARIANTS entry."""
     return {variant: evaluate(args.runs_dir / name, args.runs_dir / f"{name}-eval-{i}", *options)
             for i, (variant, options) in enumerate(EVAL_VARIANTS.items())}
+
+
+def wise_artifact(trained: Path, alpha: float, out: Path) -> Path:
+    """A copy of the trained artifact whose backbone is alpha x fine-tuned + (1 - alpha) x its ImageNet start."""
+    from finegrain.artifacts import load_artifact, write_artifact
+    from finegrain.methods import interpolate_weights
+    from finegrain.models.backbone import build_backbone, create_backbone
+
+    art = load_artifact(trained)
+    tuned = create_backbone(art.info["backbone"], weights=art.path)
+    start, _ = build_backbone(art.info["backbone"])
+    interpolate_weights(tuned, start.state_dict(), alpha)
+    state = {**art.state_dict(), **{f"backbone.{k}": v for k, v in tuned.state_dict().items()}}
+    info = {k: v for k, v in art.info.items() if k not in ("stage", "weights_sha256", "artifact_hash", "versions",
+                                                            "created", "complete")}
+    write_artifact(out, stage=art.info["stage"], config={**art.config(), "wise_ft": alpha}, state_dict=state, info=info)
+    return out
+
+
+def wise_variants(name: str, args: argparse.Namespace) -> dict:
+    """The recipe's backbone mixed with its start at each --wise weight, evaluated."""
+    found = {}
+    for alpha in [float(a) for a in args.wise.split(",") if a]:
+        mixed = wise_artifact(args.runs_dir / name, alpha, args.runs_dir / f"{name}-wise{alpha:g}")
+        found[f"WiSE-FT {alpha:g}"] = evaluate(mixed, args.runs_dir / f"{name}-wise{alpha:g}-eval")
+    return found
 
 
 def run_recipe(name: str, args: argparse.Namespace) -> dict:
@@ -104,6 +132,10 @@ def main() -> None:
             _save(results, args.out)
         if args.eval_variants and "eval_variants" not in results["runs"][name]:
             results["runs"][name]["eval_variants"] = eval_variants(name, args)
+            _save(results, args.out)
+        if args.wise and not set(f"WiSE-FT {float(a):g}" for a in args.wise.split(",")) <= set(
+                results["runs"][name].get("eval_variants", {})):
+            results["runs"][name].setdefault("eval_variants", {}).update(wise_variants(name, args))
             _save(results, args.out)
     print(f"\n{'recipe':36s} " + " ".join(f"{k:>11s}" for k in KEYS) + "   train s")
     for name, r in results["runs"].items():
