@@ -160,16 +160,17 @@ class PretrainConfig(TrainConfig):
 class SupconConfig(TrainConfig):
     """`finegrain supcon`: supervised (contrastive) fine-tuning on the labelled train images.
 
-    The defaults are a gentle fine-tuning recipe for small fine-grained sets: BatchNorm frozen,
-    the backbone at 0.1x the head's learning rate, one head-only warm-up epoch, crop + flip views
-    (colour is a species cue) and P x K class-balanced batches (16 classes x 4 images).
+    The defaults are a gentle fine-tuning recipe for small fine-grained sets: SupCon + cross-entropy,
+    BatchNorm frozen, the backbone at 0.1x the head's learning rate, one head-only warm-up epoch,
+    crop + flip views (colour is a species cue) and P x K class-balanced batches (16 classes x 4
+    images). benchmarks/README.md has the measurements behind each choice.
     """
 
     lr: float | None = option(None, "Head learning rate (default 0.2 x batch / 256); the backbone gets "
                                     "--backbone-lr-scale of it.", check=POSITIVE)
     from_artifact: str | None = option(None, "Artifact folder to start from (a pretrain or supcon run); its backbone "
                                              "name and weights are used.", flag="--from")
-    loss: str = option("supcon", "Training objective:", choices=SUPCON_LOSSES)
+    loss: str = option("supcon_ce", "Training objective:", choices=SUPCON_LOSSES)
     temperature: float = option(0.1, "SupCon temperature.", check=POSITIVE, method_option=True)
     margin: float = option(0.2, "Triplet margin (on L2-normalised embeddings).", check=at_least(0), method_option=True)
     neg_margin: float = option(0.5, "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which "
