@@ -50,7 +50,8 @@ STAGES = {"pretrain": PretrainConfig, "supcon": SupconConfig, "evaluate": Evalua
 TOP_KEYS = {"name", "runs_dir", "data", "defaults", "stages", "description"}
 # Fields that change where or how fast a stage runs, not what it computes: left out of the cache key.
 NOT_IN_KEY = {"out", "resume", "device", "workers", "cache_images", "cache_dir", "compile", "channels_last",
-              "wandb", "wandb_project", "wandb_entity", "wandb_tags", "log_every", "checkpoint_every", "from_artifact", "manifest", "root"}
+              "wandb", "wandb_project", "wandb_entity", "wandb_tags", "log_every", "checkpoint_every", "from_artifact", "manifest", "root",
+              "divergence_guard"}
 
 
 @dataclass
