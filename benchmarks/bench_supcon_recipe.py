@@ -36,6 +36,8 @@ RECIPES: dict[str, list[str]] = {
     "supcon": ["--loss", "supcon"],
     "ce": ["--loss", "ce"],
     "supcon_ce": ["--loss", "supcon_ce"],
+    "supcon_ce_lpft3": ["--loss", "supcon_ce", "--head-warmup-epochs", "3"],  # LP-FT: a longer head-only phase
+    "supcon_ce_15ep": ["--loss", "supcon_ce", "--epochs", "15"],  # schedule length
 }
 
 
