@@ -22,6 +22,11 @@ import statistics
 from collections import deque
 
 
+def _all_equal(values: list[float]) -> bool:
+    """The values agree to 1e-4 (relative to their size, absolute below 1)."""
+    return max(values) - min(values) <= 1e-4 * max(1.0, abs(values[-1]))
+
+
 class DivergenceGuard:
     """Watches logged losses, train accuracy and kNN monitor values; `check_*` return a reason to stop or None.
 
@@ -72,10 +77,8 @@ class DivergenceGuard:
     def _over_threshold(self) -> bool:
         """A signal already over its threshold but not yet for long enough to stop: the last loss far
         above the start, or the last three losses equal (the start of a stuck loss)."""
-        if len(self.losses) >= 3:
-            last = list(self.losses)[-3:]
-            if max(last) - min(last) <= 1e-4 * max(1.0, abs(last[-1])):
-                return True
+        if len(self.losses) >= 3 and _all_equal(list(self.losses)[-3:]):
+            return True
         return len(self.first_losses) >= self.window and bool(self.losses) and self._far_above(self.losses[-1])
 
     def _far_above(self, value: float) -> bool:
@@ -96,7 +99,7 @@ class DivergenceGuard:
         if len(self.losses) < self.stuck_points:
             return None
         recent = list(self.losses)[-self.stuck_points:]
-        if max(recent) - min(recent) <= 1e-4 * max(1.0, abs(recent[-1])):
+        if _all_equal(recent):
             return (f"the loss has stayed at {recent[-1]:.6g} for {self.stuck_points} logged steps: the embedding "
                     f"is constant (for SimCLR, log(2B - 1) means every image embeds to the same point)")
         return None

@@ -104,6 +104,7 @@ def stage_run(stage: str, cfg: StageConfig, *, allow_unseen_classes: bool = Fals
     """
     training = isinstance(cfg, TrainConfig)
     device = resolve_device(cfg.device)
+    run: StageRun | None = None
     try:
         if training and dist.init_from_env(device.type) and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank())
@@ -116,7 +117,7 @@ def stage_run(stage: str, cfg: StageConfig, *, allow_unseen_classes: bool = Fals
         run = StageRun(stage, cfg, device, out, manifest)
         yield run
     finally:
-        if "run" in locals() and run.tracker is not None:
+        if run is not None and run.tracker is not None:
             run.tracker.finish()
         dist.cleanup()
 
