@@ -38,6 +38,9 @@ RECIPES: dict[str, list[str]] = {
     "supcon_ce": ["--loss", "supcon_ce"],
     "supcon_ce_lpft3": ["--loss", "supcon_ce", "--head-warmup-epochs", "3"],  # LP-FT: a longer head-only phase
     "supcon_ce_15ep": ["--loss", "supcon_ce", "--epochs", "15"],  # schedule length
+    "supcon_ce_ema": ["--loss", "supcon_ce", "--ema-decay", "0.99"],  # an EMA of the weights
+    "supcon_ce_t005": ["--loss", "supcon_ce", "--temperature", "0.05"],  # SupCon temperature
+    "supcon_ce_t02": ["--loss", "supcon_ce", "--temperature", "0.2"],
 }
 
 

@@ -365,7 +365,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
-    flip_tta: Annotated[bool, typer.Option(help="Average each photo's features with its mirror image's.")] = False,
+    flip_tta: Annotated[Optional[bool], typer.Option("--flip-tta/--no-flip-tta", help="Average each photo's features with its mirror image's (default: as the classifier was fitted).")] = None,
 ):
     """Name the species in new photos with a trained artifact's embedding and classifier.
 

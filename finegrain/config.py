@@ -130,6 +130,9 @@ class TrainConfig(StageConfig):
     log_every: int = option(10, "Optimizer steps between logged metric lines.", check=at_least(1))
     resume: bool = option(False, "Continue the unfinished run in --out from its checkpoint.")
     knn_monitor: bool = option(True, "Report kNN accuracy on labelled val/test images after each epoch.")
+    ema_decay: float = option(0.0, "Keep an exponential moving average of the weights (decay per optimizer step, "
+                                   "warmed up from 0 as in timm's ModelEmaV3) and write it as the result; 0 is off.",
+                              check=Check(lambda v: 0 <= v < 1, "at least 0 and below 1"))
     divergence_guard: bool = option(True, "Stop a run whose loss climbs far above its start or stays stuck, or whose "
                                           "train or kNN accuracy falls to chance; the last good checkpoint is kept.")
 
@@ -217,10 +220,10 @@ class EvaluateConfig(StageConfig):
     out: str = option("", "Output folder for the evaluation (report/, features cache, metrics).", flag="--out")
     backbone: str = option("tf_efficientnet_lite0", "timm backbone to evaluate when no --from is given.")
     from_artifact: str | None = option(None, "Artifact folder to evaluate (a pretrain or supcon run).", flag="--from")
-    image_size: int | None = option(None, "Evaluation image side (default: the artifact's training size, 224 without "
-                                          "--from).", check=at_least(8))
+    image_size: int | None = option(None, "Evaluation image side (default: 1.125 x the artifact's training size, as "
+                                          "FixRes advises; 224 without --from).", check=at_least(8))
     bbox_crop: bool = option(False, "Crop images to their bounding boxes (when the manifest has them).")
-    flip_tta: bool = option(False, "Average each image's features with its mirror image's (test-time augmentation).")
+    flip_tta: bool = option(True, "Average each image's features with its mirror image's (test-time augmentation).")
     batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
     knn_k: int = option(20, "kNN neighbours (k).", check=at_least(1))
     knn_t: float = option(0.07, "kNN temperature on cosine similarity.", check=POSITIVE)

@@ -152,9 +152,10 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_with_accumulation_gives_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["no-ema", "ema"])
+def test_resume_with_accumulation_gives_the_same_weights(tmp_path, monkeypatch, ema_decay):
     # 5 steps of 2 micro-batches an epoch; checkpoints after steps 3, 5 (epoch end), 6; killed after step 8
-    cfg = dict(accumulate=2, checkpoint_every=3, optimizer="adamw", warmup_epochs=0.5)
+    cfg = dict(accumulate=2, checkpoint_every=3, optimizer="adamw", warmup_epochs=0.5, ema_decay=ema_decay)
     full = _Tiny(dropout=0.3)
     result = fit(full, _Images(), _cfg(**cfg), tmp_path / "full", device=torch.device("cpu"), base_lr=0.01)
     assert isinstance(result, FitResult) and result.steps == 10 and isinstance(result.last_loss, float)
@@ -173,3 +174,19 @@ def test_resume_with_accumulation_gives_the_same_weights(tmp_path, monkeypatch):
     assert again.steps == 10 and again.last_loss == result.last_loss
     for k, v in _weights(full).items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_ema_writes_the_warmed_up_average_of_the_weights(tmp_path, monkeypatch):
+    # reference: ema_1 = w_1; ema_t = d_t ema_(t-1) + (1 - d_t) w_t, d_t = min(decay, 1 - (t - 1) ** -0.75)
+    seen = []
+    monkeypatch.setattr(_Tiny, "after_step", lambda self, step, total: seen.append(_weights(self)))
+    averaged = _Tiny()
+    fit(averaged, _Images(), _cfg(epochs=3, ema_decay=0.6), tmp_path / "ema", device=torch.device("cpu"), base_lr=0.05)
+    expected = dict(seen[0])
+    for t, w in enumerate(seen[1:], start=2):
+        d = min(0.6, 1 - (t - 1) ** -0.75)
+        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
+    assert len(seen) == 30
+    for k, v in averaged.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+        assert not torch.allclose(v, seen[-1][k]), k  # the average, not the last weights

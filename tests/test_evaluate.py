@@ -81,14 +81,14 @@ def test_second_run_reuses_features_and_a_new_model_does_not(birds, tmp_path, mo
     assert sum(calls) > 0  # another image size is another feature set
 
 
-def test_evaluates_a_supcon_artifact_at_its_own_size_and_records_the_parent(birds, tmp_path):
+def test_evaluates_a_supcon_artifact_at_its_test_size_and_records_the_parent(birds, tmp_path):
     sup = run_supcon(SupconConfig(
         manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / "sup"), backbone="test_efficientnet",
         weights="none", image_size=40, batch_size=8, classes_per_batch=4, epochs=1, workers=0, wandb="disabled",
         cache_dir=str(tmp_path / "cache"), knn_monitor=False, proj_dim=16))
     art = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, from_artifact=str(sup.path), image_size=None,
                             embedding_map=False))
-    assert art.info["image_size"] == 40 and art.info["parent"]["hash"] == sup.hash
+    assert art.info["image_size"] == 45 and art.info["parent"]["hash"] == sup.hash  # FixRes: 1.125 x 40
     assert not (art.path / "report" / "embedding_map.png").exists()
     with pytest.raises(FinegrainError, match="is an evaluation"):
         run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "again", from_artifact=str(art.path)))
@@ -153,7 +153,8 @@ def test_flip_tta_reaches_the_features(birds, tmp_path):
     """--flip-tta averages each image's features with its mirror image's: other features, other cache files."""
     from safetensors.torch import load_file
 
-    plain = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "plain", embedding_map=False, linear=False))
+    plain = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "plain", embedding_map=False, linear=False,
+                              flip_tta=False))
     flipped = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "flip", embedding_map=False, linear=False,
                                 flip_tta=True))
     a = sorted((plain.path / "features").glob("test-*.safetensors"))

@@ -167,6 +167,23 @@ def test_predict_names_species_and_reports_unreadable_files(birds, tmp_path):
         run_predict(pre_like, [folder])
 
 
+def test_predict_reads_features_as_the_classifier_was_fitted(birds, tmp_path, monkeypatch):
+    """The classifier is fitted at the test size with flip averaging; predict reads photos the same way."""
+    import finegrain.data.views as views
+
+    art = run_supcon(_cfg(birds, tmp_path, epochs=1))
+    assert art.info["classifier"]["image_size"] == 36 and art.info["classifier"]["flip_tta"] is True  # 1.125 x 32
+    sizes = []
+    make_recipe = views.make_recipe
+    monkeypatch.setattr(views, "make_recipe", lambda *a, **kw: sizes.append(kw["image_size"]) or make_recipe(*a, **kw))
+    folder = birds.root / "images"
+    default = run_predict(art.path, [folder], top_k=1, workers=0)
+    flipped = run_predict(art.path, [folder], top_k=1, workers=0, flip_tta=True)
+    plain = run_predict(art.path, [folder], top_k=1, workers=0, flip_tta=False)
+    assert sizes == [36, 36, 36]
+    assert default["score_1"].equals(flipped["score_1"]) and not default["score_1"].equals(plain["score_1"])
+
+
 def test_cli_supcon_and_predict(birds, tmp_path):
     r = CliRunner().invoke(app, ["supcon", "--manifest", str(birds.root / "manifest.csv"), "-o", str(tmp_path / "s"),
                                  "--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",

@@ -97,6 +97,7 @@ class LoopState:
     last_loss: torch.Tensor | None = None  # the last optimizer step's loss, detached, on the device
     first_bad: torch.Tensor | None = None  # deferred reads: the first non-finite loss (finite: none yet)
     checked_step: int = 0  # deferred reads: the step of the last read that found every loss finite
+    ema: nn.Module | None = None  # timm ModelEmaV3 of `method` (cfg.ema_decay > 0); its `module` is the average
 
 
 def _progress(enabled: bool):
@@ -176,12 +177,29 @@ def build_optimizer(params, cfg: TrainConfig, base_lr: float, total: int, warmup
     return optimizer, scheduler
 
 
+def _make_ema(method: nn.Module, cfg: TrainConfig) -> nn.Module | None:
+    """timm's weight EMA of `method` (on its device), or None when cfg.ema_decay is 0.
+
+    The decay warms up (1 - (1 + step) ** -0.75, capped at cfg.ema_decay), so a short fine-tuning run
+    is not averaged with its starting weights.
+    """
+    if not cfg.ema_decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(method, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
+
+
 def _restore(st: LoopState, out_dir) -> None:
     """Load out_dir's checkpoint (if any) into `st`: weights, optimizer, scaler, position, RNGs."""
     ckpt = load_checkpoint(out_dir)
     if ckpt is None:
         return
     st.method.load_state_dict(ckpt["method"])
+    if st.ema is not None:
+        if "ema" not in ckpt:
+            raise FinegrainError(f"the checkpoint in {out_dir} was made without --ema-decay; resume with the same options")
+        st.ema.load_state_dict(ckpt["ema"])
     st.optimizer.load_state_dict(ckpt["optimizer"])
     st.scaler.load_state_dict(ckpt["scaler"])
     st.step, st.epoch, st.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -271,6 +289,8 @@ def _optimizer_step(st: LoopState, loss: torch.Tensor) -> None:
     st.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     st.method.after_step(st.step, st.total)
+    if st.ema is not None:
+        st.ema.update(st.method, step=st.step)
     st.last_loss = loss.detach()
 
 
@@ -317,6 +337,7 @@ def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) 
             "method": st.method.state_dict(), "optimizer": st.optimizer.state_dict(), "scaler": st.scaler.state_dict(),
             "step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "total": st.total,
             "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None),
+            **({"ema": st.ema.state_dict()} if st.ema is not None else {}),
         })
     dist.barrier()
 
@@ -429,7 +450,7 @@ def fit(
     total, warmup = _schedule_length(cfg, len(dataset), sampler, world)
     optimizer, scheduler = build_optimizer(param_groups if param_groups is not None else method, cfg, base_lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
-    st = LoopState(method, train_module, ddp, optimizer, scheduler, scaler, total)
+    st = LoopState(method, train_module, ddp, optimizer, scheduler, scaler, total, ema=_make_ema(method, cfg))
     if cfg.resume:
         _restore(st, out_dir)
 
@@ -445,4 +466,6 @@ def fit(
             _read_losses(run, st)  # no monitor on damaged weights
             monitor_metrics = logger.monitor(run, st, st.epoch)
             _checkpoint(run, st, guard)
+    if st.ema is not None:  # the average is the result; the checkpoint keeps both for a resume
+        st.method.load_state_dict(st.ema.module.state_dict())
     return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics)

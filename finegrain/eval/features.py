@@ -8,6 +8,14 @@ import torch
 from torch.utils.data import DataLoader
 
 
+TEST_SIZE_SCALE = 1.125  # FixRes (Touvron et al. 2019): random-resized-crop training makes objects look larger
+
+
+def test_size(train_size: int) -> int:
+    """The evaluation image side for a model trained at `train_size` px (128 -> 144, 224 -> 252)."""
+    return int(round(train_size * TEST_SIZE_SCALE))
+
+
 def flip_averaged(embed: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Test-time augmentation: (B, 3, S, S) -> (B, D) mean of the features of each image and its mirror image."""
 

@@ -1,7 +1,7 @@
 """`finegrain evaluate`: kNN, linear probe and retrieval metrics, per-class results, plots and a report.
 
-Evaluates an artifact (its own image size and normalisation, from artifact.json) or a bare backbone
-on a manifest. Protocol:
+Evaluates an artifact (its normalisation from artifact.json; by default at 1.125 x its training size,
+features averaged with the mirror image's) or a bare backbone on a manifest. Protocol:
 - kNN and linear probe: references are the labelled train images, queries the test split (val
   when there is no test); test images of classes never seen in training are left out of both (and
   counted). Nothing is tuned on the queries: k and T are fixed (20, 0.07 by default) and the
@@ -29,7 +29,7 @@ from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import Manifest
 from finegrain.engine.device import resolve_amp
 from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features, flip_averaged
+from finegrain.eval.features import extract_features, flip_averaged, test_size
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.fsutil import atomic_path, atomic_write_text
@@ -54,7 +54,7 @@ class Subject:
                 raise FinegrainError(f"{cfg.from_artifact} is an evaluation; pass the pretrain or supcon artifact it evaluated")
             self.model = create_backbone(info["backbone"], weights=self.artifact.path)
             self.name, self.identity = info["backbone"], self.artifact.hash
-            self.image_size = cfg.image_size or info["image_size"]
+            self.image_size = cfg.image_size or test_size(info["image_size"])
             self.mean, self.std = info["mean"], info["std"]
             self.source = f"{info['stage']} artifact {self.artifact.path}"
         else:

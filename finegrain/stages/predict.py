@@ -37,8 +37,11 @@ def collect_images(inputs) -> list[Path]:
 
 
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
-                workers: int = 2, flip_tta: bool = False) -> pd.DataFrame:
+                workers: int = 2, flip_tta: bool | None = None) -> pd.DataFrame:
     """Predict the top-k classes of each image with the artifact's backbone and linear classifier.
+
+    Features are read as the classifier was fitted on them (its image size and flip averaging, stored
+    in the artifact); `flip_tta` True/False overrides the flip averaging.
 
     Returns (and writes to `out_csv` when given) one row per image: path, then pred_1..pred_k and
     score_1..score_k (softmax probabilities in [0, 1]); images that cannot be read get an `error`
@@ -73,7 +76,10 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     model = create_backbone(info["backbone"], weights=artifact.path).eval()
     rows = [{"path": str(p), "error": errors.get(str(p), "unreadable")} for p in paths]
     if len(manifest):
-        recipe = make_recipe("eval", image_size=info["image_size"], mean=info["mean"], std=info["std"])
+        fitted = info.get("classifier") or {}
+        flip_tta = fitted.get("flip_tta", False) if flip_tta is None else flip_tta
+        recipe = make_recipe("eval", image_size=fitted.get("image_size", info["image_size"]), mean=info["mean"],
+                             std=info["std"])
         ds = ManifestDataset(manifest, build_view(recipe), class_names=[])
         feats, _ = extract_features(flip_averaged(model) if flip_tta else model, ds, device=dev, batch_size=batch_size, workers=workers,
                                     amp_dtype=resolve_amp("auto", dev), progress="predict")

@@ -17,7 +17,7 @@ from finegrain.config import SupconConfig
 from finegrain.data.dataset import TRAINING_BAD_IMAGE_POLICY, ManifestDataset, eval_dataset, image_cache
 from finegrain.data.views import build_view, make_recipe
 from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features
+from finegrain.eval.features import extract_features, flip_averaged, test_size
 from finegrain.eval.linear import fit_linear_probe
 from finegrain.methods import SupervisedMethod, freeze_bn_for, interpolate_weights
 from finegrain.models.backbone import build_backbone, create_backbone, data_config
@@ -70,7 +70,7 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
             state["classifier.weight"] = torch.from_numpy(probe.weight)
             state["classifier.bias"] = torch.from_numpy(probe.bias)
             classifier_info = {"input": "l2-normalised backbone features", "C": probe.C_reg, "val_top1": probe.val_top1,
-                               "fitted_on": "train"}
+                               "fitted_on": "train", "image_size": test_size(cfg.image_size), "flip_tta": True}
             metrics["classifier_val_top1"] = probe.val_top1
         info = {**model_info(cfg, backbone, data_cfg, weights_source), "method": cfg.loss,
                 "projection_dim": cfg.proj_dim if "proj_dim" in method.options else None, "class_names": class_names,
@@ -109,19 +109,21 @@ def _param_groups(method: SupervisedMethod, cfg: SupconConfig) -> list[dict]:
 
 
 def _fit_classifier(run: StageRun, method: SupervisedMethod, train, class_names, data_cfg):
-    """Logistic regression on the trained backbone's features of the train split (C chosen on val if any)."""
+    """Logistic regression on the trained backbone's features of the train split (C chosen on val if any).
+
+    The features are read as predict and evaluate read them: at the test size, averaged with the mirror image's.
+    """
     cfg = run.cfg
     method.eval()
-    norm = dict(image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"], class_names=class_names,
-                collective=False)
+    norm = dict(image_size=test_size(cfg.image_size), mean=data_cfg["mean"], std=data_cfg["std"],
+                class_names=class_names, collective=False)
     extract = dict(device=run.device, workers=cfg.workers, amp_dtype=run.amp_dtype)
-    x, y = extract_features(method.embed, eval_dataset(cfg, train, **norm), **extract,
-                            progress="classifier: train features")
+    embed = flip_averaged(method.embed)
+    x, y = extract_features(embed, eval_dataset(cfg, train, **norm), **extract, progress="classifier: train features")
     val = run.manifest.rows("val", class_names)
     vx = vy = None
     if len(val):
-        vx, vy = extract_features(method.embed, eval_dataset(cfg, val, **norm), **extract,
-                                  progress="classifier: val features")
+        vx, vy = extract_features(embed, eval_dataset(cfg, val, **norm), **extract, progress="classifier: val features")
     probe = fit_linear_probe(x, y, num_classes=len(class_names), val_x=vx, val_y=vy, seed=cfg.seed)
     log.info("classifier: logistic regression on %d train features, C %g%s", len(x), probe.C_reg,
              f", val top-1 {probe.val_top1:.3f}" if probe.val_top1 is not None else "")
