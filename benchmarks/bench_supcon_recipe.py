@@ -41,37 +41,58 @@ RECIPES: dict[str, list[str]] = {
     "supcon_ce_ema": ["--loss", "supcon_ce", "--ema-decay", "0.99"],  # an EMA of the weights
     "supcon_ce_t005": ["--loss", "supcon_ce", "--temperature", "0.05"],  # SupCon temperature
     "supcon_ce_t02": ["--loss", "supcon_ce", "--temperature", "0.2"],
+    "supcon_ce_seed1": ["--loss", "supcon_ce", "--seed", "1"],  # the same recipe, another seed: the noise level
 }
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="supcon,ce,supcon_ce", help=f"comma-separated, from {', '.join(RECIPES)}")
+    ap.add_argument("--recipes", default="supcon,ce,supcon_ce",
+                    help=f"comma-separated, from frozen (the ImageNet start, evaluated only), {', '.join(RECIPES)}")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--eval-variants", action="store_true", help="also evaluate at 144 px and with flip TTA")
+    ap.add_argument("--best-variant-only", action="store_true",
+                    help="of the --eval-variants, only the larger test size + flip TTA (the evaluate default)")
     ap.add_argument("--wise", default="", help="comma-separated WiSE-FT weights of the fine-tuned backbone, e.g. 0.5,0.7")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "bench_supcon_recipe")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "supcon_recipe.json")
     return ap.parse_args()
 
 
-EVAL_VARIANTS = {"test 144 px": ["--image-size", "144"], "flip TTA": ["--flip-tta"],
-                 "test 144 px + flip TTA": ["--image-size", "144", "--flip-tta"]}
+def eval_options(train_size: int) -> tuple[list[str], dict[str, list[str]]]:
+    """The plain evaluation (at the training size, no flip) and EVAL_VARIANTS (FixRes size, flip TTA, both)."""
+    size, test = str(train_size), str(round(train_size * 1.125))
+    return ["--image-size", size, "--no-flip-tta"], {
+        f"test {test} px": ["--image-size", test, "--no-flip-tta"], "flip TTA": ["--image-size", size, "--flip-tta"],
+        f"test {test} px + flip TTA": ["--image-size", test, "--flip-tta"]}
 
 
-def evaluate(trained: Path, out: Path, *options: str) -> dict:
-    """Evaluate an artifact on cub50 test; its headline metrics."""
-    finegrain("evaluate", "--manifest", str(MANIFEST), "--from", str(trained), "--out", str(out),
-              "--no-embedding-map", "--wandb", "disabled", *options)
+def evaluate(trained: Path | None, out: Path, *options: str) -> dict:
+    """Evaluate an artifact (None: the frozen ImageNet lite0) on cub50 test (options: eval_options's); its
+    headline metrics."""
+    subject = ["--from", str(trained)] if trained is not None else ["--backbone", "tf_efficientnet_lite0"]
+    if not (out / "report" / "metrics.json").is_file():
+        finegrain("evaluate", "--manifest", str(MANIFEST), *subject, "--out", str(out), "--no-embedding-map",
+                  "--wandb", "disabled", *options)
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     return {k: metrics.get(k) for k in KEYS}
 
 
 def eval_variants(name: str, args: argparse.Namespace) -> dict:
-    """The recipe's artifact evaluated under each EVAL_VARIANTS entry."""
-    return {variant: evaluate(args.runs_dir / name, args.runs_dir / f"{name}-eval-{i}", *options)
-            for i, (variant, options) in enumerate(EVAL_VARIANTS.items())}
+    """The recipe's artifact (name "frozen": the ImageNet backbone) evaluated under each EVAL_VARIANTS entry."""
+    variants = eval_options(args.image_size)[1]
+    if args.best_variant_only:
+        variants = dict(list(variants.items())[-1:])
+    trained = None if name == "frozen" else args.runs_dir / name
+    return {variant: evaluate(trained, args.runs_dir / f"{name}-eval-{i}", *options)
+            for i, (variant, options) in enumerate(variants.items())}
+
+
+def frozen(args: argparse.Namespace) -> dict:
+    """The starting point: the frozen ImageNet backbone, evaluated as the recipes are."""
+    return {"options": [], **evaluate(None, args.runs_dir / "frozen-eval", *eval_options(args.image_size)[0]),
+            "train_seconds": None, "command": "finegrain evaluate --backbone tf_efficientnet_lite0"}
 
 
 def wise_artifact(trained: Path, alpha: float, out: Path) -> Path:
@@ -96,7 +117,8 @@ def wise_variants(name: str, args: argparse.Namespace) -> dict:
     found = {}
     for alpha in [float(a) for a in args.wise.split(",") if a]:
         mixed = wise_artifact(args.runs_dir / name, alpha, args.runs_dir / f"{name}-wise{alpha:g}")
-        found[f"WiSE-FT {alpha:g}"] = evaluate(mixed, args.runs_dir / f"{name}-wise{alpha:g}-eval")
+        found[f"WiSE-FT {alpha:g}"] = evaluate(mixed, args.runs_dir / f"{name}-wise{alpha:g}-eval",
+                                               *eval_options(args.image_size)[0])
     return found
 
 
@@ -109,7 +131,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
     seconds = None
     if not (out / "artifact.json").is_file():
         seconds = finegrain(*train, "--out", str(out), *resume)
-    metrics = evaluate(out, args.runs_dir / f"{name}-eval")
+    metrics = evaluate(out, args.runs_dir / f"{name}-eval", *eval_options(args.image_size)[0])
     return {"options": RECIPES[name], **metrics,
             "train_seconds": round(seconds, 1) if seconds is not None else None,
             "command": "finegrain " + " ".join(train)}
@@ -130,10 +152,10 @@ def main() -> None:
                    image_size=args.image_size, data="cub50 train -> test, lite0 offline ImageNet")
     for name in args.recipes.split(","):
         done = results["runs"].get(name)
-        if done and done.get("options") == RECIPES[name]:
+        if done and done.get("options") == RECIPES.get(name, []):
             print(f"{name}: already measured", flush=True)
         else:
-            results["runs"][name] = run_recipe(name, args)
+            results["runs"][name] = frozen(args) if name == "frozen" else run_recipe(name, args)
             _save(results, args.out)
         if args.eval_variants and "eval_variants" not in results["runs"][name]:
             results["runs"][name]["eval_variants"] = eval_variants(name, args)
