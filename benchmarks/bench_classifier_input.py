@@ -50,6 +50,7 @@ def probe_logits(probe, x: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     from finegrain.artifacts import load_artifact
     from finegrain.data.manifest import Manifest
+    from finegrain.eval.features import test_size
     from finegrain.eval.linear import fit_linear_probe
     from finegrain.methods.supervised import projection
     from finegrain.models.backbone import create_backbone
@@ -65,7 +66,7 @@ def main() -> None:
     manifest = Manifest.load(MANIFEST)
     train, test = manifest.rows("train"), manifest.rows("test", classes)
     backbone = create_backbone(info["backbone"], weights=art.path).eval()
-    small, large = info["image_size"], int(round(info["image_size"] * 1.125))
+    small, large = info["image_size"], test_size(info["image_size"])
     x_small, y_small = features(backbone, test, classes, info, small, False)
     x_test, y_test = features(backbone, test, classes, info, large, True)
     x_train, y_train = features(backbone, train, classes, info, large, True)

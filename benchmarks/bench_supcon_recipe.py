@@ -62,7 +62,9 @@ def parse_args() -> argparse.Namespace:
 
 def eval_options(train_size: int) -> tuple[list[str], dict[str, list[str]]]:
     """The plain evaluation (at the training size, no flip) and EVAL_VARIANTS (FixRes size, flip TTA, both)."""
-    size, test = str(train_size), str(round(train_size * 1.125))
+    from finegrain.eval.features import test_size
+
+    size, test = str(train_size), str(test_size(train_size))
     return ["--image-size", size, "--no-flip-tta"], {
         f"test {test} px": ["--image-size", test, "--no-flip-tta"], "flip TTA": ["--image-size", size, "--flip-tta"],
         f"test {test} px + flip TTA": ["--image-size", test, "--flip-tta"]}
