@@ -62,6 +62,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
+UNLABELED_MODES = ("none", "pseudo")
 
 
 @dataclass
@@ -202,15 +203,49 @@ class SupconConfig(TrainConfig):
                                             "(LP-FT).", check=at_least(0))
     classifier: bool = option(True, "Fit a logistic-regression classifier on the embedding after training (used by "
                                     "predict).")
+    unlabeled: str = option("none", "What to do with the manifest's unlabeled photos: none (train on labels only) or "
+                                    "pseudo (a slowly moving average of the model labels them; those it is confident "
+                                    "about join the batch, with their pseudo-labels, in every loss term).",
+                            choices=UNLABELED_MODES)
+    unlabeled_batch_size: int = option(0, "Unlabeled photos per batch beside the labelled ones (0: as many as "
+                                          "--batch-size).", check=at_least(0))
+    pseudo_threshold: float = option(0.7, "--unlabeled pseudo: the teacher's mean class probability over a photo's "
+                                          "views must reach this for the photo to get a pseudo-label; the rest (other "
+                                          "species, unclear photos) are left out of the loss.",
+                                     check=Check(lambda v: 0 < v < 1, "above 0 and below 1"))
+    teacher_momentum: float = option(0.99, "--unlabeled pseudo: the teacher is an average of the model's weights with "
+                                           "this momentum per step (ramped up as in Mean Teacher).", check=between(0, 1))
+    teacher: str | None = option(None, "A supcon artifact whose class probabilities the model learns to match on "
+                                       "labelled and unlabeled photos (self-training by distillation, Su et al. 2021).",
+                                 flag="--teacher")
+    distill_weight: float = option(0.7, "--teacher: the classifier's loss is this x KL(teacher, student) + (1 - this) "
+                                        "x cross-entropy on the labels.", check=between(0, 1))
+    distill_temperature: float = option(1.0, "--teacher: temperature of both distributions in the KL term.",
+                                        check=POSITIVE)
     wise_ft: float = option(1.0, "After training, the backbone becomes this mix of its fine-tuned and starting weights "
                                  "(WiSE-FT, Wortsman et al. 2022): 1 keeps the fine-tuned weights, 0.5 is halfway.",
                             check=between(0, 1))
 
     def check(self) -> None:
         refuse_unused_options(self, SUPCON_LOSSES.get(self.loss), f"--loss {self.loss}")
+        self._check_unlabeled()
         if self.sampler == "pk" and self.batch_size % self.classes_per_batch:
             raise ConfigError("batch_size", f"{self.batch_size} must be a multiple of classes_per_batch "
                                             f"{self.classes_per_batch} (P x K batches)")
+
+
+    def _check_unlabeled(self) -> None:
+        """--unlabeled pseudo and --teacher need a loss with a classifier and exclude each other."""
+        key = "teacher" if self.teacher else "unlabeled" if self.unlabeled != "none" else None
+        if key is None:
+            return
+        if self.teacher and self.unlabeled != "none":
+            raise ConfigError("teacher", "--teacher already uses the unlabeled photos (with its soft labels); "
+                                         "drop --unlabeled pseudo or --teacher")
+        if not getattr(SUPCON_LOSSES.get(self.loss), "has_classifier", False):
+            with_classifier = [n for n in SUPCON_LOSSES.names() if getattr(SUPCON_LOSSES.get(n), "has_classifier", False)]
+            raise ConfigError(key, f"needs a loss with a classifier ({', '.join(with_classifier)}); --loss {self.loss} "
+                                   "has none")
 
 
 @dataclass

@@ -497,3 +497,17 @@ def test_uneven_anchor_counts_documented_caveat(two_ranks, name):
     for r, res in enumerate(two_ranks):
         assert torch.allclose(res[f"{name}_uneven_grad"], z.grad[_local(r)], atol=1e-6)
     assert two_ranks[0][f"{name}_uneven_grad"].abs().sum() > 0  # rank 0's rows are rank 1's negatives
+
+
+def test_supcon_ignores_rows_labelled_minus_one():
+    # unlabelled rows without a confident pseudo-label: the loss is that of the batch without them
+    torch.manual_seed(6)
+    z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, -1, 1, 1, -1, -1, 2])
+    kept = labels >= 0
+    loss = supcon(z, labels, 0.2)
+    loss.backward()
+    expected = _supcon_loops(z[kept].tolist(), labels[kept].tolist(), 0.2)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.all(z.grad[~kept] == 0) and torch.any(z.grad[kept] != 0)
+    assert supcon(z, torch.full((8,), -1), 0.2).item() == 0.0

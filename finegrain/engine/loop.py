@@ -260,7 +260,7 @@ def _read_losses(run: _Run, st: LoopState) -> float:
 
 def _epoch_loader(dataset, sampler, cfg: TrainConfig, device: torch.device, epoch: int) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+        dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
         generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch), worker_init_fn=_quiet_worker)
 
@@ -439,8 +439,8 @@ def fit(
         monitor: called as monitor(method, epoch) at each epoch end; returns metrics to log.
         param_groups: optional optimizer parameter groups (layer-wise rates: a group's "lr_scale"
             multiplies the scheduled rate); default: every parameter of `method` that requires grad.
-        sampler: an index sampler with `batches_per_epoch` and `set_epoch(epoch, start_batch)`
-            that yields whole batches of cfg.batch_size for this rank (default: EpochSampler).
+        sampler: an index sampler with `batch_size`, `batches_per_epoch` and `set_epoch(epoch, start_batch)`
+            that yields whole batches of its batch_size for this rank (default: EpochSampler).
     """
     rank, world = dist.rank(), dist.world_size()
     run = _Run(cfg, device, resolve_amp(cfg.amp, device), out_dir, tracker, world, _check_every_step(device))
@@ -455,7 +455,7 @@ def fit(
         _restore(st, out_dir)
 
     guard = DivergenceGuard(accuracy_chance=method.accuracy_chance) if cfg.divergence_guard else None
-    logger = _Logger(cfg, tracker, monitor, cfg.batch_size * cfg.accumulate * world, guard)
+    logger = _Logger(cfg, tracker, monitor, sampler.batch_size * cfg.accumulate * world, guard)
     monitor_metrics = {}
     if st.step == 0:
         logger.monitor(run, st, 0)  # the starting point, to compare each epoch with

@@ -124,6 +124,58 @@ class ClassBalancedSampler(_ResumableBatches):
         return iter([i for batch in batches[self.start_batch:] for i in batch])
 
 
+class WithUnlabelled(_ResumableBatches):
+    """Each batch of a labelled sampler followed by `per_batch` unlabelled indices: (B + U)-index batches.
+
+    The epoch is the labelled sampler's (its batches, its resume point). The unlabelled indices come
+    from an endless stream of shuffled passes over `unlabelled` (pass p shuffled by (seed, p)); global
+    batch j of epoch e takes the stream's U items from position (e x batches per epoch x world + j) x U,
+    so every unlabelled photo is seen about equally often, ranks never share one, and where a resumed
+    run starts changes nothing. This rank's local batch b is global batch b x world + rank.
+
+    Args:
+        labelled: a resumable sampler over the labelled indices (P x K or plain).
+        unlabelled: (N,) dataset indices of the unlabelled photos.
+        per_batch: U, unlabelled photos per batch.
+    """
+
+    def __init__(self, labelled: _ResumableBatches, unlabelled, per_batch: int, *, seed: int = 0, rank: int = 0,
+                 world: int = 1):
+        self.labelled, self.unlabelled, self.u = labelled, torch.as_tensor(unlabelled, dtype=torch.long), per_batch
+        if len(self.unlabelled) == 0 or per_batch < 1:
+            raise ValueError("WithUnlabelled needs unlabelled indices and per_batch >= 1")
+        self.batch_size, self.seed, self.rank, self.world = labelled.batch_size + per_batch, seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.labelled.batches_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
+        self.labelled.set_epoch(epoch, start_batch)
+
+    def _chunk(self, global_batch: int, passes: dict[int, torch.Tensor]) -> list[int]:
+        n = len(self.unlabelled)
+        start = (self.epoch * self.batches_per_epoch * self.world + global_batch) * self.u
+        out = []
+        for position in range(start, start + self.u):
+            p = position // n
+            if p not in passes:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + 50_021 + p)
+                passes[p] = self.unlabelled[torch.randperm(n, generator=g)]
+            out.append(int(passes[p][position % n]))
+        return out
+
+    def __iter__(self):
+        labelled, b = list(iter(self.labelled)), self.labelled.batch_size
+        passes: dict[int, torch.Tensor] = {}
+        out = []
+        for i in range(len(labelled) // b):
+            out += labelled[i * b:(i + 1) * b] + self._chunk((self.start_batch + i) * self.world + self.rank, passes)
+        return iter(out)
+
+
 @SAMPLERS.register("pk")
 def pk_batches(labels, batch_size: int, classes_per_batch: int, *, seed: int, rank: int, world: int) -> ClassBalancedSampler:
     """P classes x K images per batch: positives for every anchor.

@@ -5,6 +5,8 @@ objectives' registries (finegrain.registry), not the losses'.
 """
 
 from finegrain.losses.contrastive import contrastive
+from finegrain.losses.cross_entropy import labelled_cross_entropy
+from finegrain.losses.distillation import soft_target_kl
 from finegrain.losses.info_nce import info_nce, update_queue
 from finegrain.losses.negative_cosine import negative_cosine
 from finegrain.losses.nt_xent import nt_xent
@@ -15,8 +17,10 @@ __all__ = [
     "batch_hard_triplet",
     "contrastive",
     "info_nce",
+    "labelled_cross_entropy",
     "negative_cosine",
     "nt_xent",
+    "soft_target_kl",
     "supcon",
     "supcon_anchors_without_positive",
     "update_queue",

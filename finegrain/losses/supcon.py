@@ -18,7 +18,8 @@ def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, gather: bool = T
 
         loss_i = -(1 / |P(i)|) sum_{p in P(i)} log( exp(s_ip / T) / sum_{a != i} exp(s_ia / T) )
 
-    Anchors with no positive in the global batch (a class seen once) have no term: they are left
+    Rows labelled -1 (unlabelled photos without a confident pseudo-label) take no part: they are
+    neither anchors nor candidates. Anchors with no positive in the global batch (a class seen once) have no term: they are left
     out of the mean instead of giving 0/0 = NaN (the bug of SupContrast issues #20 and #141), but
     still serve as candidates of the other anchors. The loss is the mean of ``loss_i`` over the
     local anchors that have a positive; if none has one it is a zero that is still connected to
@@ -37,7 +38,7 @@ def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, gather: bool = T
     Args:
         z: (N, D) projections of all views of the local batch, stacked (N = V * B; any scale, any
             float dtype).
-        labels: (N,) integer class ids, the same for all views of one image.
+        labels: (N,) integer class ids, the same for all views of one image; -1 = ignore the row.
         temperature: T > 0, dividing cosine similarities in [-1, 1]; SupCon uses 0.1.
         gather: use the other ranks' rows as candidates when ``world_size() > 1``. All ranks must
             then have the same N.
@@ -49,16 +50,19 @@ def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, gather: bool = T
         raise ValueError(f"temperature must be > 0, got {temperature}")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, labels, cand, cand_labels, pos, self_mask = normalised_candidates(z, labels, gather)  # cand (M, D)
+        ignored = cand_labels < 0  # (M,)
+        pos = pos & ~ignored[None, :]
         n_pos = pos.sum(dim=1)  # (N,)
         has_pos = n_pos > 0
         if not bool(has_pos.any()):
             return cand.sum() * 0.0  # through the gathered rows, so every rank's backward matches
 
-        logits = (z @ cand.T / temperature).masked_fill(self_mask, float("-inf"))  # (N, M)
+        pos, n_pos = pos[has_pos], n_pos[has_pos]  # only anchors with a positive: (A, M)
+        logits = (z[has_pos] @ cand.T / temperature).masked_fill(self_mask[has_pos] | ignored[None, :], float("-inf"))
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        # log_prob is -inf at the anchor itself, which is never a positive: masked to 0 (grad 0)
-        pos_log_prob = log_prob.masked_fill(~pos, 0.0).sum(dim=1)  # (N,)
-        return (-pos_log_prob[has_pos] / n_pos[has_pos]).mean()
+        # log_prob is -inf at the anchor itself and at ignored rows, never positives: masked to 0 (grad 0)
+        pos_log_prob = log_prob.masked_fill(~pos, 0.0).sum(dim=1)  # (A,)
+        return (-pos_log_prob / n_pos).mean()
 
 
 def supcon_anchors_without_positive(labels: Tensor, gather: bool = True) -> int:

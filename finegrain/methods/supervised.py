@@ -8,10 +8,11 @@ this package) that builds its head and says its loss; its options are config fie
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finegrain.losses.contrastive import contrastive
+from finegrain.losses.cross_entropy import labelled_cross_entropy
+from finegrain.losses.distillation import soft_target_kl
 from finegrain.losses.supcon import supcon
 from finegrain.losses.triplet import batch_hard_triplet
 from finegrain.methods.base import BackboneMethod, embed_views
@@ -27,6 +28,11 @@ class SupervisedMethod(BackboneMethod):
     repeated V times. An objective's own options (temperature, margin, ...) are keyword arguments
     named in `options`, kept as attributes; their class attributes are the defaults.
 
+    Unlabelled photos (label -1) in the batch need a teacher (`use_teacher`, objectives with a
+    classifier only): an `EmaTeacher` names the confident ones (pseudo-labels, used like labels), an
+    `ArtifactTeacher` gives soft labels for every view, and the classifier's loss becomes
+    distill_weight x KL(teacher, model) + (1 - distill_weight) x cross-entropy on the labels.
+
     Args:
         backbone: timm model giving pooled features (B, D).
         head: the objective's head on (B, D) features.
@@ -38,6 +44,8 @@ class SupervisedMethod(BackboneMethod):
 
     base_lr = 0.2  # SGD, per 256 images, for the head; the backbone gets backbone_lr_scale x this
     find_unused_parameters = True  # the backbone is outside the graph during head warm-up (DDP)
+    has_classifier = False  # objectives with a classifier head (`classifier`) can learn from a teacher
+    distill_weight, distill_temperature = 0.7, 1.0
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, num_classes: int, freeze_bn: bool = True,
                  head_warmup_steps: int = 0, **options):
@@ -47,6 +55,7 @@ class SupervisedMethod(BackboneMethod):
         self.accuracy_chance = 1.0 / num_classes
         self.head_warmup_steps = head_warmup_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
+        self.teacher: nn.Module | None = None
         for name, value in options.items():
             if name not in self.options:
                 raise TypeError(f"{type(self).__name__} takes no option {name!r} (its options: {self.options})")
@@ -56,9 +65,27 @@ class SupervisedMethod(BackboneMethod):
         """The objective on the head's output for (V*B,) labels -> scalar."""
         raise NotImplementedError
 
-    def loss_terms(self, out, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"loss": the objective, and for a sum of terms each term by name (logged beside it)}."""
+    def loss_terms(self, out, labels: torch.Tensor, soft: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{"loss": the objective, and for a sum of terms each term by name (logged beside it)}.
+
+        soft: (V*B, C) a teacher's class scores for every view, for objectives with a classifier.
+        """
         return {"loss": self.loss(out, labels)}
+
+    def use_teacher(self, teacher: nn.Module, *, distill_weight: float = 0.7, distill_temperature: float = 1.0) -> None:
+        """Learn from `teacher` (finegrain.methods.teachers) on labelled and unlabelled photos."""
+        if not self.has_classifier:
+            raise ValueError(f"{type(self).__name__} has no classifier to learn from a teacher")
+        self.teacher = teacher
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None = None):
+        """Cross-entropy on the labelled rows of (N, C) logits; with a teacher's soft (N, C) scores, mixed with KL."""
+        ce = labelled_cross_entropy(logits, labels, self.label_smoothing)
+        if soft is None:
+            return ce
+        kl = soft_target_kl(logits, soft, self.distill_temperature)
+        return (1 - self.distill_weight) * ce + self.distill_weight * kl
 
     def logits(self, out) -> torch.Tensor | None:
         """(V*B, classes) class scores in the head's output, when the objective has a classifier."""
@@ -72,20 +99,27 @@ class SupervisedMethod(BackboneMethod):
         else:
             features = embed_views(self.backbone, views)
         out = self.head(features)
-        terms = self.loss_terms(out, y)
+        soft, extra = None, {}
+        if self.teacher is not None:
+            y, soft, extra = self.teacher.targets(views, labels)
+        terms = self.loss_terms(out, y, soft) if soft is not None else self.loss_terms(out, y)
         loss = terms.pop("loss")
         with torch.no_grad():
-            same = y[:, None] == y[None, :]
-            metrics = {"positives_per_anchor": (same.sum(1) - 1).float().mean(), **{k: v.detach() for k, v in terms.items()}}
+            named = y >= 0
+            same = (y[:, None] == y[None, :]) & named[:, None]
+            metrics = {"positives_per_anchor": (same.sum(1) - 1).float()[named].mean(), **extra,
+                       **{k: v.detach() for k, v in terms.items()}}
             logits = self.logits(out)
-            if logits is not None:  # a classifier: report its train accuracy
-                metrics["accuracy"] = (logits.argmax(1) == y).float().mean()
+            if logits is not None:  # a classifier: report its train accuracy (on named views)
+                metrics["accuracy"] = (logits.argmax(1) == y).float()[named].mean()
         return loss, metrics
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """Count optimizer steps (ends the head-only warm-up)."""
+        """Count optimizer steps (ends the head-only warm-up); move an EMA teacher."""
         self.steps_done.fill_(step)
+        if hasattr(self.teacher, "update"):
+            self.teacher.update(self.backbone, self.classifier, step)
 
 
 def projection(backbone: nn.Module, proj_dim: int, proj_hidden: int) -> ProjectionHead:
@@ -142,13 +176,21 @@ class CrossEntropy(SupervisedMethod):
 
     options = ("label_smoothing", "ce_temperature")
     label_smoothing = 0.1
+    has_classifier = True
 
     def __init__(self, backbone, *, num_classes: int, ce_temperature: float = 0.05, **rest):
         head = CosineClassifier(backbone.num_features, num_classes, ce_temperature)
         super().__init__(backbone, head, num_classes=num_classes, **rest)
 
+    @property
+    def classifier(self) -> nn.Module:
+        return self.head
+
     def loss(self, logits, labels):
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return self.classification_loss(logits, labels)
+
+    def loss_terms(self, logits, labels, soft=None):
+        return {"loss": self.classification_loss(logits, labels, soft)}
 
     def logits(self, out):
         return out
@@ -172,6 +214,7 @@ class SupConCE(SupervisedMethod):
 
     options = ("proj_dim", "proj_hidden", "temperature", "label_smoothing", "ce_weight", "ce_temperature")
     temperature, label_smoothing, ce_weight = 0.1, 0.1, 1.0
+    has_classifier = True
 
     def __init__(self, backbone, *, num_classes: int, proj_dim: int = 128, proj_hidden: int = 0,
                  ce_temperature: float = 0.05, **rest):
@@ -179,12 +222,16 @@ class SupConCE(SupervisedMethod):
                                        CosineClassifier(backbone.num_features, num_classes, ce_temperature))
         super().__init__(backbone, head, num_classes=num_classes, **rest)
 
+    @property
+    def classifier(self) -> nn.Module:
+        return self.head.classifier
+
     def loss(self, out, labels):
         return self.loss_terms(out, labels)["loss"]
 
-    def loss_terms(self, out, labels):
+    def loss_terms(self, out, labels, soft=None):
         z, logits = out
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        ce = self.classification_loss(logits, labels, soft)
         con = supcon(z, labels, temperature=self.temperature)
         return {"loss": con + self.ce_weight * ce, "loss_supcon": con, "loss_ce": ce}
 
