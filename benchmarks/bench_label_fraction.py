@@ -1,40 +1,44 @@
-"""Few labels, many photos: does pretraining on your own unlabelled birds help, and when?
+"""Few labels, many photos: which path turns the unlabelled photos into accuracy?
 
 On ../shared/data/cub50 (1452 train / 1500 test images, 50 species) at --image-size, from the offline
-ImageNet tf_efficientnet_lite0, for each label fraction F (labels kept on a stratified F of each
-class's train images with `finegrain manifest split --label-fraction F`, the rest unlabelled):
+ImageNet tf_efficientnet_lite0. For each label fraction F (labels kept on a stratified F of each
+class's train images with `finegrain manifest split --label-fraction F --seed S`, the rest unlabelled),
+each arm is trained, then evaluated with `finegrain evaluate` at its defaults (1.125 x the training
+size, flip TTA; kNN and the linear probe fit on the labelled train images):
 
-    (a) frozen      evaluate the ImageNet backbone (kNN and linear probe fit on the labelled images)
-    (b) supcon      supcon on the labelled images only                      -> evaluate
-    (c) pretrain    pretrain on every train image (labels unused) with each of --methods (one run per
-                    method, shared by all F); the method whose pretrained backbone gives the best
-                    test kNN top-1 at the first fraction is the one carried on, then supcon on the
-                    labelled images                                         -> evaluate
+    frozen              the ImageNet backbone as it is (evaluated at the same size)
+    supcon              supcon on the labelled photos only
+    pseudo              supcon --unlabeled pseudo (EMA teacher, confident pseudo-labels)
+    teacher             supcon --teacher <the supcon arm's artifact>: a student from ImageNet weights
+                        distils it on labelled + unlabelled photos (Su et al. 2021)
+    pretrain_then_X     pretrain at its defaults on every train photo (labels unused; one run shared
+                        by all cells), then X = the better of pseudo / teacher in that cell (picked on
+                        test accuracy, which flatters this arm)
 
-Every supcon run gets the same number of optimizer steps (--supcon-steps, batches of 64), whatever F:
-the budget is compute, not epochs. Test kNN / linear top-1 and R@1 go to
-benchmarks/results/label_fraction.json and a table is printed.
+Every fine-tuning arm gets the same number of optimizer steps (--steps) and the same warm-ups in
+steps (--warmup-steps for the learning rate and for the head-only phase), whatever the label
+fraction: the budget is optimizer steps, not epochs. Batches hold 64 labelled photos, plus 64
+unlabelled ones in the pseudo and teacher arms.
 
-The screen picks on test accuracy, which flatters arm (c): if (c) still does not beat (a) and (b),
-pretraining does not pay here. Pretraining keeps the ImageNet BatchNorm statistics (the default
---freeze-bn).
+Cells: each fraction with seed 0, the first fraction also with seeds 1.. (--seeds-first), and the
+"label-less species" variant: at the first fraction, --label-less species have no labelled photo at
+all (every train photo of theirs is unlabelled) and their test photos are left out of the metrics.
 
-Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--methods simclr moco byol simsiam]
-       [--pretrain-epochs 2] [--pretrain-lr LR] [--supcon-steps 40] [--image-size 128] [--reuse-pretrain]
+Resumable: each finished arm is written to --out as soon as it is done and skipped on the next run;
+finished artifacts in --runs-dir are reused, and an interrupted training resumes from its checkpoint.
+
+Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--steps 150] [--image-size 128]
+       [--seeds-first 2] [--label-less 10] [--arms frozen supcon pseudo teacher pretrain]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
 
@@ -42,140 +46,176 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
 KEYS = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
 BATCH = 64
+SEMI_ARMS = ("pseudo", "teacher")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
-    parser.add_argument("--methods", nargs="+", default=["simclr", "moco", "byol", "simsiam"])
+    parser.add_argument("--seeds-first", type=int, default=2, help="seeds at the first fraction")
+    parser.add_argument("--label-less", type=int, default=10, help="species without labels in the variant (0: none)")
+    parser.add_argument("--arms", nargs="+", default=["frozen", "supcon", "pseudo", "teacher", "pretrain"])
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every fine-tuning arm")
+    parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--pretrain-lr", default=None, help="default: each method's own base rate x batch / 256")
-    parser.add_argument("--supcon-steps", type=int, default=40, help="optimizer steps of every supcon run")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_label_fraction"))
-    parser.add_argument("--reuse-pretrain", action="store_true", help="keep finished pretrain artifacts in --runs-dir")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "label_fraction.json"))
     return parser.parse_args()
 
 
-def size_flags(args: argparse.Namespace) -> list[str]:
-    return ["--image-size", str(args.image_size)]
+class Study:
+    """The runs folder, the results file (read back on start, rewritten after every arm) and the shared flags."""
 
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.runs, self.out = args, Path(args.runs_dir), Path(args.out)
+        self.runs.mkdir(parents=True, exist_ok=True)
+        old = json.loads(self.out.read_text()) if self.out.is_file() else {}
+        same = old.get("steps") == args.steps and old.get("image_size") == args.image_size
+        self.results: dict[str, dict] = old.get("results", {}) if same else {}
+        self.pretrain: dict = old.get("pretrain", {}) if same else {}
 
-def cache_flags(runs: Path) -> list[str]:
-    return ["--cache-dir", str(runs / "cache")]
+    def cache(self) -> list[str]:
+        return ["--cache-dir", str(self.runs / "cache")]
 
+    def save(self) -> None:
+        record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
+                  "manifest": str(MANIFEST.relative_to(REPO)), "image_size": self.args.image_size,
+                  "steps": self.args.steps, "warmup_steps": self.args.warmup_steps, "batch": BATCH,
+                  "evaluated_at": "finegrain evaluate defaults (1.125 x image size, flip TTA)",
+                  "command": "python benchmarks/bench_label_fraction.py " + " ".join(sys.argv[1:]),
+                  "pretrain": self.pretrain, "results": self.results}
+        self.out.write_text(json.dumps(record, indent=2) + "\n")
 
-def prepare_runs_dir(runs: Path, reuse_pretrain: bool) -> None:
-    """Empty `runs` (keeping finished pretrain artifacts and the image cache with --reuse-pretrain) and create it."""
-    for old in runs.glob("*") if runs.is_dir() else []:  # finished pretrain artifacts are reused on request
-        if reuse_pretrain and (old.name == "cache" or (old / "artifact.json").is_file() and old.name.startswith("pretrain_")):
-            continue
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    runs.mkdir(parents=True, exist_ok=True)
-
-
-def evaluate(runs: Path, name: str, manifest: Path, *model: str) -> dict:
-    """`finegrain evaluate` of `model` on `manifest` into runs/eval_<name>: the KEYS metrics and its wall time."""
-    out = runs / f"eval_{name}"
-    seconds = finegrain("evaluate", "--manifest", str(manifest), *cache_flags(runs), "--out", str(out), *model)
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
-    return {**{k: metrics[k] for k in KEYS}, "evaluate_s": round(seconds, 1)}
-
-
-def run_pretrains(args: argparse.Namespace, runs: Path) -> dict:
-    """Pretrain with each of --methods on every train image (unless a finished artifact is there already)."""
-    pretrains = {}
-    for method in args.methods:
-        path = runs / f"pretrain_{method}"
-        lr = ["--lr", args.pretrain_lr] if args.pretrain_lr else []
-        seconds = 0.0 if (path / "artifact.json").is_file() else finegrain(
-            "pretrain", "--manifest", str(MANIFEST), *cache_flags(runs), "--out", str(path), "--method", method,
-            "--epochs", str(args.pretrain_epochs), *lr, *size_flags(args), "--batch-size", str(BATCH), "--no-knn-monitor")
-        pretrains[method] = {"train_s": round(seconds, 1),
-                             "lr": yaml.safe_load((path / "config.yaml").read_text())["resolved_lr"]}
-    return pretrains
-
-
-def split_fractions(args: argparse.Namespace, runs: Path) -> dict[str, Path]:
-    """One manifest per label fraction, keyed by its tag ("10pct")."""
-    manifests = {}
-    for fraction in args.fractions:
-        tag = f"{round(fraction * 100)}pct"
-        manifests[tag] = runs / f"cub50_{tag}.csv"
-        finegrain("manifest", "split", str(MANIFEST), "--label-fraction", str(fraction), "--seed", str(args.seed),
-                  "-o", str(manifests[tag]))
-    return manifests
-
-
-def screen_pretrains(args: argparse.Namespace, runs: Path, manifests: dict[str, Path], pretrains: dict) -> tuple[str, str]:
-    """kNN of each pretrained backbone as it is with the first fraction's labels (recorded in `pretrains`).
-
-    Returns the screen's fraction tag and the method carried on (best test kNN top-1).
-    """
-    screen_tag = next(iter(manifests))
-    for method in args.methods:  # the screen: each pretrained backbone as it is, kNN with the first fraction's labels
-        out = runs / f"eval_pretrain_{method}"
-        finegrain("evaluate", "--manifest", str(manifests[screen_tag]), *cache_flags(runs), "--out", str(out),
-                  "--from", str(runs / f"pretrain_{method}"), "--no-linear", "--no-embedding-map")
+    def evaluate(self, name: str, manifest: Path, *model: str) -> dict:
+        """`finegrain evaluate` of `model` into runs/eval_<name>: the KEYS metrics and its wall time."""
+        out = self.runs / f"eval_{name}"
+        seconds = 0.0
+        if not (out / "report" / "metrics.json").is_file():
+            seconds = finegrain("evaluate", "--manifest", str(manifest), *self.cache(), "--out", str(out),
+                                "--no-embedding-map", *model)
         metrics = json.loads((out / "report" / "metrics.json").read_text())
-        pretrains[method].update({f"screen_{k}": metrics[k] for k in ("knn_top1", "recall_at_1", "map_at_r")})
-    best = max(args.methods, key=lambda m: pretrains[m]["screen_knn_top1"])
-    print(f"pretrain screen at {screen_tag}: " + ", ".join(f"{m} {pretrains[m]['screen_knn_top1']:.3f}" for m in args.methods)
-          + f"; carrying {best} on", flush=True)
-    return screen_tag, best
+        return {**{k: metrics[k] for k in KEYS}, "evaluate_s": round(seconds, 1)}
+
+    def train(self, stage: str, out: Path, *options: str) -> float:
+        """Run a training stage into `out` unless it finished there; resume an interrupted one. Wall seconds."""
+        if (out / "artifact.json").is_file():
+            return 0.0
+        resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+        return finegrain(stage, *self.cache(), "--out", str(out), "--image-size", str(self.args.image_size), *options,
+                         *resume)
 
 
-def run_fraction(args: argparse.Namespace, runs: Path, tag: str, manifest: Path, labelled: int, best: str) -> dict:
-    """The three arms at one label fraction: frozen, supcon, and `best` pretrain then supcon."""
-    size, cache = size_flags(args), cache_flags(runs)
-    epochs = str(math.ceil(args.supcon_steps / max(1, labelled // BATCH)))
-    supcon = ["--manifest", str(manifest), *cache, *size, "--batch-size", str(BATCH), "--epochs", epochs,
-              "--max-steps", str(args.supcon_steps), "--no-knn-monitor"]
-    result = {"labelled_images": labelled}
-    result["frozen"] = evaluate(runs, f"frozen_{tag}", manifest, "--backbone", "tf_efficientnet_lite0", *size)
-    for arm, start in (("supcon", []), (f"{best}_then_supcon", ["--from", str(runs / f"pretrain_{best}")])):
-        out = runs / f"{arm}_{tag}"
-        train_s = finegrain("supcon", *supcon, "--out", str(out), *start)
-        result[arm] = {**evaluate(runs, f"{arm}_{tag}", manifest, "--from", str(out)), "train_s": round(train_s, 1)}
-    return result
+def supcon_options(study: Study, manifest: Path, labelled: int, unlabelled: int, semi: bool) -> list[str]:
+    """The same step budget and warm-ups (in steps) for every fine-tuning arm."""
+    per_epoch = max(labelled // BATCH, unlabelled // BATCH if semi else 0, 1)
+    args = study.args
+    warm = f"{args.warmup_steps / per_epoch:.4f}"
+    return ["--manifest", str(manifest), "--batch-size", str(BATCH), "--max-steps", str(args.steps),
+            "--epochs", str(-(-args.steps // per_epoch)), "--warmup-epochs", warm, "--head-warmup-epochs", warm,
+            "--no-knn-monitor"]
 
 
-def write_and_print(args: argparse.Namespace, pretrains: dict, screen_tag: str, best: str, rows: dict) -> None:
-    """Write the JSON record to --out, then print the table of every arm at every fraction."""
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
-           "manifest": str(MANIFEST.relative_to(REPO)), "image_size": args.image_size, "supcon_steps": args.supcon_steps,
-           "pretrain": {"epochs": args.pretrain_epochs, "batch_size": BATCH, "freeze_bn": True, "methods": pretrains,
-                        "screen": f"test kNN top-1 of each pretrained backbone with the {screen_tag} labels",
-                        "carried_on": best},
-           "command": "python benchmarks/bench_label_fraction.py " + " ".join(sys.argv[1:]), "results": rows}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{'labels':>7s} {'arm':>20s} " + " ".join(f"{k:>12s}" for k in KEYS))
-    for tag, result in rows.items():
-        for arm, r in result.items():
+def run_cell(study: Study, tag: str, manifest: Path) -> None:
+    """Every arm of one cell (a manifest), each skipped when its result is already in the results file."""
+    from finegrain.data.manifest import Manifest
+
+    table = Manifest.load(manifest).split_counts()
+    labelled, unlabelled = table.get("train", 0), table.get("unlabeled", 0)
+    row = study.results.setdefault(tag, {"labelled_images": labelled, "unlabelled_images": unlabelled})
+    size = str(study.args.image_size * 9 // 8)
+    arms = study.args.arms
+    if "frozen" in arms and "frozen" not in row:
+        row["frozen"] = study.evaluate(f"{tag}_frozen", manifest, "--backbone", "tf_efficientnet_lite0", "--image-size", size)
+        study.save()
+    starts = {"supcon": [], "pseudo": ["--unlabeled", "pseudo"],
+              "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")]}
+    for arm, extra in starts.items():
+        if arm not in arms or arm in row or (arm == "pseudo" and not unlabelled):
+            continue
+        out = study.runs / f"{tag}_{arm}"
+        train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, arm in SEMI_ARMS),
+                              *extra)
+        row[arm] = {**study.evaluate(f"{tag}_{arm}", manifest, "--from", str(out)), "train_s": round(train_s, 1)}
+        study.save()
+        print(json.dumps({tag: {arm: row[arm]}}), flush=True)
+    semi = [a for a in SEMI_ARMS if a in row]
+    if "pretrain" in arms and semi and not any(k.startswith("pretrain_then_") for k in row):
+        best = max(semi, key=lambda a: row[a]["knn_top1"] + row[a]["linear_top1"])
+        out = study.runs / f"{tag}_pretrain_then_{best}"
+        train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, True),
+                              *starts[best], "--from", str(pretrain(study)))
+        row[f"pretrain_then_{best}"] = {**study.evaluate(f"{tag}_pretrain_then_{best}", manifest, "--from", str(out)),
+                                        "train_s": round(train_s, 1)}
+        study.save()
+
+
+def pretrain(study: Study) -> Path:
+    """The pretrain artifact at its defaults on every cub50 train photo (labels unused), with its kNN monitor."""
+    out = study.runs / "pretrain"
+    seconds = study.train("pretrain", out, "--manifest", str(MANIFEST), "--batch-size", str(BATCH),
+                          "--epochs", str(study.args.pretrain_epochs))
+    if not study.pretrain:
+        monitor = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "monitor/knn_top1_test" in line]
+        config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
+        study.pretrain = {"train_s": round(seconds, 1), "method": config["method"], "lr": config["resolved_lr"],
+                          "train_layers": config.get("train_layers"), "views": config["views"],
+                          "knn_monitor_start": monitor[0]["monitor/knn_top1_test"],
+                          "knn_monitor_end": monitor[-1]["monitor/knn_top1_test"]}
+        study.save()
+    return out
+
+
+def cells(study: Study) -> dict[str, Path]:
+    """Tag -> manifest of every cell, written into the runs folder (deterministic for the seeds)."""
+    args, out = study.args, {}
+    for i, fraction in enumerate(args.fractions):
+        for seed in range(args.seeds_first if i == 0 else 1):
+            tag = f"{round(fraction * 100)}pct_s{seed}"
+            out[tag] = study.runs / f"cub50_{tag}.csv"
+            if not out[tag].is_file():
+                finegrain("manifest", "split", str(MANIFEST), "--label-fraction", str(fraction), "--seed", str(seed),
+                          "-o", str(out[tag]))
+    if args.label_less:
+        first = next(iter(out.values()))
+        tag = f"{round(args.fractions[0] * 100)}pct_s0_{args.label_less}_labelless"
+        out[tag] = study.runs / f"cub50_{tag}.csv"
+        if not out[tag].is_file():
+            label_less_species(first, args.label_less, out[tag])
+    return out
+
+
+def label_less_species(manifest: Path, n: int, dest: Path) -> None:
+    """`manifest` with n species (every 5th, sorted by name) unlabelled in train and left out of test and val."""
+    from finegrain.data.manifest import Manifest
+
+    m = Manifest.load(manifest)
+    truth = Manifest.load(MANIFEST).table.set_index("path")["label"]
+    species = sorted(truth.unique())[::max(1, len(truth.unique()) // n)][:n]
+    table = m.table.copy()
+    hidden = table["path"].map(truth).isin(species)
+    table.loc[hidden & (table["split"] == "train"), ["split", "label"]] = ["unlabeled", ""]
+    table = table[~(hidden & table["split"].isin(["val", "test"]))]
+    Manifest.from_table(table, m.root).save(dest)
+
+
+def print_table(study: Study) -> None:
+    print(f"{'cell':>24s} {'arm':>24s} " + " ".join(f"{k:>12s}" for k in KEYS))
+    for tag, row in study.results.items():
+        for arm, r in row.items():
             if isinstance(r, dict):
-                print(f"{tag:>7s} {arm:>20s} " + " ".join(f"{r[k]:12.3f}" for k in KEYS))
-    print(f"wrote {args.out}")
+                print(f"{tag:>24s} {arm:>24s} " + " ".join(f"{r[k]:12.3f}" for k in KEYS))
+    print(f"wrote {study.out}")
 
 
 def main() -> None:
     args = parse_args()
     if not (REPO.parent / "shared" / "data" / "cub50" / "images.txt").is_file():
         sys.exit("needs ../shared/data/cub50 (the real CUB subset)")
-    from finegrain.data.manifest import Manifest
-
-    runs = Path(args.runs_dir)
-    prepare_runs_dir(runs, args.reuse_pretrain)
-    pretrains = run_pretrains(args, runs)
-    manifests = split_fractions(args, runs)
-    screen_tag, best = screen_pretrains(args, runs, manifests, pretrains)
-    rows: dict[str, dict] = {}
-    for tag, manifest in manifests.items():
-        labelled = len(Manifest.load(manifest).select("train"))
-        rows[tag] = run_fraction(args, runs, tag, manifest, labelled, best)
-        print(json.dumps({tag: rows[tag]}, indent=1), flush=True)
-    write_and_print(args, pretrains, screen_tag, best, rows)
+    study = Study(args)
+    for tag, manifest in cells(study).items():
+        run_cell(study, tag, manifest)
+    print_table(study)
 
 
 if __name__ == "__main__":

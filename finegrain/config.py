@@ -63,6 +63,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELED_MODES = ("none", "pseudo")
+TRAIN_LAYERS = ("all", "bn", "last")
 
 
 @dataclass
@@ -149,6 +150,9 @@ class PretrainConfig(TrainConfig):
     proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
                               method_option=True)
     views: str = option("simclr", "View recipe:", choices=VIEW_RECIPES)
+    train_layers: str = option("all", "Which backbone weights train: all; bn (BatchNorm affine parameters only, as "
+                                      "HPT's BN-only variant); last (the last stage and what follows it).",
+                               choices=TRAIN_LAYERS)
     queue_size: int = option(4096, "MoCo: negatives kept in the queue.", check=at_least(1), method_option=True)
     hard_negative_beta: float = option(0.0, "simclr/moco: weight negatives by exp(beta x cosine similarity), harder "
                                             "ones more (Robinson et al. 2021); 0 is the plain loss.",
@@ -209,7 +213,7 @@ class SupconConfig(TrainConfig):
                             choices=UNLABELED_MODES)
     unlabeled_batch_size: int = option(0, "Unlabeled photos per batch beside the labelled ones (0: as many as "
                                           "--batch-size).", check=at_least(0))
-    pseudo_threshold: float = option(0.7, "--unlabeled pseudo: the teacher's mean class probability over a photo's "
+    pseudo_threshold: float = option(0.6, "--unlabeled pseudo: the teacher's mean class probability over a photo's "
                                           "views must reach this for the photo to get a pseudo-label; the rest (other "
                                           "species, unclear photos) are left out of the loss.",
                                      check=Check(lambda v: 0 < v < 1, "above 0 and below 1"))

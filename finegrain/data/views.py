@@ -65,11 +65,15 @@ RECIPES: dict[str, dict] = {
     "simclr": dict(name="simclr"),
     # Fine-grained fine-tuning: crop + flip only. Colour is a species cue (see LIBRARY_NOTES.md).
     "supcon": dict(name="supcon", crop_scale=(0.35, 1.0), color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+    # Self-supervised views that keep every colour's hue: SimCLR's crops and blur, brightness and
+    # contrast jitter only (no saturation, hue or grayscale), for species told apart by colour.
+    "color_safe": dict(name="color_safe", crop_scale=(0.2, 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0),
     "eval": dict(name="eval", train=False),
 }
 
 
 for _name, _description in (("simclr", "strong crops, colour distortion, blur"), ("supcon", "crop + flip only"),
+                             ("color_safe", "strong crops, blur, brightness/contrast only: hues kept"),
                              ("eval", "resize + centre crop")):
     VIEW_RECIPES.add(_name, RECIPES[_name], _description)
 

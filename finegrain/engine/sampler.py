@@ -127,11 +127,15 @@ class ClassBalancedSampler(_ResumableBatches):
 class WithUnlabelled(_ResumableBatches):
     """Each batch of a labelled sampler followed by `per_batch` unlabelled indices: (B + U)-index batches.
 
-    The epoch is the labelled sampler's (its batches, its resume point). The unlabelled indices come
-    from an endless stream of shuffled passes over `unlabelled` (pass p shuffled by (seed, p)); global
-    batch j of epoch e takes the stream's U items from position (e x batches per epoch x world + j) x U,
-    so every unlabelled photo is seen about equally often, ranks never share one, and where a resumed
-    run starts changes nothing. This rank's local batch b is global batch b x world + rank.
+    An epoch is one pass over the larger pool: max(the labelled sampler's batches per epoch,
+    N // (U x world)) batches, as in FixMatch, where the few labelled photos are cycled while the many
+    unlabelled ones are seen once. The labelled batches of epoch e come from the labelled sampler's
+    epochs e x R, e x R + 1, ... (R = the cycles an epoch needs). The unlabelled indices come from an
+    endless stream of shuffled passes over `unlabelled` (pass p shuffled by (seed, p)); global batch j
+    of epoch e takes the stream's U items from position (e x batches per epoch x world + j) x U, so
+    every unlabelled photo is seen about equally often and ranks never share one. This rank's local
+    batch b is global batch b x world + rank. Everything depends only on (seed, epoch): `start_batch`
+    resumes mid-epoch.
 
     Args:
         labelled: a resumable sampler over the labelled indices (P x K or plain).
@@ -149,11 +153,19 @@ class WithUnlabelled(_ResumableBatches):
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.labelled.batches_per_epoch
+        return max(self.labelled.batches_per_epoch, len(self.unlabelled) // (self.u * self.world))
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        super().set_epoch(epoch, start_batch)
-        self.labelled.set_epoch(epoch, start_batch)
+    def _labelled_batches(self) -> list[list[int]]:
+        """This rank's labelled batches start_batch.. of the epoch, cycling the labelled sampler's epochs."""
+        per, b = self.labelled.batches_per_epoch, self.labelled.batch_size
+        cycles = -(-self.batches_per_epoch // per)
+        batches: list[list[int]] = []
+        for cycle in range(self.start_batch // per, cycles):
+            skip = self.start_batch % per if cycle == self.start_batch // per else 0
+            self.labelled.set_epoch(self.epoch * cycles + cycle, skip)
+            flat = list(iter(self.labelled))
+            batches += [flat[i:i + b] for i in range(0, len(flat), b)]
+        return batches[: self.batches_per_epoch - self.start_batch]
 
     def _chunk(self, global_batch: int, passes: dict[int, torch.Tensor]) -> list[int]:
         n = len(self.unlabelled)
@@ -168,11 +180,10 @@ class WithUnlabelled(_ResumableBatches):
         return out
 
     def __iter__(self):
-        labelled, b = list(iter(self.labelled)), self.labelled.batch_size
         passes: dict[int, torch.Tensor] = {}
-        out = []
-        for i in range(len(labelled) // b):
-            out += labelled[i * b:(i + 1) * b] + self._chunk((self.start_batch + i) * self.world + self.rank, passes)
+        out: list[int] = []
+        for i, batch in enumerate(self._labelled_batches()):
+            out += batch + self._chunk((self.start_batch + i) * self.world + self.rank, passes)
         return iter(out)
 
 

@@ -9,11 +9,12 @@ import importlib
 import pkgutil
 
 from finegrain.methods import simclr, moco, byol, simsiam, supervised  # noqa: F401, I001  (built-ins first: help order)
-from finegrain.methods.base import BackboneMethod, batchnorm_layers, embed_views, freeze_bn_for, interpolate_weights
+from finegrain.methods.base import (TRAIN_LAYERS, BackboneMethod, batchnorm_layers, embed_views, freeze_bn_for,
+                                   interpolate_weights, train_only)
 from finegrain.methods.supervised import SupervisedMethod
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["BackboneMethod", "SupervisedMethod", "batchnorm_layers", "embed_views", "freeze_bn_for",
-           "interpolate_weights"]
+__all__ = ["TRAIN_LAYERS", "BackboneMethod", "SupervisedMethod", "batchnorm_layers", "embed_views", "freeze_bn_for",
+           "interpolate_weights", "train_only"]

@@ -20,6 +20,8 @@ import logging
 import torch
 from torch import nn
 
+from finegrain.config import TRAIN_LAYERS
+
 log = logging.getLogger("finegrain")
 
 # Attributes whose BatchNorm layers are held in eval mode when freeze_bn is on: the backbone and
@@ -51,6 +53,30 @@ def interpolate_weights(module: nn.Module, start: dict[str, torch.Tensor], alpha
     for name, value in module.state_dict().items():
         if value.is_floating_point():
             value.copy_(torch.lerp(start[name].to(value.device, value.dtype), value, alpha))
+
+
+def train_only(backbone: nn.Module, layers: str) -> int:
+    """Leave gradients on only `layers` of the backbone; returns how many parameter tensors still train.
+
+    layers: "all" (no change); "bn": the BatchNorm affine parameters only (HPT's BN-only variant,
+    Reed et al. 2021; statistics stay as --freeze-bn says); "last": the last two block groups of
+    timm's coarse grouping (the last stage and what follows it), as --freeze-bn left them.
+    """
+    if layers not in TRAIN_LAYERS:
+        raise ValueError(f"layers must be one of {TRAIN_LAYERS}, got {layers!r}")
+    if layers == "bn":
+        bn_params = {id(p) for bn in batchnorm_layers(backbone) for p in bn.parameters()}
+        for p in backbone.parameters():
+            p.requires_grad_(id(p) in bn_params)
+    elif layers == "last":
+        from timm.models import group_parameters
+
+        groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        keep = {name for gid in sorted(groups)[-2:] for name in groups[gid]}
+        for name, p in backbone.named_parameters():
+            if name not in keep:
+                p.requires_grad_(False)
+    return sum(p.requires_grad for p in backbone.parameters())
 
 
 def freeze_bn_for(freeze_bn: bool, weights_source: str) -> bool:

@@ -14,7 +14,7 @@ from finegrain.data.dataset import TRAINING_BAD_IMAGE_POLICY, ManifestDataset, i
 from finegrain.data.manifest import Manifest
 from finegrain.data.views import build_view, make_recipe
 from finegrain.errors import FinegrainError
-from finegrain.methods import freeze_bn_for
+from finegrain.methods import freeze_bn_for, train_only
 from finegrain.models.backbone import build_backbone, data_config
 from finegrain.registry import PRETRAIN_METHODS
 from finegrain.stages.skeleton import lr_for, model_info, stage_run
@@ -35,6 +35,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
         data_cfg = data_config(backbone)
         method_cls = PRETRAIN_METHODS.get(cfg.method)
         method = method_cls.from_config(cfg, backbone, freeze_bn=freeze_bn_for(cfg.freeze_bn, weights_source))
+        trained = train_only(method.backbone, cfg.train_layers)
         recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
         dataset = ManifestDataset(_unlabelled(train), build_view(recipe), n_views=2, on_bad_image=TRAINING_BAD_IMAGE_POLICY,
                                   cache=image_cache(cfg, train, cfg.image_size), seed=cfg.seed)
@@ -43,9 +44,9 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
             log.warning("lr %.3g is %s's base rate for training from scratch; from pretrained weights it can wreck them "
                         "(on cub50, simclr at 0.075 fell to chance kNN accuracy; 0.005 kept them): consider --lr 0.005",
                         lr, cfg.method)
-        log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, BatchNorm %s, device %s", cfg.method,
-                 cfg.backbone, len(train), cfg.image_size, cfg.batch_size, lr, "frozen" if method.freeze_bn else "trained",
-                 run.device)
+        log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, BatchNorm %s, backbone layers %s (%d tensors "
+                 "train), device %s", cfg.method, cfg.backbone, len(train), cfg.image_size, cfg.batch_size, lr,
+                 "frozen" if method.freeze_bn else "trained", cfg.train_layers, trained, run.device)
         result = run.fit(method, dataset, data_cfg, lr=lr, view_recipe=recipe.to_dict())
         if result is None:
             return None
