@@ -149,10 +149,12 @@ class PretrainConfig(TrainConfig):
     proj_dim: int = option(128, "Projection head output size.", check=at_least(1), method_option=True)
     proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
                               method_option=True)
-    views: str = option("simclr", "View recipe:", choices=VIEW_RECIPES)
-    train_layers: str = option("all", "Which backbone weights train: all; bn (BatchNorm affine parameters only, as "
-                                      "HPT's BN-only variant); last (the last stage and what follows it).",
-                               choices=TRAIN_LAYERS)
+    views: str | None = option(None, "View recipe (default: color_safe from loaded weights, simclr from random "
+                                     "ones):", choices=VIEW_RECIPES)
+    train_layers: str | None = option(None, "Which backbone weights train: all; bn (BatchNorm affine parameters only, "
+                                            "HPT's BN-only variant); last (the last stage and what follows it). "
+                                            "Default: bn from loaded weights (they keep their features), all from "
+                                            "random ones.", choices=TRAIN_LAYERS)
     queue_size: int = option(4096, "MoCo: negatives kept in the queue.", check=at_least(1), method_option=True)
     hard_negative_beta: float = option(0.0, "simclr/moco: weight negatives by exp(beta x cosine similarity), harder "
                                             "ones more (Robinson et al. 2021); 0 is the plain loss.",

@@ -109,7 +109,7 @@ def test_distillation_loss_on_a_tiny_batch_by_hand():
     method = SUPCON_LOSSES.get("supcon_ce")(create_backbone("test_efficientnet"), num_classes=3, proj_dim=4,
                                            proj_hidden=8, label_smoothing=0.0)
     method.use_teacher(torch.nn.Identity(), distill_weight=0.7, distill_temperature=1.0)
-    z = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.8, 0.6, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    z = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.6, 0.8, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.8, 0.0, 0.6, 0.0]])
     logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.5, 0.0, 0.0]])
     soft = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     labels = torch.tensor([0, 0, -1, 1])  # row 2 unlabelled; row 3 has no positive
@@ -125,9 +125,9 @@ def test_distillation_loss_on_a_tiny_batch_by_hand():
         lq, lp = log_softmax(s_row), log_softmax(t_row)
         kl += sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
     kl /= 4
-    # supcon over rows 0, 1 only (row 2 ignored, row 3 alone): cosine(0, 1) = 0.8, candidates 1 and 3
+    # supcon anchors 0 and 1 only (row 2 ignored, row 3 alone but a candidate): cosines 0-1 0.6, 0-3 0.8, 1-3 0.48
     e = lambda s: math.exp(s / 0.1)  # noqa: E731
-    con = -(math.log(e(0.8) / (e(0.8) + e(0.0))) + math.log(e(0.8) / (e(0.8) + e(0.0)))) / 2
+    con = -(math.log(e(0.6) / (e(0.6) + e(0.8))) + math.log(e(0.6) / (e(0.6) + e(0.48)))) / 2
     assert terms["loss_ce"].item() == pytest.approx(0.3 * ce + 0.7 * kl, rel=1e-5)
     assert terms["loss_supcon"].item() == pytest.approx(con, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(con + 0.3 * ce + 0.7 * kl, rel=1e-5)
