@@ -152,7 +152,8 @@ class PretrainConfig(TrainConfig):
     views: str | None = option(None, "View recipe (default: color_safe from loaded weights, simclr from random "
                                      "ones):", choices=VIEW_RECIPES)
     train_layers: str | None = option(None, "Which backbone weights train: all; bn (BatchNorm affine parameters only, "
-                                            "HPT's BN-only variant); last (the last stage and what follows it). "
+                                            "HPT's BN-only variant; they train even with --freeze-bn, the statistics "
+                                            "stay as loaded); last (the last stage and what follows it). "
                                             "Default: bn from loaded weights (they keep their features), all from "
                                             "random ones.", choices=TRAIN_LAYERS)
     queue_size: int = option(4096, "MoCo: negatives kept in the queue.", check=at_least(1), method_option=True)

@@ -167,7 +167,8 @@ def test_freeze_bn_keeps_loaded_statistics_in_backbone_and_momentum_copy(birds, 
         return result
 
     monkeypatch.setattr(skeleton, "fit", spy)
-    frozen = run_pretrain(_cfg(birds, tmp_path, "frozen", method=method, weights=str(tmp_path / "start.pth")))
+    frozen = run_pretrain(_cfg(birds, tmp_path, "frozen", method=method, weights=str(tmp_path / "start.pth"),
+                               train_layers="all"))
     monkeypatch.undo()
     end = frozen.state_dict("backbone.")
     bn, conv = _bn_keys(start), [k for k in start if "conv" in k and k.endswith("weight")]
@@ -177,7 +178,7 @@ def test_freeze_bn_keeps_loaded_statistics_in_backbone_and_momentum_copy(birds, 
     assert seen["copy_bn_training"] == {False}, "the momentum copy's BatchNorm was left in train mode"
 
     trained = run_pretrain(_cfg(birds, tmp_path, "trained", method=method, weights=str(tmp_path / "start.pth"),
-                                freeze_bn=False)).state_dict("backbone.")
+                                freeze_bn=False, train_layers="all")).state_dict("backbone.")
     assert any(not torch.equal(start[k], trained[k]) for k in bn), "--no-freeze-bn left BatchNorm untouched"
 
 
@@ -190,18 +191,22 @@ def test_freeze_bn_is_ignored_for_random_initial_weights(birds, tmp_path):
     assert any(not torch.equal(init[k], end[k]) for k in _bn_keys(init)), "BatchNorm stayed at its random init"
 
 
-def test_default_lr_on_pretrained_weights_warns(birds, tmp_path, caplog):
+def test_every_layer_at_the_default_lr_on_pretrained_weights_warns(birds, tmp_path, caplog):
     from finegrain.models.backbone import create_backbone
 
     torch.save(create_backbone("test_efficientnet").state_dict(), tmp_path / "start.pth")
+    start = dict(method="simclr", weights=str(tmp_path / "start.pth"), epochs=1)
     with caplog.at_level("WARNING", logger="finegrain"):
-        run_pretrain(_cfg(birds, tmp_path, "default", method="simclr", weights=str(tmp_path / "start.pth"), lr=None,
-                          epochs=1))
+        run_pretrain(_cfg(birds, tmp_path, "all", lr=None, train_layers="all", **start))
     assert any("base rate for training from scratch" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="finegrain"):
-        run_pretrain(_cfg(birds, tmp_path, "given", method="simclr", weights=str(tmp_path / "start.pth"), epochs=1))
-    assert not any("base rate for training from scratch" in r.getMessage() for r in caplog.records)
+    for name, options in (("default", dict(lr=None)), ("given", dict(train_layers="all"))):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="finegrain"):
+            art = run_pretrain(_cfg(birds, tmp_path, name, **options, **start))
+        assert not any("base rate for training from scratch" in r.getMessage() for r in caplog.records)
+    config = load_artifact(tmp_path / "default").config()
+    assert (config["resolved_train_layers"], config["resolved_views"]) == ("bn", "color_safe")
+    assert art.config()["resolved_views"] == "color_safe"
 
 
 @pytest.mark.parametrize("method,has_bn", [("moco", False), ("simclr", True), ("byol", True), ("simsiam", True)])
