@@ -58,6 +58,24 @@ def crash_after_step(monkeypatch, method_cls, step: int) -> None:
     monkeypatch.setattr(method_cls, "after_step", crashing)
 
 
+def assert_resume_is_bit_exact(run, make_cfg, monkeypatch, method_cls, crash_step: int) -> None:
+    """A run cut after `crash_step` optimizer steps, then resumed, ends with the weights of an uninterrupted one.
+
+    run: a stage function (config -> Artifact); make_cfg(name, **overrides) -> its config writing to folder `name`.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    full = run(make_cfg("full"))
+    crash_after_step(monkeypatch, method_cls, crash_step)
+    with pytest.raises(Crash):
+        run(make_cfg("cut"))
+    monkeypatch.undo()
+    resumed = run(make_cfg("cut", resume=True))
+    a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class WritesAFile:
     """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker would run."""
 

@@ -24,7 +24,7 @@ from finegrain.registry import SUPCON_LOSSES
 from finegrain.stages.pretrain import run_pretrain
 from finegrain.stages.supcon import run_supcon
 
-from conftest import Crash, crash_after_step, spawn_ranks
+from conftest import assert_resume_is_bit_exact, spawn_ranks
 
 
 @pytest.fixture
@@ -201,14 +201,8 @@ def test_distillation_from_a_teacher_artifact(few_labels, tmp_path):
 
 def test_resume_with_pseudo_labels_is_bit_exact(few_labels, tmp_path, monkeypatch):
     kw = dict(unlabeled="pseudo", pseudo_threshold=0.3, epochs=3, checkpoint_every=2, workers=2, classifier=False)
-    full = run_supcon(_cfg(few_labels, tmp_path, "full", **kw))
-    crash_after_step(monkeypatch, SupervisedMethod, 3)
-    with pytest.raises(Crash):
-        run_supcon(_cfg(few_labels, tmp_path, "cut", **kw))
-    monkeypatch.undo()
-    resumed = run_supcon(_cfg(few_labels, tmp_path, "cut", resume=True, **kw))
-    a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact(run_supcon, lambda name, **more: _cfg(few_labels, tmp_path, name, **kw, **more),
+                               monkeypatch, SupervisedMethod, 3)
 
 
 def test_bad_input_is_refused_before_training(birds, few_labels, tmp_path):

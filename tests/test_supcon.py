@@ -20,7 +20,7 @@ from finegrain.stages.predict import run_predict
 from finegrain.stages.pretrain import run_pretrain
 from finegrain.stages.supcon import run_supcon
 
-from conftest import Crash, crash_after_step
+from conftest import assert_resume_is_bit_exact
 
 
 def _cfg(birds, tmp_path, name="run", **kw):
@@ -129,14 +129,8 @@ def test_supcon_loss_goes_down(birds, tmp_path):
 
 def test_resume_with_the_class_balanced_sampler_ends_with_the_same_weights(birds, tmp_path, monkeypatch):
     kw = dict(epochs=2, checkpoint_every=2, workers=2, classifier=False)
-    full = run_supcon(_cfg(birds, tmp_path, "full", **kw))
-    crash_after_step(monkeypatch, SupervisedMethod, 4)
-    with pytest.raises(Crash):
-        run_supcon(_cfg(birds, tmp_path, "cut", **kw))
-    monkeypatch.undo()
-    resumed = run_supcon(_cfg(birds, tmp_path, "cut", resume=True, **kw))
-    a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact(run_supcon, lambda name, **more: _cfg(birds, tmp_path, name, **kw, **more), monkeypatch,
+                               SupervisedMethod, 4)
 
 
 def test_bad_options_are_clear_errors(birds, tmp_path):
