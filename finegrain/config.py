@@ -220,6 +220,9 @@ class SupconConfig(TrainConfig):
                                           "views must reach this for the photo to get a pseudo-label; the rest (other "
                                           "species, unclear photos) are left out of the loss.",
                                      check=Check(lambda v: 0 < v < 1, "above 0 and below 1"))
+    pseudo_ce: bool = option(False, "--unlabeled pseudo: pseudo-labelled photos join the cross-entropy term too "
+                                    "(FixMatch-style); by default only the SupCon term (Self-Tuning-style). --loss ce "
+                                    "always uses them in its cross-entropy.")
     teacher_momentum: float = option(0.99, "--unlabeled pseudo: the teacher is an average of the model's weights with "
                                            "this momentum per step (ramped up as in Mean Teacher).", check=between(0, 1))
     teacher: str | None = option(None, "A supcon artifact whose class probabilities the model learns to match on "

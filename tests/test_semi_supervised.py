@@ -134,6 +134,30 @@ def test_distillation_loss_on_a_tiny_batch_by_hand():
     assert labelled_cross_entropy(logits, labels).item() == pytest.approx(ce, rel=1e-5)
 
 
+class _NamesEveryPhoto(torch.nn.Module):
+    """A teacher that calls every unlabelled photo class 2."""
+
+    def targets(self, views, labels):
+        return torch.where(labels < 0, 2, labels).repeat(len(views)), None, {}
+
+
+@pytest.mark.parametrize("pseudo_ce", [False, True])
+def test_pseudo_labels_join_the_cross_entropy_only_when_asked(pseudo_ce):
+    torch.manual_seed(0)
+    method = SUPCON_LOSSES.get("supcon_ce")(create_backbone("test_efficientnet"), num_classes=3, proj_dim=4,
+                                           proj_hidden=8, label_smoothing=0.0)
+    method.use_teacher(_NamesEveryPhoto(), pseudo_ce=pseudo_ce)
+    method.eval()
+    views, labels = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)], torch.tensor([0, 1, -1, -1])
+    _, metrics = method(views, labels)
+    with torch.no_grad():
+        z, logits = method.head(torch.cat([method.backbone(v) for v in views]))
+    named = torch.tensor([0, 1, 2, 2]).repeat(2)
+    ce_labels = named if pseudo_ce else labels.repeat(2)
+    assert metrics["loss_ce"].item() == pytest.approx(labelled_cross_entropy(logits, ce_labels).item(), rel=1e-5)
+    assert metrics["loss_supcon"].item() == pytest.approx(supcon(z, named).item(), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # the mixed batches
 # ---------------------------------------------------------------------------------------------

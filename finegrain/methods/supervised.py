@@ -29,7 +29,8 @@ class SupervisedMethod(BackboneMethod):
     named in `options`, kept as attributes; their class attributes are the defaults.
 
     Unlabelled photos (label -1) in the batch need a teacher (`use_teacher`, objectives with a
-    classifier only): an `EmaTeacher` names the confident ones (pseudo-labels, used like labels), an
+    classifier only): an `EmaTeacher` names the confident ones (pseudo-labels: in the metric term,
+    and in the cross-entropy term with pseudo_ce or when that is the only term), an
     `ArtifactTeacher` gives soft labels for every view, and the classifier's loss becomes
     distill_weight x KL(teacher, model) + (1 - distill_weight) x cross-entropy on the labels.
 
@@ -45,7 +46,7 @@ class SupervisedMethod(BackboneMethod):
     base_lr = 0.2  # SGD, per 256 images, for the head; the backbone gets backbone_lr_scale x this
     find_unused_parameters = True  # the backbone is outside the graph during head warm-up (DDP)
     has_classifier = False  # objectives with a classifier head (`classifier`) can learn from a teacher
-    distill_weight, distill_temperature = 0.7, 1.0
+    distill_weight, distill_temperature, pseudo_ce = 0.7, 1.0, False
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, num_classes: int, freeze_bn: bool = True,
                  head_warmup_steps: int = 0, **options):
@@ -65,19 +66,26 @@ class SupervisedMethod(BackboneMethod):
         """The objective on the head's output for (V*B,) labels -> scalar."""
         raise NotImplementedError
 
-    def loss_terms(self, out, labels: torch.Tensor, soft: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, out, labels: torch.Tensor, soft: torch.Tensor | None = None,
+                   ce_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss": the objective, and for a sum of terms each term by name (logged beside it)}.
 
-        soft: (V*B, C) a teacher's class scores for every view, for objectives with a classifier.
+        For objectives with a classifier: soft (V*B, C) a teacher's class scores for every view;
+        ce_labels (V*B,) the labels of a cross-entropy term beside a metric term, when they differ
+        from `labels` (pseudo-labels join the metric term only).
         """
         return {"loss": self.loss(out, labels)}
 
-    def use_teacher(self, teacher: nn.Module, *, distill_weight: float = 0.7, distill_temperature: float = 1.0) -> None:
-        """Learn from `teacher` (finegrain.methods.teachers) on labelled and unlabelled photos."""
+    def use_teacher(self, teacher: nn.Module, *, distill_weight: float = 0.7, distill_temperature: float = 1.0,
+                    pseudo_ce: bool = False) -> None:
+        """Learn from `teacher` (finegrain.methods.teachers) on labelled and unlabelled photos.
+
+        pseudo_ce: pseudo-labels join the cross-entropy term too, not only the metric term.
+        """
         if not self.has_classifier:
             raise ValueError(f"{type(self).__name__} has no classifier to learn from a teacher")
         self.teacher = teacher
-        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.distill_weight, self.distill_temperature, self.pseudo_ce = distill_weight, distill_temperature, pseudo_ce
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None = None):
         """Cross-entropy on the labelled rows of (N, C) logits; with a teacher's soft (N, C) scores, mixed with KL."""
@@ -99,10 +107,13 @@ class SupervisedMethod(BackboneMethod):
         else:
             features = embed_views(self.backbone, views)
         out = self.head(features)
-        soft, extra = None, {}
+        targets, extra = {}, {}
         if self.teacher is not None:
-            y, soft, extra = self.teacher.targets(views, labels)
-        terms = self.loss_terms(out, y, soft) if soft is not None else self.loss_terms(out, y)
+            named, soft, extra = self.teacher.targets(views, labels)
+            targets = {"soft": soft, "ce_labels": None if self.pseudo_ce else y}
+            targets = {k: v for k, v in targets.items() if v is not None}
+            y = named
+        terms = self.loss_terms(out, y, **targets)
         loss = terms.pop("loss")
         with torch.no_grad():
             named = y >= 0
@@ -189,7 +200,8 @@ class CrossEntropy(SupervisedMethod):
     def loss(self, logits, labels):
         return self.classification_loss(logits, labels)
 
-    def loss_terms(self, logits, labels, soft=None):
+    def loss_terms(self, logits, labels, soft=None, ce_labels=None):
+        # cross-entropy is this objective's only term: pseudo-labels (in `labels`) always join it
         return {"loss": self.classification_loss(logits, labels, soft)}
 
     def logits(self, out):
@@ -229,9 +241,9 @@ class SupConCE(SupervisedMethod):
     def loss(self, out, labels):
         return self.loss_terms(out, labels)["loss"]
 
-    def loss_terms(self, out, labels, soft=None):
+    def loss_terms(self, out, labels, soft=None, ce_labels=None):
         z, logits = out
-        ce = self.classification_loss(logits, labels, soft)
+        ce = self.classification_loss(logits, labels if ce_labels is None else ce_labels, soft)
         con = supcon(z, labels, temperature=self.temperature)
         return {"loss": con + self.ce_weight * ce, "loss_supcon": con, "loss_ce": ce}
 

@@ -50,7 +50,8 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
             teacher = EmaTeacher(method.backbone, method.classifier, momentum=cfg.teacher_momentum,
                                  threshold=cfg.pseudo_threshold)
         if teacher is not None:
-            method.use_teacher(teacher, distill_weight=cfg.distill_weight, distill_temperature=cfg.distill_temperature)
+            method.use_teacher(teacher, distill_weight=cfg.distill_weight, distill_temperature=cfg.distill_temperature,
+                               pseudo_ce=cfg.pseudo_ce)
         rows = concat_rows(train, unlabelled)
         recipe = make_recipe(cfg.views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])
         dataset = ManifestDataset(rows, build_view(recipe), n_views=cfg.n_views, class_names=class_names,
