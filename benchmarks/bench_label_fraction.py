@@ -8,7 +8,8 @@ size, flip TTA; kNN and the linear probe fit on the labelled train images):
 
     frozen              the ImageNet backbone as it is (evaluated at the same size)
     supcon              supcon on the labelled photos only
-    pseudo              supcon --unlabeled pseudo (EMA teacher, confident pseudo-labels)
+    pseudo              supcon --unlabeled pseudo (EMA teacher, confident pseudo-labels in the SupCon term)
+    pseudo_ce           the same with --pseudo-ce (pseudo-labels in the cross-entropy term too)
     teacher             supcon --teacher <the supcon arm's artifact>: a student from ImageNet weights
                         distils it on labelled + unlabelled photos (Su et al. 2021)
     pretrain_then_X     pretrain at its defaults on every train photo (labels unused; one run shared
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
 KEYS = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
 BATCH = 64
-SEMI_ARMS = ("pseudo", "teacher")
+SEMI_ARMS = ("pseudo", "pseudo_ce", "teacher")
 
 
 def parse_args() -> argparse.Namespace:
@@ -128,10 +129,10 @@ def run_cell(study: Study, tag: str, manifest: Path) -> None:
     if "frozen" in arms and "frozen" not in row:
         row["frozen"] = study.evaluate(f"{tag}_frozen", manifest, "--backbone", "tf_efficientnet_lite0", "--image-size", size)
         study.save()
-    starts = {"supcon": [], "pseudo": ["--unlabeled", "pseudo"],
+    starts = {"supcon": [], "pseudo": ["--unlabeled", "pseudo"], "pseudo_ce": ["--unlabeled", "pseudo", "--pseudo-ce"],
               "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")]}
     for arm, extra in starts.items():
-        if arm not in arms or arm in row or (arm == "pseudo" and not unlabelled):
+        if arm not in arms or arm in row or (arm.startswith("pseudo") and not unlabelled):
             continue
         out = study.runs / f"{tag}_{arm}"
         train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, arm in SEMI_ARMS),

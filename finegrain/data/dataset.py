@@ -31,7 +31,8 @@ View = Callable[..., torch.Tensor]
 class ManifestDataset(Dataset):
     """Images of a manifest as `(views, label, index)` samples.
 
-    Item i is `(views, label, index)`:
+    Item i is `(views, label, index)` (i + k x len(dataset) serves row i again, with the k-th other draw
+    of augmentations: for samplers that show an image several times in one epoch):
         views: list of `n_views` tensors, each (3, S, S) float32 from the view callables.
         label: int class index into `class_names`, or -1 for unlabeled rows.
         index: the row of `manifest.table` served (i, or the replacement row when skipping).
@@ -48,7 +49,7 @@ class ManifestDataset(Dataset):
         cache: a DecodedImageCache built from this same manifest (pixels read from it).
         decode_min_side: without a cache, JPEGs may be decoded at reduced scale down to this
             shorter side (pixels); None decodes at full size.
-        seed: when given, the views of row i in epoch e are a function of (seed, e, i) alone
+        seed: when given, the views of item i in epoch e are a function of (seed, e, i) alone
             (each view is re-seeded before use), so augmentations do not depend on DataLoader
             workers, batch order or where a resumed run starts. Call `set_epoch` every epoch.
     """
@@ -105,7 +106,7 @@ class ManifestDataset(Dataset):
         return decode_image(self.manifest.root / self.paths[i], min_side=self.decode_min_side, name=self.paths[i])
 
     def __getitem__(self, index: int):
-        i = index
+        repeat, i = divmod(index, len(self))  # index + k x len: row `i` again, with other augmentations
         for _ in range(len(self)):
             try:
                 image = self.load(i)
@@ -126,7 +127,8 @@ class ManifestDataset(Dataset):
         views = []
         for v, view in enumerate(self.views):
             if self.seed is not None and hasattr(view, "reseed"):
-                view.reseed(int(np.random.SeedSequence([self.seed, self.epoch, i, v]).generate_state(1)[0]))
+                key = [self.seed, self.epoch, i, v] + ([repeat] if repeat else [])
+                view.reseed(int(np.random.SeedSequence(key).generate_state(1)[0]))
             views.append(view(pixels, bbox))
         return views, int(self.labels[i]), i
 

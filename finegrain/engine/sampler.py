@@ -137,15 +137,21 @@ class WithUnlabelled(_ResumableBatches):
     batch b is global batch b x world + rank. Everything depends only on (seed, epoch): `start_batch`
     resumes mid-epoch.
 
+    A photo shown again within one epoch (the labelled ones in every cycle, an unlabelled one in a
+    second pass) is served as index + k x `dataset_size`: the dataset's k-th other draw of
+    augmentations of it, not the same views again.
+
     Args:
         labelled: a resumable sampler over the labelled indices (P x K or plain).
         unlabelled: (N,) dataset indices of the unlabelled photos.
         per_batch: U, unlabelled photos per batch.
+        dataset_size: rows in the dataset (default: every index below it is one of the two sets).
     """
 
     def __init__(self, labelled: _ResumableBatches, unlabelled, per_batch: int, *, seed: int = 0, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, dataset_size: int | None = None):
         self.labelled, self.unlabelled, self.u = labelled, torch.as_tensor(unlabelled, dtype=torch.long), per_batch
+        self.stride = dataset_size or labelled.n + len(self.unlabelled)
         if len(self.unlabelled) == 0 or per_batch < 1:
             raise ValueError("WithUnlabelled needs unlabelled indices and per_batch >= 1")
         self.batch_size, self.seed, self.rank, self.world = labelled.batch_size + per_batch, seed, rank, world
@@ -163,20 +169,21 @@ class WithUnlabelled(_ResumableBatches):
         for cycle in range(self.start_batch // per, cycles):
             skip = self.start_batch % per if cycle == self.start_batch // per else 0
             self.labelled.set_epoch(self.epoch * cycles + cycle, skip)
-            flat = list(iter(self.labelled))
+            flat = [i + cycle * self.stride for i in self.labelled]
             batches += [flat[i:i + b] for i in range(0, len(flat), b)]
         return batches[: self.batches_per_epoch - self.start_batch]
 
     def _chunk(self, global_batch: int, passes: dict[int, torch.Tensor]) -> list[int]:
         n = len(self.unlabelled)
-        start = (self.epoch * self.batches_per_epoch * self.world + global_batch) * self.u
+        first = self.epoch * self.batches_per_epoch * self.world * self.u  # the epoch's first stream position
+        start = first + global_batch * self.u
         out = []
         for position in range(start, start + self.u):
             p = position // n
             if p not in passes:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + 50_021 + p)
                 passes[p] = self.unlabelled[torch.randperm(n, generator=g)]
-            out.append(int(passes[p][position % n]))
+            out.append(int(passes[p][position % n]) + (p - first // n) * self.stride)
         return out
 
     def __iter__(self):

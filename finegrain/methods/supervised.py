@@ -106,13 +106,15 @@ class SupervisedMethod(BackboneMethod):
                 features = embed_views(self.backbone, views)
         else:
             features = embed_views(self.backbone, views)
-        out = self.head(features)
         targets, extra = {}, {}
         if self.teacher is not None:
             named, soft, extra = self.teacher.targets(views, labels)
             targets = {"soft": soft, "ce_labels": None if self.pseudo_ce else y}
             targets = {k: v for k, v in targets.items() if v is not None}
             y = named
+            if soft is None:  # photos left unnamed send no gradient (the head's BatchNorm would route some)
+                features = torch.where((y >= 0)[:, None], features, features.detach())
+        out = self.head(features)
         terms = self.loss_terms(out, y, **targets)
         loss = terms.pop("loss")
         with torch.no_grad():
