@@ -14,6 +14,7 @@ A pipeline file (all keys but `stages` optional):
     stages:
       pretrain: {method: moco, epochs: 20}
       supcon: {loss: supcon, epochs: 10}
+      distill: {unlabeled_batch_size: 64}       # optional: a student distils the artifact before it (--teacher)
       evaluate: {knn_k: 20}
 
 Stage options are the fields of the stage's config dataclass (the same names as the CLI flags).
@@ -46,7 +47,9 @@ from finegrain.fsutil import atomic_write_text
 
 log = logging.getLogger("finegrain")
 
-STAGES = {"pretrain": PretrainConfig, "supcon": SupconConfig, "evaluate": EvaluateConfig}
+# distill: a second supcon whose teacher is the artifact before it (supcon --teacher); its student
+# starts from the backbone weights, as in Su et al.'s self-training.
+STAGES = {"pretrain": PretrainConfig, "supcon": SupconConfig, "distill": SupconConfig, "evaluate": EvaluateConfig}
 TOP_KEYS = {"name", "runs_dir", "data", "defaults", "stages", "description"}
 # Fields that change where or how fast a stage runs, not what it computes: left out of the cache key.
 NOT_IN_KEY = {"out", "resume", "device", "workers", "cache_images", "cache_dir", "compile", "channels_last",
@@ -196,7 +199,7 @@ def _stage_config(name: str, spec: dict, manifest: Path, parent: Path | None, wh
     values.update(spec["stages"][name])
     values.update(manifest=str(manifest))
     if parent is not None:
-        values["from_artifact"] = str(parent)
+        values["teacher" if name == "distill" else "from_artifact"] = str(parent)
     return config_from_dict(cls, copy.deepcopy(values), where=where or f"{spec['_file']}: stages.{name}")
 
 
@@ -211,7 +214,7 @@ def run_pipeline(spec: dict, *, force=(), runner=None) -> list[StageResult]:
     from finegrain.stages.pretrain import run_pretrain
     from finegrain.stages.supcon import run_supcon
 
-    runner = runner or {"pretrain": run_pretrain, "supcon": run_supcon, "evaluate": run_evaluate}
+    runner = runner or {"pretrain": run_pretrain, "supcon": run_supcon, "distill": run_supcon, "evaluate": run_evaluate}
     bad = set(force) - set(STAGES)
     if bad:
         raise FinegrainError(f"--force names unknown stage(s) {', '.join(sorted(bad))}")

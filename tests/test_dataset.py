@@ -138,3 +138,12 @@ def test_seeded_views_do_not_depend_on_workers_or_order(birds):
     ds = ManifestDataset(birds, build_view(make_recipe("simclr", image_size=32)), seed=11)
     ds.set_epoch(2)
     assert not torch.equal(ds[0][0][0], a[0][0])  # a new epoch draws new views
+
+
+def test_an_index_past_the_end_serves_the_row_again_with_other_augmentations(birds):
+    ds = ManifestDataset(birds, build_view(make_recipe("simclr", image_size=32)), n_views=2, seed=11)
+    views, label, index = ds[3]
+    again, label_again, index_again = ds[3 + len(ds)]
+    assert (label_again, index_again) == (label, index) == (label, 3)
+    assert not torch.equal(views[0], again[0])
+    assert all(torch.equal(a, b) for a, b in zip(ds[3 + len(ds)][0], again))  # still a function of the index

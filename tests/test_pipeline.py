@@ -128,3 +128,23 @@ def test_shipped_pipelines_parse_into_stage_configs(name):
     for stage in spec["stages"]:
         cfg = _stage_config(stage, spec, Path("m.csv"), None)
         assert isinstance(cfg, STAGES[stage])
+
+
+def test_a_distill_stage_learns_from_the_supcon_artifact_on_the_unlabelled_photos(birds, tmp_path):
+    from finegrain.data.split import keep_label_fraction
+
+    keep_label_fraction(birds, 0.5).save(birds.root / "few.csv")
+    path = _write(tmp_path, birds,
+                  supcon={"batch_size": 8, "classes_per_batch": 4, "epochs": 1, "proj_dim": 16},
+                  distill={"batch_size": 8, "classes_per_batch": 4, "epochs": 1, "proj_dim": 16,
+                           "unlabeled_batch_size": 4},
+                  evaluate={"embedding_map": False})
+    spec = yaml.safe_load(path.read_text())
+    spec["data"]["manifest"] = str(birds.root / "few.csv")
+    path.write_text(yaml.safe_dump(spec))
+    results = run_pipeline(load_pipeline(path))
+    assert [r.stage for r in results] == ["supcon", "distill", "evaluate"]
+    supcon, distill, evaluate = results
+    assert distill.info["teacher"] == str(supcon.path) and distill.info["unlabeled"] == "teacher"
+    assert distill.info["parent"] is None  # the student starts from the backbone weights, not from its teacher
+    assert evaluate.info["parent"]["path"] == str(distill.path.resolve())
