@@ -120,7 +120,7 @@ def test_cli_run_and_runs(birds, tmp_path):
     assert r.exit_code == 0 and "evaluate" in r.output
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cub200.yaml", "custom_birds.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "cub200.yaml", "custom_birds.yaml", "few_labels.yaml"])
 def test_shipped_pipelines_parse_into_stage_configs(name):
     from finegrain.pipeline import STAGES, _stage_config
 
