@@ -73,7 +73,8 @@ def test_a_collapsing_simclr_run_stops_before_its_collapse_is_saved(tmp_path):
         pytest.skip("offline lite0 weights not installed")
     birds = make_demo_dataset(tmp_path / "birds", classes=8, per_class=16, image_size=96, seed=5)
     cfg = dict(manifest=str(birds.root / "manifest.csv"), image_size=64, batch_size=32, workers=0, wandb="disabled",
-               cache_dir=str(tmp_path / "cache"), log_every=1, lr=3.0, epochs=8, knn_monitor=False, checkpoint_every=1)
+               cache_dir=str(tmp_path / "cache"), log_every=1, lr=3.0, epochs=8, knn_monitor=False, checkpoint_every=1,
+               train_layers="all", views="simclr")  # every layer: the collapse this test needs
     with pytest.raises(TrainingDiverged, match=r"loss has stayed at 4\.143.*\(step (\d+)\)") as caught:
         run_pretrain(PretrainConfig(out=str(tmp_path / "run"), **cfg))
     stopped_at = int(caught.value.args[0].rsplit("(step ", 1)[1].split(")")[0])
