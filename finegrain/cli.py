@@ -341,6 +341,8 @@ def _register_stages() -> None:
     Example: finegrain supcon --manifest data_manifests/cub50.csv --from runs/pretrain --out runs/supcon --image-size 128 --epochs 10
 
     Example (baseline): finegrain supcon --manifest M --out runs/ce --loss ce
+
+    Example (few labels, many unlabeled photos): finegrain supcon --manifest M --out runs/student --teacher runs/supcon
     """)
     _stage_command("evaluate", EvaluateConfig, _run_evaluate, """Evaluate an artifact or a bare backbone: kNN, linear probe, retrieval, per-class results, plots.
 

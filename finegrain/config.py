@@ -212,7 +212,8 @@ class SupconConfig(TrainConfig):
                                     "predict).")
     unlabeled: str = option("none", "What to do with the manifest's unlabeled photos: none (train on labels only) or "
                                     "pseudo (a slowly moving average of the model labels them; those it is confident "
-                                    "about join the batch, with their pseudo-labels, in every loss term).",
+                                    "about join the SupCon term with their pseudo-labels, see --pseudo-ce). For "
+                                    "distillation from a trained artifact use --teacher.",
                             choices=UNLABELED_MODES)
     unlabeled_batch_size: int = option(0, "Unlabeled photos per batch beside the labelled ones (0: as many as "
                                           "--batch-size).", check=at_least(0))
