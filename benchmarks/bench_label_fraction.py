@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,9 +160,9 @@ def pretrain(study: Study) -> Path:
                           "--epochs", str(study.args.pretrain_epochs))
     if not study.pretrain:
         monitor = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "monitor/knn_top1_test" in line]
-        config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
+        config = yaml.safe_load((out / "config.yaml").read_text())
         study.pretrain = {"train_s": round(seconds, 1), "method": config["method"], "lr": config["resolved_lr"],
-                          "train_layers": config.get("train_layers"), "views": config["views"],
+                          "train_layers": config["resolved_train_layers"], "views": config["resolved_views"],
                           "knn_monitor_start": monitor[0]["monitor/knn_top1_test"],
                           "knn_monitor_end": monitor[-1]["monitor/knn_top1_test"]}
         study.save()
