@@ -27,8 +27,23 @@ def test_every_batch_holds_p_classes_with_k_images_each(p, k):
     batches = _batches(sampler, p * k)
     assert len(batches) == len(labels) // (p * k) == sampler.batches_per_epoch
     for batch in batches:
-        per_class = Counter(labels[i] for i in batch)
+        per_class = Counter(labels[i % len(labels)] for i in batch)  # a repeat comes as index + j x n
         assert len(per_class) == p and set(per_class.values()) == {k}, per_class
+
+
+def test_an_image_served_again_in_an_epoch_comes_as_another_item():
+    labels = _labels([2, 9, 3, 6])  # classes of 2 and 3 images, K = 4: repeats inside a batch
+    sampler = ClassBalancedSampler(labels, 8, 2, seed=4)
+    sampler.set_epoch(1)
+    served = list(sampler)
+    assert len(set(served)) == len(served)  # the dataset draws other augmentations for each repeat
+    n = len(labels)
+    rows = Counter(i % n for i in served)
+    for row, times in rows.items():  # the j-th serving of a row is row + j x n
+        assert {i for i in served if i % n == row} == {row + j * n for j in range(times)}
+    assert max(rows.values()) > 1
+    sampler.stride = 100  # the dataset is larger than the labelled rows (unlabelled ones follow)
+    assert all(i % 100 < n for i in sampler) and max(sampler) >= 100
 
 
 def test_images_are_served_evenly_within_a_class():
@@ -37,7 +52,7 @@ def test_images_are_served_evenly_within_a_class():
     seen = Counter()
     for epoch in range(4):
         sampler.set_epoch(epoch)
-        seen.update(sampler)
+        seen.update(i % len(labels) for i in sampler)
     counts = [seen[i] for i in range(len(labels))]
     assert max(counts) - min(counts) <= 2, counts  # each class cycles through all its images
 

@@ -20,6 +20,7 @@ class _ResumableBatches(Sampler[int]):
     world: int
     epoch: int = 0
     start_batch: int = 0
+    stride: int = 0  # a photo's k-th repeat in an epoch is served as index + k x stride (0: n)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -72,7 +73,9 @@ class ClassBalancedSampler(_ResumableBatches):
     An epoch is `n // (batch_size * world)` global batches, the same number of images as a plain
     epoch. Classes are drawn without replacement within a batch, in a shuffled cycle over all classes;
     each class serves its images from its own shuffled cycle, so every image is seen about equally
-    often. A class with fewer than K images repeats images within the batch (different augmentations).
+    often. An image served again within an epoch (a class with fewer than K images, or a class cycled)
+    is served as index + k x `stride` for its k-th repeat: the dataset's k-th other draw of
+    augmentations of it (stride defaults to n, the dataset size).
     Everything depends only on (seed, epoch): global batch j goes to rank j % world, whole; and
     `start_batch` resumes mid-epoch.
 
@@ -100,6 +103,8 @@ class ClassBalancedSampler(_ResumableBatches):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         streams = [members[torch.randperm(len(members), generator=g)].tolist() for members in self.by_class]
         cursor = [0] * len(streams)
+        served = [0] * self.n  # times each index was served so far this epoch
+        stride = self.stride or self.n
         class_order: list[int] = []
         batches = []
         for _ in range(self.batches_per_epoch * self.world):
@@ -114,7 +119,9 @@ class ClassBalancedSampler(_ResumableBatches):
                     if cursor[c] == len(stream):  # cycle through this class again, in a new order
                         streams[c] = stream = [stream[i] for i in torch.randperm(len(stream), generator=g).tolist()]
                         cursor[c] = 0
-                    batch.append(stream[cursor[c]])
+                    i = stream[cursor[c]]
+                    batch.append(i + served[i] * stride)
+                    served[i] += 1
                     cursor[c] += 1
             batches.append(batch)
         return batches
@@ -137,9 +144,9 @@ class WithUnlabelled(_ResumableBatches):
     batch b is global batch b x world + rank. Everything depends only on (seed, epoch): `start_batch`
     resumes mid-epoch.
 
-    A photo shown again within one epoch (the labelled ones in every cycle, an unlabelled one in a
-    second pass) is served as index + k x `dataset_size`: the dataset's k-th other draw of
-    augmentations of it, not the same views again.
+    A photo shown again within one epoch (the labelled ones in every cycle and within a labelled
+    epoch, an unlabelled one in a second pass) is served as index + k x `dataset_size` with a k of its
+    own: the dataset's k-th other draw of augmentations of it, not the same views again.
 
     Args:
         labelled: a resumable sampler over the labelled indices (P x K or plain).
@@ -152,6 +159,7 @@ class WithUnlabelled(_ResumableBatches):
                  world: int = 1, dataset_size: int | None = None):
         self.labelled, self.unlabelled, self.u = labelled, torch.as_tensor(unlabelled, dtype=torch.long), per_batch
         self.stride = dataset_size or labelled.n + len(self.unlabelled)
+        labelled.stride = self.stride  # its own in-epoch repeats must not collide with our cycles'
         if len(self.unlabelled) == 0 or per_batch < 1:
             raise ValueError("WithUnlabelled needs unlabelled indices and per_batch >= 1")
         self.batch_size, self.seed, self.rank, self.world = labelled.batch_size + per_batch, seed, rank, world
@@ -165,11 +173,12 @@ class WithUnlabelled(_ResumableBatches):
         """This rank's labelled batches start_batch.. of the epoch, cycling the labelled sampler's epochs."""
         per, b = self.labelled.batches_per_epoch, self.labelled.batch_size
         cycles = -(-self.batches_per_epoch // per)
+        span = per * self.world * b  # more than the repeats of any photo within one labelled epoch
         batches: list[list[int]] = []
         for cycle in range(self.start_batch // per, cycles):
             skip = self.start_batch % per if cycle == self.start_batch // per else 0
             self.labelled.set_epoch(self.epoch * cycles + cycle, skip)
-            flat = [i + cycle * self.stride for i in self.labelled]
+            flat = [i + cycle * span * self.stride for i in self.labelled]
             batches += [flat[i:i + b] for i in range(0, len(flat), b)]
         return batches[: self.batches_per_epoch - self.start_batch]
 
