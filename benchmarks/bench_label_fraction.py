@@ -12,6 +12,9 @@ size, flip TTA; kNN and the linear probe fit on the labelled train images):
     pseudo_ce           the same with --pseudo-ce (pseudo-labels in the cross-entropy term too)
     teacher             supcon --teacher <the supcon arm's artifact>: a student from ImageNet weights
                         distils it on labelled + unlabelled photos (Su et al. 2021)
+    probe               supcon --backbone-lr-scale 0 for --probe-steps: the frozen backbone (BatchNorm
+                        statistics adapted) with the artifact's logistic-regression classifier
+    teacher_probe       supcon --teacher <the probe arm's artifact>
     pretrain_then_X     pretrain at its defaults on every train photo (labels unused; one run shared
                         by all cells), then X = the better of pseudo / teacher in that cell (picked on
                         test accuracy, which flatters this arm)
@@ -28,8 +31,9 @@ all (every train photo of theirs is unlabelled) and their test photos are left o
 Resumable: each finished arm is written to --out as soon as it is done and skipped on the next run;
 finished artifacts in --runs-dir are reused, and an interrupted training resumes from its checkpoint.
 
-Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--steps 150] [--image-size 128]
-       [--seeds-first 2] [--label-less 10] [--arms frozen supcon pseudo teacher pretrain]
+Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--steps 100] [--image-size 128]
+       [--seeds-first 2] [--label-less 10]
+       [--arms frozen supcon probe teacher_probe teacher pseudo pretrain]
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
 KEYS = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
 BATCH = 64
-SEMI_ARMS = ("pseudo", "pseudo_ce", "teacher")
+SEMI_ARMS = ("pseudo", "pseudo_ce", "teacher", "teacher_probe")
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,8 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     parser.add_argument("--seeds-first", type=int, default=2, help="seeds at the first fraction")
     parser.add_argument("--label-less", type=int, default=10, help="species without labels in the variant (0: none)")
-    parser.add_argument("--arms", nargs="+", default=["frozen", "supcon", "pseudo", "teacher", "pretrain"])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every fine-tuning arm")
+    parser.add_argument("--arms", nargs="+", default=["frozen", "supcon", "probe", "teacher_probe", "teacher", "pseudo", "pretrain"])
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every fine-tuning arm")
+    parser.add_argument("--probe-steps", type=int, default=20, help="steps of the probe arm (its backbone is frozen)")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--pretrain-epochs", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=128)
@@ -109,13 +114,15 @@ class Study:
                          *resume)
 
 
-def supcon_options(study: Study, manifest: Path, labelled: int, unlabelled: int, semi: bool) -> list[str]:
-    """The same step budget and warm-ups (in steps) for every fine-tuning arm."""
+def supcon_options(study: Study, manifest: Path, labelled: int, unlabelled: int, semi: bool,
+                   steps: int | None = None) -> list[str]:
+    """The same step budget (unless `steps`) and warm-ups (in steps) for every fine-tuning arm."""
     per_epoch = max(labelled // BATCH, unlabelled // BATCH if semi else 0, 1)
     args = study.args
+    steps = steps or args.steps
     warm = f"{args.warmup_steps / per_epoch:.4f}"
-    return ["--manifest", str(manifest), "--batch-size", str(BATCH), "--max-steps", str(args.steps),
-            "--epochs", str(-(-args.steps // per_epoch)), "--warmup-epochs", warm, "--head-warmup-epochs", warm,
+    return ["--manifest", str(manifest), "--batch-size", str(BATCH), "--max-steps", str(steps),
+            "--epochs", str(-(-steps // per_epoch)), "--warmup-epochs", warm, "--head-warmup-epochs", warm,
             "--no-knn-monitor"]
 
 
@@ -131,14 +138,17 @@ def run_cell(study: Study, tag: str, manifest: Path) -> None:
     if "frozen" in arms and "frozen" not in row:
         row["frozen"] = study.evaluate(f"{tag}_frozen", manifest, "--backbone", "tf_efficientnet_lite0", "--image-size", size)
         study.save()
-    starts = {"supcon": [], "pseudo": ["--unlabeled", "pseudo"], "pseudo_ce": ["--unlabeled", "pseudo", "--pseudo-ce"],
-              "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")]}
+    starts = {"supcon": [], "probe": ["--backbone-lr-scale", "0"],
+              "teacher_probe": ["--teacher", str(study.runs / f"{tag}_probe")],
+              "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")],
+              "pseudo": ["--unlabeled", "pseudo"], "pseudo_ce": ["--unlabeled", "pseudo", "--pseudo-ce"]}
     for arm, extra in starts.items():
         if arm not in arms or arm in row or (arm.startswith("pseudo") and not unlabelled):
             continue
         out = study.runs / f"{tag}_{arm}"
-        train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, arm in SEMI_ARMS),
-                              *extra)
+        steps = study.args.probe_steps if arm == "probe" else None
+        train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, arm in SEMI_ARMS,
+                                                             steps), *extra)
         row[arm] = {**study.evaluate(f"{tag}_{arm}", manifest, "--from", str(out)), "train_s": round(train_s, 1)}
         study.save()
         print(json.dumps({tag: {arm: row[arm]}}), flush=True)
