@@ -15,6 +15,7 @@ size, flip TTA; kNN and the linear probe fit on the labelled train images):
     probe               supcon --backbone-lr-scale 0 for --probe-steps: the frozen backbone (BatchNorm
                         statistics adapted) with the artifact's logistic-regression classifier
     teacher_probe       supcon --teacher <the probe arm's artifact>
+    teacher_round2      supcon --teacher <the teacher_probe arm's artifact>: a second round of self-training
     pretrain_then_X     pretrain at its defaults on every train photo (labels unused; one run shared
                         by all cells), then X = the better of pseudo / teacher in that cell (picked on
                         test accuracy, which flatters this arm)
@@ -53,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
 KEYS = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
 BATCH = 64
-SEMI_ARMS = ("pseudo", "pseudo_ce", "teacher", "teacher_probe")
+SEMI_ARMS = ("pseudo", "pseudo_ce", "teacher", "teacher_probe", "teacher_round2")
 
 
 def parse_args() -> argparse.Namespace:
@@ -140,6 +141,7 @@ def run_cell(study: Study, tag: str, manifest: Path) -> None:
         study.save()
     starts = {"supcon": [], "probe": ["--backbone-lr-scale", "0"],
               "teacher_probe": ["--teacher", str(study.runs / f"{tag}_probe")],
+              "teacher_round2": ["--teacher", str(study.runs / f"{tag}_teacher_probe")],
               "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")],
               "pseudo": ["--unlabeled", "pseudo"], "pseudo_ce": ["--unlabeled", "pseudo", "--pseudo-ce"]}
     for arm, extra in starts.items():
