@@ -342,7 +342,7 @@ def _register_stages() -> None:
 
     Example (baseline): finegrain supcon --manifest M --out runs/ce --loss ce
 
-    Example (few labels, many unlabeled photos): finegrain supcon --manifest M --out runs/student --teacher runs/supcon
+    Example (few labels, many unlabeled photos; a teacher that keeps the ImageNet features, then its student): finegrain supcon --manifest M --out runs/probe --backbone-lr-scale 0 --max-steps 20 && finegrain supcon --manifest M --out runs/student --teacher runs/probe
     """)
     _stage_command("evaluate", EvaluateConfig, _run_evaluate, """Evaluate an artifact or a bare backbone: kNN, linear probe, retrieval, per-class results, plots.
 
