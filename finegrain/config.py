@@ -260,17 +260,25 @@ class SupconConfig(TrainConfig):
 
 
 @dataclass
-class EvaluateConfig(StageConfig):
+class FeatureConfig(StageConfig):
+    """What every command that reads an artifact's (or a bare backbone's) features of manifest photos takes."""
+
+    from_artifact: str | None = option(None, "Artifact folder to read features with (a pretrain or supcon run).",
+                                       flag="--from")
+    image_size: int | None = option(None, "Feature image side (default: 1.125 x the artifact's training size, as "
+                                          "FixRes advises; 224 without --from).", check=at_least(8))
+    bbox_crop: bool = option(False, "Crop images to their bounding boxes (when the manifest has them).")
+    flip_tta: bool = option(True, "Average each image's features with its mirror image's (test-time augmentation).")
+    batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
+
+
+@dataclass
+class EvaluateConfig(FeatureConfig):
     """`finegrain evaluate`: kNN, linear probe, retrieval and a report, for an artifact or a bare backbone."""
 
     out: str = option("", "Output folder for the evaluation (report/, features cache, metrics).", flag="--out")
     backbone: str = option("tf_efficientnet_lite0", "timm backbone to evaluate when no --from is given.")
     from_artifact: str | None = option(None, "Artifact folder to evaluate (a pretrain or supcon run).", flag="--from")
-    image_size: int | None = option(None, "Evaluation image side (default: 1.125 x the artifact's training size, as "
-                                          "FixRes advises; 224 without --from).", check=at_least(8))
-    bbox_crop: bool = option(False, "Crop images to their bounding boxes (when the manifest has them).")
-    flip_tta: bool = option(True, "Average each image's features with its mirror image's (test-time augmentation).")
-    batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
     knn_k: int = option(20, "kNN neighbours (k).", check=at_least(1))
     knn_t: float = option(0.07, "kNN temperature on cosine similarity.", check=POSITIVE)
     linear: bool = option(True, "Fit a linear probe (logistic regression, C chosen on val or a train hold-out).")

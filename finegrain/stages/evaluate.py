@@ -15,7 +15,6 @@ confused_pairs.csv, PNG plots, index.html) and an artifact whose weights are the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -23,92 +22,19 @@ from pathlib import Path
 
 import torch
 
-from finegrain.artifacts import Artifact, load_artifact
+from finegrain.artifacts import Artifact
 from finegrain.config import EvaluateConfig
-from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import Manifest
-from finegrain.engine.device import resolve_amp
-from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features, flip_averaged, test_size
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.retrieval import retrieval_metrics
-from finegrain.fsutil import atomic_path, atomic_write_text
-from finegrain.models.backbone import build_backbone, create_backbone, data_config
+from finegrain.eval.store import FeatureStore, Subject
+from finegrain.fsutil import atomic_write_text
 from finegrain.stages.skeleton import stage_run
 
 log = logging.getLogger("finegrain")
 
 METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
                "recall_at_8", "map_at_r")
-
-
-class Subject:
-    """What is evaluated: a backbone in eval mode, its preprocessing and an identity for the feature cache."""
-
-    def __init__(self, cfg: EvaluateConfig):
-        self.artifact: Artifact | None = None
-        if cfg.from_artifact:
-            self.artifact = load_artifact(cfg.from_artifact)
-            info = self.artifact.info
-            if info.get("stage") == "evaluate":
-                raise FinegrainError(f"{cfg.from_artifact} is an evaluation; pass the pretrain or supcon artifact it evaluated")
-            self.model = create_backbone(info["backbone"], weights=self.artifact.path)
-            self.name, self.identity = info["backbone"], self.artifact.hash
-            self.image_size = cfg.image_size or test_size(info["image_size"])
-            self.mean, self.std = info["mean"], info["std"]
-            self.source = f"{info['stage']} artifact {self.artifact.path}"
-        else:
-            self.model, weights = build_backbone(cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained)
-            dc = data_config(self.model)
-            self.name = cfg.backbone
-            self.image_size = cfg.image_size or 224
-            self.mean, self.std = dc["mean"], dc["std"]
-            self.source = f"{cfg.backbone} ({weights} weights)"
-            self.identity = hashlib.sha256(json.dumps([cfg.backbone, weights, _file_id(weights)]).encode()).hexdigest()
-        self.model.eval()
-
-
-def _file_id(weights: str | None):
-    path = Path(str(weights))
-    return [path.stat().st_size, path.stat().st_mtime_ns] if weights and path.is_file() else None
-
-
-class FeatureStore:
-    """Extracts features of manifest rows once and keeps them in OUT/features/<key>.safetensors."""
-
-    def __init__(self, cfg: EvaluateConfig, subject: Subject, device: torch.device, folder: Path):
-        self.cfg, self.subject, self.device, self.folder = cfg, subject, device, folder
-        self.seconds = 0.0  # wall time spent extracting in this run
-        self.extracted = 0
-
-    def key(self, rows: Manifest) -> str:
-        parts = [self.subject.identity, self.subject.image_size, self.cfg.bbox_crop, self.subject.mean, self.subject.std,
-                 str(rows.root), rows.content_hash] + (["flip"] if self.cfg.flip_tta else [])
-        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
-
-    def features(self, rows: Manifest, what: str) -> torch.Tensor:
-        """(N, D) float32 features of `rows`, in row order."""
-        from safetensors.torch import load_file, save_file
-
-        path = self.folder / f"{what}-{self.key(rows)}.safetensors"
-        if path.is_file():
-            log.info("features: %s from cache (%s)", what, path.name)
-            return load_file(path)["features"]
-        ds = eval_dataset(self.cfg, rows, image_size=self.subject.image_size, mean=self.subject.mean, std=self.subject.std,
-                          class_names=rows.class_names, crop_to_bbox=self.cfg.bbox_crop, collective=False)
-        start = time.perf_counter()
-        embed = flip_averaged(self.subject.model) if self.cfg.flip_tta else self.subject.model
-        feats, _ = extract_features(embed, ds, device=self.device, batch_size=self.cfg.batch_size,
-                                    workers=self.cfg.workers, amp_dtype=resolve_amp(self.cfg.amp, self.device),
-                                    progress=f"features: {what}")
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        self.extracted += len(feats)
-        log.info("features: %s, %d images in %.1f s (%.0f img/s)", what, len(feats), seconds, len(feats) / max(seconds, 1e-9))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"features": feats.contiguous()}, str(tmp))
-        return feats
 
 
 def run_evaluate(cfg: EvaluateConfig) -> Artifact:
