@@ -177,6 +177,35 @@ def manifest_split(
     _report_written(manifest, manifest.save(out_path or manifest_path))
 
 
+@manifest_app.command("relabel")
+@user_errors
+def manifest_relabel(
+    manifest_path: Annotated[Path, typer.Argument(metavar="MANIFEST", help="The manifest the audit was made on.")],
+    audit_csv: Annotated[Path, typer.Option("--from", help="audit.csv written by `finegrain audit`.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the corrected manifest.")],
+    accept: Annotated[Optional[list[str]], typer.Option(
+        help="A finding's rank to apply (repeat), or 'all'. Default: the rows whose 'accept' column you filled with yes.")] = None,
+):
+    """Apply the audit findings you agree with to a new manifest: a label error takes its suggested label;
+    a near-duplicate or an outlier is left out. The original manifest is not changed.
+
+    Examples:
+      finegrain manifest relabel mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o mine_fixed.csv
+      finegrain manifest relabel mine.csv --from runs/audit/audit.csv -o mine_fixed.csv   # 'accept' column filled in
+    """
+    import pandas as pd
+
+    from finegrain.data.manifest import Manifest
+    from finegrain.data.relabel import accepted_findings, apply_findings
+
+    if not audit_csv.is_file():
+        raise FinegrainError(f"no such audit file: {audit_csv}")
+    findings = accepted_findings(pd.read_csv(audit_csv, keep_default_na=False), accept or [], str(audit_csv))
+    fixed, counts = apply_findings(Manifest.load(manifest_path), findings)
+    out.print(f"{counts['relabelled']} photos relabelled, {counts['dropped']} left out")
+    _report_written(fixed, fixed.save(out_path))
+
+
 @manifest_app.command("validate")
 @user_errors
 def manifest_validate(
@@ -259,15 +288,22 @@ def _option_help(f) -> str:
     return text
 
 
-def _stage_command(name: str, config_cls, run, doc: str):
-    """Register a command whose options are the fields of `config_cls` and which calls `run(config)`."""
+def _stage_command(name: str, config_cls, run, doc: str, arguments: dict[str, str] | None = None):
+    """Register a command whose options are the fields of `config_cls` and which calls `run(config)`.
+
+    `arguments`: field name -> metavar of fields given as required positional arguments instead."""
     import dataclasses
     import inspect
     import typing
 
     hints = typing.get_type_hints(config_cls)
-    params = []
+    params = [inspect.Parameter(field_name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=Annotated[str, typer.Argument(metavar=metavar, help=_option_help(
+                                    next(f for f in dataclasses.fields(config_cls) if f.name == field_name)))])
+              for field_name, metavar in (arguments or {}).items()]
     for f in dataclasses.fields(config_cls):
+        if f.name in (arguments or {}):
+            continue
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
@@ -322,8 +358,17 @@ def _run_evaluate(config) -> None:
         out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{headline}")
 
 
+def _run_audit(config) -> None:
+    from finegrain.stages.audit import run_audit
+
+    table = run_audit(config)
+    counts = table["issue"].value_counts().to_dict()
+    out.print(f"wrote {Path(config.out) / 'audit.csv'} and audit.html: {counts.get('label', 0)} probable label errors, "
+              f"{counts.get('duplicate', 0)} near-duplicates, {counts.get('outlier', 0)} outliers")
+
+
 def _register_stages() -> None:
-    from finegrain.config import EvaluateConfig, PretrainConfig, SupconConfig
+    from finegrain.config import AuditConfig, EvaluateConfig, PretrainConfig, SupconConfig
     from finegrain.registry import PRETRAIN_METHODS, SUPCON_LOSSES
 
     _stage_command("pretrain", PretrainConfig, _run_pretrain, f"""Self-supervised pretraining of any timm backbone (--method: {", ".join(PRETRAIN_METHODS.names())}).
@@ -352,6 +397,14 @@ def _register_stages() -> None:
 
     Example (frozen ImageNet weights): finegrain evaluate --manifest M --backbone tf_efficientnet_lite0 --image-size 128 --out runs/eval-frozen
     """)
+    _stage_command("audit", AuditConfig, _run_audit, """Photos worth a second look: probable label errors, near-duplicates and outliers, from an artifact's embeddings.
+
+    Label errors come from confident learning (cleanlab) on out-of-sample class probabilities of the labelled photos (leave-one-out kNN, or --label-probs linear); near-duplicates and outliers are checked across every photo, labelled or not. Writes OUT/audit.csv (ranked: rank, issue, path, split, given and suggested label, score, reason) and OUT/audit.html (each photo beside typical photos of its given and suggested species). Nothing is changed: apply what you agree with using `finegrain manifest relabel`.
+
+    Example: finegrain audit runs/supcon --manifest data_manifests/mine.csv -o runs/audit
+
+    Then: finegrain manifest relabel data_manifests/mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o data_manifests/mine_fixed.csv
+    """, arguments={"from_artifact": "ARTIFACT_DIR"})
 
 
 _register_stages()

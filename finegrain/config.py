@@ -64,6 +64,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELED_MODES = ("none", "pseudo")
 TRAIN_LAYERS = ("all", "bn", "last")
+AUDIT_PROBABILITIES = ("knn", "linear")
 
 
 @dataclass
@@ -285,6 +286,27 @@ class EvaluateConfig(FeatureConfig):
     retrieval_split: str = option("test", "Split to compute Recall@K and MAP@R on (leave-one-out; classes may be unseen "
                                           "in training).", choices=LABELLED_SPLITS)
     embedding_map: bool = option(True, "Draw a t-SNE map of the test embeddings.")
+
+
+@dataclass
+class AuditConfig(FeatureConfig):
+    """`finegrain audit`: photos whose label, twin or oddity deserves a second look, from an artifact's embeddings."""
+
+    out: str = option("", "Output folder (audit.csv, audit.html, the features cache).", flag="--out")
+    label_probs: str = option("knn", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
+                                     "neighbours on the embeddings) or linear (a 5-fold cross-validated probe).",
+                              choices=AUDIT_PROBABILITIES)
+    knn_k: int = option(20, "Neighbours that vote for a photo's species (label_probs knn).", check=at_least(1))
+    knn_t: float = option(0.07, "Temperature of the neighbours' votes on cosine similarity.", check=POSITIVE)
+    duplicate_threshold: float = option(0.13, "Near-duplicates: pairs closer than this x the median distance of a "
+                                              "photo to its nearest other one.", check=POSITIVE)
+    examples: int = option(3, "Typical photos of each species shown beside a flagged one in audit.html.",
+                           check=at_least(0))
+    max_flagged: int = option(300, "Flagged photos shown in audit.html (audit.csv lists them all).", check=at_least(1))
+
+    def check(self) -> None:
+        if not self.from_artifact:
+            raise ConfigError("from_artifact", "is required: the artifact whose embeddings to audit with")
 
 
 # --- checking ----------------------------------------------------------------------------------

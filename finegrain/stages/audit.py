@@ -1,0 +1,152 @@
+"""`finegrain audit`: the photos of a collection worth a second look, ranked, with a page of thumbnails.
+
+From an artifact's embeddings of every manifest photo (cached as evaluate caches them):
+probable label errors (confident learning on out-of-sample probabilities of the labelled photos),
+near-duplicates (within and across splits, labelled or not) and outliers. Writes OUT/audit.csv and
+OUT/audit.html; `finegrain manifest relabel` applies the findings a person accepts.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from finegrain.config import AuditConfig
+from finegrain.eval import audit
+from finegrain.eval.store import FeatureStore, Subject
+from finegrain.eval.thumbs import figure
+from finegrain.fsutil import atomic_write_text
+from finegrain.stages.skeleton import stage_run
+
+log = logging.getLogger("finegrain")
+
+COLUMNS = ["rank", "issue", "path", "split", "given_label", "suggested_label", "score", "reason", "other_path"]
+ISSUE_ORDER = {"label": 0, "duplicate": 1, "outlier": 2}
+
+
+def run_audit(cfg: AuditConfig) -> pd.DataFrame:
+    """Audit the manifest's photos with the artifact's embeddings; write audit.csv and audit.html; return the findings."""
+    with stage_run("audit", cfg, allow_unseen_classes=True) as run:
+        subject = Subject(cfg)
+        store = FeatureStore(cfg, subject, run.device, run.out / "features")
+        rows = run.manifest.table.reset_index(drop=True)
+        feats = store.features(run.manifest, "all")
+        start = time.perf_counter()
+        labelled = ((rows["split"] != "unlabeled") & (rows["label"].astype(str) != "")).to_numpy()
+        typical = _typical_photos(rows, feats, labelled, cfg.examples)
+        findings = (_label_findings(cfg, rows, feats, labelled) + _duplicate_findings(cfg, rows, feats)
+                    + _outlier_findings(rows, feats))
+        table = _ranked(findings)
+        seconds = time.perf_counter() - start
+        atomic_write_text(run.out / "audit.csv", table.to_csv(index=False))
+        _write_html(run.out / "audit.html", cfg, table, run.manifest, typical, subject.source)
+        counts = table["issue"].value_counts().to_dict()
+        log.info("audit: %d photos, %d label issues, %d near-duplicate pairs, %d outliers in %.1f s (+%.1f s features)",
+                 len(rows), counts.get("label", 0), counts.get("duplicate", 0), counts.get("outlier", 0), seconds,
+                 store.seconds)
+        return table
+
+
+def _label_findings(cfg: AuditConfig, rows: pd.DataFrame, feats: torch.Tensor, labelled: np.ndarray) -> list[dict]:
+    """Confident learning on the labelled photos: one finding per probable label error."""
+    idx = np.nonzero(labelled)[0]
+    names = sorted(set(rows["label"].astype(str)[labelled]))
+    if len(idx) < 3 or len(names) < 2:
+        log.warning("audit: fewer than 3 labelled photos or 2 species: no label check")
+        return []
+    codes = np.searchsorted(names, rows["label"].astype(str).to_numpy()[idx])
+    x = feats[idx]
+    if cfg.label_probs == "knn":
+        probs = audit.knn_probabilities(x, codes, len(names), k=cfg.knn_k, temperature=cfg.knn_t)
+    else:
+        probs = audit.cross_validated_probabilities(x, codes, len(names), seed=cfg.seed)
+    flagged, quality = audit.label_issues(codes, probs)
+    out = []
+    for j in np.nonzero(flagged)[0]:
+        suggested = int(probs[j].argmax())
+        out.append(_finding("label", rows, idx[j], names[suggested], 1.0 - quality[j],
+                            f"looks like {names[suggested]} ({probs[j, suggested]:.0%}); "
+                            f"{names[codes[j]]} gets {quality[j]:.0%}"))
+    return out
+
+
+def _duplicate_findings(cfg: AuditConfig, rows: pd.DataFrame, feats: torch.Tensor) -> list[dict]:
+    """One finding per near-duplicate pair, on the second photo of the pair (the first is kept)."""
+    out = []
+    for a, b, cos in audit.near_duplicates(feats, relative_threshold=cfg.duplicate_threshold):
+        where = "same split" if rows.at[a, "split"] == rows.at[b, "split"] else f"{rows.at[a, 'split']} vs {rows.at[b, 'split']}"
+        f = _finding("duplicate", rows, b, str(rows.at[a, "label"]), cos, f"near-duplicate ({where}), cosine {cos:.3f}")
+        f["other_path"] = str(rows.at[a, "path"])
+        out.append(f)
+    return out
+
+
+def _outlier_findings(rows: pd.DataFrame, feats: torch.Tensor) -> list[dict]:
+    """One finding per photo far below the others' typicality (not a bird, a blank frame, another subject)."""
+    if len(rows) < 3:
+        return []
+    scores, flagged = audit.outlier_scores(feats)
+    return [_finding("outlier", rows, i, "", 1.0 - float(scores[i]), f"far from every other photo (typicality {scores[i]:.3f})")
+            for i in np.nonzero(flagged)[0]]
+
+
+def _finding(issue: str, rows: pd.DataFrame, i: int, suggested: str, score: float, reason: str) -> dict:
+    return {"issue": issue, "row": int(i), "path": str(rows.at[i, "path"]), "split": str(rows.at[i, "split"]),
+            "given_label": str(rows.at[i, "label"]), "suggested_label": suggested, "score": round(float(score), 4),
+            "reason": reason, "other_path": ""}
+
+
+def _ranked(findings: list[dict]) -> pd.DataFrame:
+    """Findings sorted by kind (labels, duplicates, outliers), then by score, highest first; rank from 1."""
+    table = pd.DataFrame(findings, columns=COLUMNS[1:] + ["row"])
+    table = table.sort_values(["issue", "score"], key=lambda c: c.map(ISSUE_ORDER) if c.name == "issue" else -c,
+                              kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table[COLUMNS + ["row"]]
+
+
+def _typical_photos(rows: pd.DataFrame, feats: torch.Tensor, labelled: np.ndarray, n: int) -> dict[str, list[int]]:
+    """Species -> up to n labelled row indices closest to the species' mean embedding."""
+    x = torch.nn.functional.normalize(feats.float(), dim=1)
+    labels = rows["label"].astype(str).to_numpy()
+    out = {}
+    for name in sorted(set(labels[labelled])):
+        members = np.nonzero(labelled & (labels == name))[0]
+        centre = torch.nn.functional.normalize(x[members].mean(0), dim=0)
+        order = torch.argsort(x[members] @ centre, descending=True)[:n].numpy()
+        out[name] = [int(members[k]) for k in order]
+    return out
+
+
+def _write_html(path: Path, cfg: AuditConfig, table: pd.DataFrame, manifest, typical: dict, source: str) -> None:
+    """audit.html: each flagged photo beside typical photos of its given and suggested species; offline, inline JPEGs."""
+    rows = manifest.table.reset_index(drop=True)
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>finegrain audit</title>"
+             f"<style>{_CSS}</style></head><body><h1>finegrain audit</h1>",
+             f"<p>{html.escape(source)} on {html.escape(str(cfg.manifest))}: {len(rows)} photos, "
+             f"{len(table)} findings (audit.csv lists them all; this page shows the first {cfg.max_flagged}).</p>"]
+    for f in table.head(cfg.max_flagged).itertuples(index=False):
+        cells = [figure(manifest.abspath(f.path), f"#{f.rank} {f.given_label or f.split}")]
+        if f.other_path:
+            cells.append(figure(manifest.abspath(f.other_path), "its twin"))
+        shown = {"label": [("given", f.given_label), ("suggested", f.suggested_label)],
+                 "outlier": [("given", f.given_label)] if f.given_label else []}.get(f.issue, [])
+        for what, label in shown:
+            cells += [figure(manifest.abspath(rows.at[i, "path"]), f"{what}: {label}")
+                      for i in typical.get(label, []) if i != f.row]
+        parts.append(f"<section><h2>#{f.rank} {html.escape(f.issue)}: {html.escape(f.path)}</h2>"
+                     f"<p>{html.escape(f.reason)}</p><div class='row'>{''.join(cells)}</div></section>")
+    parts.append("</body></html>")
+    atomic_write_text(path, "\n".join(parts))
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}section{border-top:1px solid #ddd;"
+        "padding:.5em 0}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;text-align:center;font-size:12px}"
+        "figcaption{max-width:110px;overflow-wrap:anywhere}.missing{background:#eee;color:#777;display:flex;"
+        "align-items:center;justify-content:center}h2{font-size:15px;margin:.3em 0}")
