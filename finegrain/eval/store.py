@@ -17,7 +17,7 @@ import torch
 from finegrain.artifacts import Artifact, load_artifact
 from finegrain.config import FeatureConfig
 from finegrain.data.dataset import eval_dataset
-from finegrain.data.manifest import Manifest
+from finegrain.data.manifest import BBOX_COLUMNS, Manifest
 from finegrain.engine.device import resolve_amp
 from finegrain.errors import FinegrainError
 from finegrain.eval.features import extract_features, flip_averaged, test_size
@@ -62,13 +62,17 @@ class FeatureStore:
     """Extracts features of manifest rows once and keeps them in OUT/features/<key>.safetensors."""
 
     def __init__(self, cfg: FeatureConfig, subject: Subject, device: torch.device, folder: Path):
-        self.cfg, self.subject, self.device, self.folder = cfg, subject, device, folder
+        """folder: the default cache folder (cfg.features_dir overrides it)."""
+        self.cfg, self.subject, self.device = cfg, subject, device
+        self.folder = Path(cfg.features_dir) if cfg.features_dir else folder
         self.seconds = 0.0  # wall time spent extracting in this run
         self.extracted = 0
 
     def key(self, rows: Manifest) -> str:
+        """What the features depend on: model, preprocessing and the photos (not their labels or splits)."""
+        photos = rows.table[["path"] + (list(BBOX_COLUMNS) if self.cfg.bbox_crop and rows.has_bboxes else [])]
         parts = [self.subject.identity, self.subject.image_size, self.cfg.bbox_crop, self.subject.mean, self.subject.std,
-                 str(rows.root), rows.content_hash] + (["flip"] if self.cfg.flip_tta else [])
+                 str(rows.root), photos.to_csv(index=False, float_format="%.4f")] + (["flip"] if self.cfg.flip_tta else [])
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
     def features(self, rows: Manifest, what: str) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""Own photo collections: are wrong labels found? (`finegrain audit` on cub50 with planted label errors)
+
+On ../shared/data/cub50 at --image-size (features at 1.125 x, flip-averaged, as evaluate reads them),
+with the offline ImageNet tf_efficientnet_lite0:
+
+    frozen   supcon --backbone-lr-scale 0: the ImageNet features as they are (its classifier unused)
+
+Label errors: 5% of the train labels are flipped, (a) uniformly to another species, (b) to the
+nearest other species by class-mean embedding (confusable), for each seed. `finegrain audit` runs
+on the noisy manifest; its label findings on train photos are scored against the planted flips
+(precision, recall, F1), beside the simple baseline "the out-of-sample prediction differs from the
+given label" (the same probabilities' argmax). The model never saw the flipped labels: the frozen
+features do not depend on labels.
+
+Resumable: each finished cell is written to --out and skipped on the next run.
+
+Usage: python benchmarks/bench_own_data.py [--seeds 3] [--label-probs knn linear] [--image-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "data_manifests" / "cub50.csv"
+FLIP_FRACTION = 0.05
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--label-probs", nargs="+", default=["knn", "linear"])
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_own_data"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "own_data.json"))
+    return parser.parse_args()
+
+
+def frozen_artifact(args, runs: Path) -> Path:
+    """The ImageNet backbone as an artifact (only a head trains, and audit does not use it)."""
+    out = runs / "frozen"
+    if not (out / "artifact.json").is_file():
+        finegrain("supcon", "--manifest", str(MANIFEST), "--out", str(out), "--image-size", str(args.image_size),
+                  "--backbone-lr-scale", "0", "--max-steps", "20", "--epochs", "1", "--no-knn-monitor",
+                  "--cache-dir", str(runs / "cache"))
+    return out
+
+
+def train_features(runs: Path, table: pd.DataFrame) -> np.ndarray:
+    """The train rows' features from the audits' shared cache (every row, in manifest order)."""
+    from safetensors.numpy import load_file
+
+    cached = sorted((runs / "features").glob("all-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    return load_file(cached[-1])["features"][(table["split"] == "train").to_numpy()]
+
+
+def flip_labels(table: pd.DataFrame, kind: str, seed: int, features: np.ndarray | None) -> tuple[pd.DataFrame, set]:
+    """A copy with FLIP_FRACTION of the train labels changed; the changed paths."""
+    rng = np.random.default_rng(seed)
+    train = np.nonzero((table["split"] == "train").to_numpy())[0]
+    chosen = rng.choice(train, int(round(FLIP_FRACTION * len(train))), replace=False)
+    names = sorted(set(table["label"]) - {""})
+    nearest = None
+    if kind == "confusable":
+        labels = table["label"].to_numpy()[train]
+        unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+        means = np.stack([unit[labels == n].mean(0) for n in names])
+        means /= np.linalg.norm(means, axis=1, keepdims=True)
+        sims = means @ means.T
+        np.fill_diagonal(sims, -np.inf)
+        nearest = {n: names[int(sims[i].argmax())] for i, n in enumerate(names)}
+    noisy = table.copy()
+    for i in chosen:
+        given = noisy.at[i, "label"]
+        noisy.at[i, "label"] = nearest[given] if nearest else rng.choice([n for n in names if n != given])
+    return noisy, set(noisy["path"].iloc[chosen])
+
+
+def scores(flagged: set, truth: set) -> dict:
+    tp = len(flagged & truth)
+    precision, recall = tp / max(len(flagged), 1), tp / len(truth)
+    return {"flagged": len(flagged), "precision": round(precision, 4), "recall": round(recall, 4),
+            "f1": round(2 * precision * recall / max(precision + recall, 1e-12), 4)}
+
+
+def label_error_cell(args, runs: Path, artifact: Path, kind: str, seed: int, probs: str, clean_features) -> dict:
+    """Audit one noisy manifest; F1 of the label findings and of the argmax baseline on train photos."""
+    from finegrain.data.manifest import Manifest
+    from finegrain.eval.audit import cross_validated_probabilities, knn_probabilities
+
+    clean = Manifest.load(MANIFEST)
+    noisy, truth = flip_labels(clean.table.reset_index(drop=True), kind, seed, clean_features)
+    path = runs / f"noisy_{kind}_s{seed}.csv"
+    Manifest.from_table(noisy, clean.root).save(path)
+    out = runs / f"audit_{kind}_s{seed}_{probs}"
+    seconds = finegrain("audit", str(artifact), "--manifest", str(path), "-o", str(out), "--label-probs", probs,
+                        "--cache-dir", str(runs / "cache"), "--features-dir", str(runs / "features"),
+                        "--wandb", "disabled")
+    found = pd.read_csv(out / "audit.csv", keep_default_na=False)
+    flagged = set(found.loc[(found["issue"] == "label") & (found["split"] == "train"), "path"])
+    train = noisy[noisy["split"] == "train"]
+    names = sorted(set(train["label"]))
+    codes = np.searchsorted(names, train["label"].to_numpy())
+    feats = train_features(runs, noisy)
+    source = knn_probabilities if probs == "knn" else cross_validated_probabilities
+    predicted = source(feats, codes, len(names)).argmax(1)
+    baseline = set(train["path"].to_numpy()[predicted != codes])
+    return {"audit": scores(flagged, truth), "baseline_argmax": scores(baseline, truth), "audit_s": round(seconds, 1)}
+
+
+def main() -> None:
+    args = parse_args()
+    if not (REPO.parent / "shared" / "data" / "cub50" / "images.txt").is_file():
+        sys.exit("needs ../shared/data/cub50 (the real CUB subset)")
+    runs, out = Path(args.runs_dir), Path(args.out)
+    runs.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text())["results"] if out.is_file() else {}
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
+              "command": "python benchmarks/bench_own_data.py " + " ".join(sys.argv[1:]), "results": results}
+    artifact = frozen_artifact(args, runs)
+    clean_features = None
+    for probs in args.label_probs:
+        for kind in ("uniform", "confusable"):
+            for seed in range(args.seeds):
+                tag = f"frozen/label_errors/{probs}/{kind}/s{seed}"
+                if tag in results:
+                    continue
+                if kind == "confusable" and clean_features is None:
+                    clean_features = train_features(runs, _clean_table())
+                results[tag] = label_error_cell(args, runs, artifact, kind, seed, probs, clean_features)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(record, indent=2) + "\n")
+                print(json.dumps({tag: results[tag]}), flush=True)
+    for tag, r in results.items():
+        print(f"{tag:40s} audit F1 {r['audit']['f1']:.3f} (P {r['audit']['precision']:.3f} R {r['audit']['recall']:.3f})"
+              f"  argmax baseline F1 {r['baseline_argmax']['f1']:.3f}  {r['audit_s']} s")
+
+
+def _clean_table() -> pd.DataFrame:
+    from finegrain.data.manifest import Manifest
+
+    return Manifest.load(MANIFEST).table.reset_index(drop=True)
+
+
+if __name__ == "__main__":
+    main()
