@@ -18,7 +18,6 @@ from finegrain.artifacts import Artifact, load_artifact
 from finegrain.config import FeatureConfig
 from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import BBOX_COLUMNS, Manifest
-from finegrain.engine.device import resolve_amp
 from finegrain.errors import FinegrainError
 from finegrain.eval.features import extract_features, flip_averaged, test_size
 from finegrain.fsutil import atomic_path
@@ -61,9 +60,10 @@ def _file_id(weights: str | None):
 class FeatureStore:
     """Extracts features of manifest rows once and keeps them in OUT/features/<key>.safetensors."""
 
-    def __init__(self, cfg: FeatureConfig, subject: Subject, device: torch.device, folder: Path):
-        """folder: the default cache folder (cfg.features_dir overrides it)."""
-        self.cfg, self.subject, self.device = cfg, subject, device
+    def __init__(self, cfg: FeatureConfig, subject: Subject, device: torch.device, folder: Path,
+                 amp_dtype: torch.dtype | None = None):
+        """folder: the default cache folder (cfg.features_dir overrides it); amp_dtype: autocast dtype or None."""
+        self.cfg, self.subject, self.device, self.amp_dtype = cfg, subject, device, amp_dtype
         self.folder = Path(cfg.features_dir) if cfg.features_dir else folder
         self.seconds = 0.0  # wall time spent extracting in this run
         self.extracted = 0
@@ -88,7 +88,7 @@ class FeatureStore:
         start = time.perf_counter()
         embed = flip_averaged(self.subject.model) if self.cfg.flip_tta else self.subject.model
         feats, _ = extract_features(embed, ds, device=self.device, batch_size=self.cfg.batch_size,
-                                    workers=self.cfg.workers, amp_dtype=resolve_amp(self.cfg.amp, self.device),
+                                    workers=self.cfg.workers, amp_dtype=self.amp_dtype,
                                     progress=f"features: {what}")
         seconds = time.perf_counter() - start
         self.seconds += seconds

@@ -34,7 +34,7 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
     """Audit the manifest's photos with the artifact's embeddings; write audit.csv and audit.html; return the findings."""
     with stage_run("audit", cfg, allow_unseen_classes=True) as run:
         subject = Subject(cfg)
-        store = FeatureStore(cfg, subject, run.device, run.out / "features")
+        store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
         rows = run.manifest.table.reset_index(drop=True)
         feats = store.features(run.manifest, "all")
         start = time.perf_counter()

@@ -41,7 +41,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     """Evaluate as `cfg` says; write OUT/report/ and the evaluation artifact; return it."""
     with stage_run("evaluate", cfg, allow_unseen_classes=True) as run:
         subject = Subject(cfg)
-        store = FeatureStore(cfg, subject, run.device, run.out / "features")
+        store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
         metrics: dict = {k: None for k in METRIC_KEYS}
         context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
                    "manifest_hash": run.manifest.content_hash, "image_size": subject.image_size,
