@@ -308,9 +308,10 @@ class SuggestConfig(FeatureConfig):
     strategy: str = option("auto", "How to choose. typiclust: the most typical photo of each of the largest "
                                    "unlabelled clusters (Hacohen et al. 2022), for a cold start; probcover: photos "
                                    "whose neighbourhoods cover the most unlabelled photos (Yehuda et al. 2022), a "
-                                   "cold start too, refused above --probcover-limit photos; uncertainty: photos a "
-                                   "logistic regression on the labelled train photos is unsure about, spread over "
-                                   "the embedding (uncertainty-weighted k-means, CLUE, Prabhu et al. 2021); auto: "
+                                   "cold start too, refused above --probcover-limit photos; uncertainty: among the 10 x "
+                                   "budget photos a logistic regression on the labelled train photos is least sure "
+                                   "about, one per uncertainty-weighted k-means cluster (CLUE, Prabhu et al. 2021; "
+                                   "Zhdanov 2019); auto: "
                                    "typiclust while there are fewer labelled train photos than "
                                    "--cold-start-per-class per species (or fewer than 2 species), else uncertainty.",
                            choices=SUGGEST_STRATEGIES)

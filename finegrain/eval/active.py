@@ -1,11 +1,12 @@
 """Which unlabelled photos to label next: low-budget active learning on L2-normalised embeddings.
 
 scikit-activeml selects: TypiClust (Hacohen et al. ICML 2022) and ProbCover (Yehuda et al. NeurIPS
-2022) for a cold start, CLUE (Prabhu et al. ICCV 2021: k-means over the candidates weighted by a
-classifier's margin uncertainty, the photo nearest each centre) once labels exist, with finegrain's
-own linear probe (eval/linear.py) as the classifier. Written here is only what the library leaves
-open: the choice between them, ProbCover's memory cap and radius grid, a guard against repeated
-picks, and a description of each pick (score, the photos it stands for, a reason) for the user.
+2022) for a cold start; once labels exist, CLUE (Prabhu et al. ICCV 2021: k-means weighted by a
+classifier's margin uncertainty, the photo nearest each centre) over the 10 x budget least certain
+photos (Zhdanov 2019's diverse mini-batch rule), with finegrain's own linear probe (eval/linear.py)
+as the classifier. Written here is only what the library leaves open: the choice between them, the
+uncertain pre-selection, ProbCover's memory cap and radius grid, a guard against repeated picks,
+and a description of each pick (score, the photos it stands for, a reason) for the user.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ log = logging.getLogger("finegrain")
 STRATEGIES = ("typiclust", "probcover", "uncertainty")
 TYPICALITY_K = 5  # neighbours in the typicality score, TypiClust's k
 KMEANS_MAX_CLUSTERS = 50  # above this TypiClust clusters with MiniBatchKMeans, as its authors' code does
-PROBCOVER_DELTAS = np.arange(0.05, 2.0, 0.05)  # radii on the unit sphere (distances 0-2); the library's 0.2 steps are coarse
+UNCERTAIN_POOL = 10  # uncertainty: cluster the 10 x budget least certain photos (Zhdanov 2019's beta)
+PROBCOVER_DELTAS = np.arange(0.05, 2.0, 0.05)  # radii on the unit sphere (0-2); the library's 0.2 steps are coarse
 
 
 @dataclass
@@ -61,15 +63,18 @@ def auto_strategy(n_labelled: int, labelled_classes: int, known_classes: int, pe
 
 
 def suggest(strategy: str, pool: np.ndarray, labelled: np.ndarray, labels: np.ndarray, budget: int, *,
-            class_names: list[str], seed: int = 0, probcover_limit: int = 8000) -> Picks:
+            class_names: list[str], species: int = 0, seed: int = 0, probcover_limit: int = 8000) -> Picks:
     """Choose `budget` distinct pool photos to label next.
 
     Args:
         strategy: one of STRATEGIES.
         pool: (N, D) float32 L2-normalised features of the unlabelled photos.
         labelled: (L, D) float32 L2-normalised features of the labelled photos (L may be 0).
-        labels: (L,) int codes into `class_names`.
+        labels: (L,) int codes into `class_names` (the labelled species).
         budget: 1 <= budget <= N.
+        species: how many species there are in all, labelled or not (0: unknown). ProbCover's radius
+            depends on it: the largest that keeps 95% of neighbourhoods within one of `species`
+            k-means clusters; unknown, the budget stands in for it.
         probcover_limit: probcover refuses more than this many photos (N + L): it holds N x N distances.
     """
     if not 1 <= budget <= len(pool):
@@ -81,7 +86,8 @@ def suggest(strategy: str, pool: np.ndarray, labelled: np.ndarray, labels: np.nd
     if strategy == "typiclust":
         chosen = _typiclust(X, y, budget, seed)
     elif strategy == "probcover":
-        chosen = _probcover(X, y, budget, seed, n_classes=len(class_names), limit=probcover_limit)
+        clusters = species or max(len(class_names), budget)
+        chosen = _probcover(X, y, budget, seed, n_classes=clusters, limit=probcover_limit)
     elif strategy == "uncertainty":
         chosen, probs = _clue(X, y, budget, seed, n_classes=len(class_names))
     else:
@@ -118,14 +124,16 @@ def _probcover(X: np.ndarray, y: np.ndarray, budget: int, seed: int, *, n_classe
     if any("purity" in str(w.message) for w in caught):
         log.warning("probcover: no radius keeps 95%% of neighbourhoods within one k-means cluster; using the "
                     "smallest, %.2f", PROBCOVER_DELTAS[0])
-    log.info("probcover: radius %.2f (cosine distance %.3f)", qs.delta_max_, qs.delta_max_ ** 2 / 2)
+    log.info("probcover: radius %.2f (cosine distance %.3f), from %d k-means clusters", qs.delta_max_,
+             qs.delta_max_ ** 2 / 2, n_classes)
     return chosen
 
 
 def _clue(X: np.ndarray, y: np.ndarray, budget: int, seed: int, *, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """CLUE's picks (rows of X) with finegrain's linear probe; and the probe's (N, C) probabilities of the pool."""
+    """Picks (rows of X): CLUE over the UNCERTAIN_POOL x budget least certain unlabelled photos; and the probe's
+    (N, C) probabilities of all unlabelled photos."""
     from skactiveml.classifier import SklearnClassifier
-    from skactiveml.pool import Clue
+    from skactiveml.pool import Clue, uncertainty_scores
 
     labelled = np.isfinite(y)
     if len(np.unique(y[labelled])) < 2:
@@ -135,10 +143,14 @@ def _clue(X: np.ndarray, y: np.ndarray, budget: int, seed: int, *, n_classes: in
     clf.fit(X, y)
     if not clf.is_fitted_:  # SklearnClassifier falls back to class frequencies when fitting fails
         raise FinegrainError("the logistic regression on the labelled train photos could not be fitted")
-    # Clue does not pass its random_state on to k-means: seeded here, so a rerun suggests the same photos.
+    pool = np.flatnonzero(~labelled)
+    probs = clf.predict_proba(X[pool])
+    # Clustering all photos puts CLUE's centres in dense, confident regions (margin weights range only
+    # 0.5-1): cluster the most uncertain ones only, as Zhdanov's DMBAL does. Clue does not seed k-means.
+    margin = uncertainty_scores(probs, method="margin_sampling")
+    candidates = pool[np.argsort(-margin, kind="stable")[:UNCERTAIN_POOL * budget]]
     qs = Clue(method="margin_sampling", cluster_algo_dict={"random_state": seed}, random_state=seed)
-    chosen = qs.query(X, y, clf, fit_estimator=False, batch_size=budget)
-    return chosen, clf.predict_proba(X[~labelled])
+    return qs.query(X, y, clf, fit_estimator=False, candidates=candidates, batch_size=budget), probs
 
 
 class _ProbeClassifier(ClassifierMixin, BaseEstimator):

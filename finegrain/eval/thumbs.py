@@ -52,7 +52,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.
 h1 { font-size: 1.4rem; } table.notes th { text-align: left; padding-right: 1rem; color: #57606a; }
 .sheet { display: grid; grid-template-columns: repeat(auto-fill, minmax(13rem, 1fr)); gap: .8rem; margin-top: 1rem; }
 .tile { border: 1px solid #d0d7de; border-radius: 6px; padding: .5rem; font-size: .8rem; display: flex; gap: .5rem; }
-.tile img, .tile .missing { width: %(side)dpx; height: %(side)dpx; object-fit: contain; flex: none; background: #f6f8fa; }
+.tile img, .tile .missing { width: %(side)dpx; height: %(side)dpx; object-fit: contain; flex: none;
+  background: #f6f8fa; }
 .tile .missing { display: flex; align-items: center; justify-content: center; color: #cf222e; }
 .tile b { display: block; font-size: .9rem; } .tile p { margin: .15rem 0; overflow-wrap: anywhere; }
 """

@@ -46,13 +46,13 @@ def run_suggest(cfg: SuggestConfig) -> pd.DataFrame:
 
     pool, labelled = _features(cfg, subject, device, manifest, pool_rows, train_rows)
     classes = sorted(set(train_rows.table["label"]))
+    species = max(len(manifest.class_names), len(subject.artifact.info.get("class_names") or []))
     strategy, why = cfg.strategy, "chosen with --strategy"
     if strategy == "auto":
-        known = max(len(manifest.class_names), len(subject.artifact.info.get("class_names") or []))
-        strategy, why = auto_strategy(len(train_rows), len(classes), known, cfg.cold_start_per_class)
+        strategy, why = auto_strategy(len(train_rows), len(classes), species, cfg.cold_start_per_class)
     log.info("suggest: %s (%s), %d of %d unlabelled photos", strategy, why, budget, len(pool_rows))
     picks = suggest(strategy, pool, labelled, train_rows.class_codes(classes).numpy(), budget, class_names=classes,
-                    seed=cfg.seed, probcover_limit=cfg.probcover_limit)
+                    species=species, seed=cfg.seed, probcover_limit=cfg.probcover_limit)
 
     table = _table(pool_rows, picks, _best_guess(subject, pool[picks.index]))
     out = Path(cfg.out)
