@@ -194,22 +194,20 @@ def _distinct(index: np.ndarray, n_pool: int, budget: int, seed: int) -> np.ndar
 def _describe(strategy: str, pool: np.ndarray, labelled: np.ndarray, index: np.ndarray, probs, class_names) -> Picks:
     """Score, represents and reason of each pick; uncertainty picks ordered by the uncertainty they stand for."""
     nearest = _nearest_pick(pool, labelled, index)
+    stands, mine = nearest >= 0, nearest[nearest >= 0]
+    represents = np.bincount(mine, minlength=len(index))
     if probs is None:
-        score = typicality(pool, index)
-        represents = np.bincount(nearest[nearest >= 0], minlength=len(index))
         noun = "cluster" if strategy == "typiclust" else "dense region"
         reason = [f"typical of an unlabelled {noun} of {n} photo(s)" for n in represents]
-        return Picks(index, score, represents, reason, strategy)
+        return Picks(index, typicality(pool, index), represents, reason, strategy)
     top2 = np.argsort(-probs, axis=1)[:, :2]
-    margin = 1.0 - (np.take_along_axis(probs, top2, 1) @ np.array([1.0, -1.0]))
-    order = np.argsort(-np.bincount(nearest[nearest >= 0], weights=margin[nearest >= 0], minlength=len(index)),
-                       kind="stable")  # CLUE's clusters come unordered: most uncertainty represented first
-    index = index[order]
-    represents = np.bincount(nearest[nearest >= 0], minlength=len(order))[order]
-    reason = []
-    for i in index:
-        (a, b), (pa, pb) = top2[i], probs[i, top2[i]]
-        reason.append(f"uncertain: top-2 species {class_names[a]} / {class_names[b]} ({pa:.2f} / {pb:.2f})")
+    p2 = np.take_along_axis(probs, top2, 1)
+    margin = 1.0 - (p2[:, 0] - p2[:, 1])
+    # CLUE's clusters come unordered: the pick standing for the most uncertainty first
+    order = np.argsort(-np.bincount(mine, weights=margin[stands], minlength=len(index)), kind="stable")
+    index, represents = index[order], represents[order]
+    reason = [f"uncertain: top-2 species {class_names[top2[i, 0]]} / {class_names[top2[i, 1]]} "
+              f"({p2[i, 0]:.2f} / {p2[i, 1]:.2f})" for i in index]
     return Picks(index, margin[index], represents, reason, strategy)
 
 
