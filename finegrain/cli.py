@@ -367,8 +367,16 @@ def _run_audit(config) -> None:
               f"{counts.get('duplicate', 0)} near-duplicates, {counts.get('outlier', 0)} outliers")
 
 
+def _run_suggest(config) -> None:
+    from finegrain.stages.suggest import run_suggest
+
+    table = run_suggest(config)
+    html = Path(config.out).with_suffix(".html")
+    out.print(f"wrote {config.out}: {len(table)} photos to label next, in order; contact sheet {html}")
+
+
 def _register_stages() -> None:
-    from finegrain.config import AuditConfig, EvaluateConfig, PretrainConfig, SupconConfig
+    from finegrain.config import AuditConfig, EvaluateConfig, PretrainConfig, SuggestConfig, SupconConfig
     from finegrain.registry import PRETRAIN_METHODS, SUPCON_LOSSES
 
     _stage_command("pretrain", PretrainConfig, _run_pretrain, f"""Self-supervised pretraining of any timm backbone (--method: {", ".join(PRETRAIN_METHODS.names())}).
@@ -405,6 +413,12 @@ def _register_stages() -> None:
 
     Then: finegrain manifest relabel data_manifests/mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o data_manifests/mine_fixed.csv
     """, arguments={"from_artifact": "ARTIFACT_DIR"})
+    _stage_command("suggest", SuggestConfig, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
+
+    Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir). With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.
+
+    Example: finegrain suggest --manifest data_manifests/my_birds.csv --from runs/supcon --budget 50 -o runs/next50.csv
+    """)
 
 
 _register_stages()

@@ -311,6 +311,48 @@ class AuditConfig(FeatureConfig):
             raise ConfigError("from_artifact", "is required: the artifact whose embeddings to audit with")
 
 
+SUGGEST_STRATEGIES = ("auto", "typiclust", "probcover", "uncertainty")
+
+
+@dataclass
+class SuggestConfig(FeatureConfig):
+    """`finegrain suggest`: which unlabelled photos of a manifest to label next, ranked on an artifact's features.
+
+    Labelled photos are the manifest's train rows; candidates its 'unlabeled' rows.
+    """
+
+    out: str = option("", "CSV of the photos to label next (rank, path, reason, ...); a contact sheet with "
+                          "thumbnails is written beside it with the suffix .html.", flag="--out")
+    from_artifact: str | None = option(None, "Artifact folder whose features rank the photos (a pretrain or supcon "
+                                             "run; a supcon artifact's classifier also adds a best guess). Required.",
+                                       flag="--from")
+    budget: int = option(20, "How many photos to suggest; more than there are unlabelled photos suggests them all "
+                             "(with a warning).", check=at_least(1))
+    strategy: str = option("auto", "How to choose. typiclust: the most typical photo of each of the largest "
+                                   "unlabelled clusters (Hacohen et al. 2022), for a cold start; probcover: photos "
+                                   "whose neighbourhoods cover the most unlabelled photos (Yehuda et al. 2022), a "
+                                   "cold start too, refused above --probcover-limit photos; uncertainty: among the 10 x "
+                                   "budget photos a logistic regression on the labelled train photos is least sure "
+                                   "about, one per uncertainty-weighted k-means cluster (CLUE, Prabhu et al. 2021; "
+                                   "Zhdanov 2019); auto: "
+                                   "typiclust while there are fewer labelled train photos than "
+                                   "--cold-start-per-class per species (or fewer than 2 species), else uncertainty.",
+                           choices=SUGGEST_STRATEGIES)
+    cold_start_per_class: float = option(2.0, "--strategy auto: labelled train photos per species below which "
+                                              "typiclust is used.", check=at_least(0))
+    probcover_limit: int = option(8000, "--strategy probcover: refuse more photos (labelled train + unlabelled) than "
+                                        "this; it holds all N x N distances (8000 photos: about 0.5 GB).",
+                                  check=at_least(2))
+
+    def check(self) -> None:
+        if not self.from_artifact:
+            raise ConfigError("from_artifact", "is required: the artifact folder whose features rank the photos (a "
+                                               "pretrain or supcon run)")
+        if not self.out.lower().endswith(".csv"):
+            raise ConfigError("out", f"must be a .csv file (the contact sheet goes beside it as .html), got "
+                                     f"{self.out!r}")
+
+
 # --- checking ----------------------------------------------------------------------------------
 
 def check_fields(config) -> None:
