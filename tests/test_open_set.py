@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -226,8 +227,6 @@ def test_open_set_off_restores_the_plain_columns(open_birds, open_artifact):
 
 
 def test_older_artifacts_predict_as_before_and_refuse_open_set_on(open_birds, open_artifact, tmp_path):
-    import shutil
-
     old = tmp_path / "old"
     shutil.copytree(open_artifact.path, old)
     info = json.loads((old / ARTIFACT_FILE).read_text())
@@ -266,8 +265,12 @@ def test_evaluate_reports_open_set_metrics_for_unseen_test_classes(open_birds, t
         assert 0.0 <= ctx[f"open_set_auroc_{name}"] <= 1.0 and 0.0 <= ctx[f"open_set_fpr95_{name}"] <= 1.0
     assert ctx["unseen_images"] == 10 and ctx["unseen_classes"] == 1 and ctx["open_set_k_from"] == "default"
     # the headline score is the kNN distance on the cached features
-    feats = {p.name.rsplit("-", 1)[0]: load_file(p)["features"] for p in (art.path / "features").glob("*.safetensors")}
-    known, unseen = (knn_distance_scores(feats["train"], feats[f], ctx["open_set_k"]) for f in ("test", "test_unseen"))
+    files = (art.path / "features").glob("*.safetensors")
+    cached = [(p.name.rsplit("-", 1)[0], load_file(p)["features"]) for p in files]
+    feats = {(name, len(f)): f for name, f in cached}  # "test" twice: the known queries (8), retrieval (all 18)
+    train = feats["train", len(open_birds.rows("train"))]
+    known, unseen = (knn_distance_scores(train, feats[f, n], ctx["open_set_k"])
+                     for f, n in (("test", 8), ("test_unseen", 10)))
     expected = open_set_metrics(known, unseen)
     assert report["open_set_auroc"] == pytest.approx(expected["auroc"])
     assert report["open_set_fpr95"] == pytest.approx(expected["fpr95"])

@@ -14,7 +14,8 @@ features averaged with the mirror image's) or a bare backbone on a manifest. Pro
   and of the linear probe's max-softmax and max-logit baselines.
 Features are cached in OUT/features/, keyed by model, image size, crop and rows, so re-running
 (other k, other probe) does not extract again. Writes OUT/report/ (metrics.json, per_class.csv,
-confused_pairs.csv, open_set.csv with unseen classes, PNG plots, index.html) and an artifact whose weights are the linear probe.
+confused_pairs.csv, open_set.csv when there are unseen classes, PNG plots, index.html) and an
+artifact whose weights are the linear probe.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
         timings["linear_s"] = seconds
         metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
         context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
-    unseen = Manifest(all_queries.table[~all_queries.table["label"].isin(classes)].reset_index(drop=True), manifest.root)
+    unseen = all_queries.rows(query_split, sorted(set(all_queries.table["label"]) - set(classes)))
     open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context)
     return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes,
                        predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy(), open_set=open_set)

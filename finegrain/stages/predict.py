@@ -112,7 +112,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
                                     amp_dtype=resolve_amp("auto", dev), progress="predict")
         logits = torch.nn.functional.normalize(feats, dim=1) @ head["weight"].T.float() + head["bias"].float()
         predicted = _predictions(logits, feats, classes, top_k, reference)
-        by_path = {str(root / path): {"path": str(root / path), **row} for path, row in zip(manifest.table["path"], predicted)}
+        by_path = {str(root / p): {"path": str(root / p), **row} for p, row in zip(manifest.table["path"], predicted)}
         rows = [by_path.get(r["path"], r) for r in rows]
     df = pd.DataFrame(rows)
     cols = ["path"] + [f"pred_{j + 1}" for j in range(top_k)] + [f"score_{j + 1}" for j in range(top_k)]
