@@ -318,8 +318,8 @@ def _run_evaluate(config) -> None:
     artifact = run_evaluate(config)
     if artifact is not None:
         metrics = artifact.info["metrics"]
-        headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_top1", "recall_at_1", "map_at_r", "open_set_auroc")
-                             if metrics.get(k) is not None)
+        keys = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r", "open_set_auroc")
+        headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
         out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{headline}")
 
 
