@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from finegrain.errors import FinegrainError
@@ -353,8 +354,8 @@ def _run_evaluate(config) -> None:
     artifact = run_evaluate(config)
     if artifact is not None:
         metrics = artifact.info["metrics"]
-        headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
-                             if metrics.get(k) is not None)
+        keys = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r", "open_set_auroc")
+        headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
         out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{headline}")
 
 
@@ -435,18 +436,28 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     flip_tta: Annotated[Optional[bool], typer.Option("--flip-tta/--no-flip-tta", help="Average each photo's features with its mirror image's (default: as the classifier was fitted).")] = None,
+    open_set: Annotated[Optional[str], typer.Option("--open-set", metavar="on|off", help="Name photos unlike every trained species 'unknown' (default: on when the artifact stores a calibration, as supcon artifacts do; off for older ones).")] = None,
 ):
     """Name the species in new photos with a trained artifact's embedding and classifier.
 
     Writes one row per photo: path, pred_1..pred_K, score_1..score_K (probabilities) and an error
     for files that cannot be read.
 
+    With --open-set on (the default for supcon artifacts that store it), also: unknown_score (distance
+    to the k-th nearest training photo, 0-2; larger = less like any trained species), known (false when
+    unknown_score is past the threshold calibrated to accept 95% of known-species photos) and
+    nearest_species (the classifier's best species). pred_1 is 'unknown' for photos not known; pred_2..
+    and score_1.. stay the classifier's ranking (score_1 is nearest_species' probability). --open-set off
+    writes only the columns above.
+
     Example: finegrain predict runs/supcon ~/photos/garden --top-k 5 -o preds.csv
     """
     from finegrain.stages.predict import run_predict
 
+    if open_set not in (None, "on", "off"):
+        raise FinegrainError(f"--open-set must be on or off, got {open_set!r}")
     df = run_predict(artifact, images, top_k=top_k, out_csv=out_csv, device=device, batch_size=batch_size, workers=workers,
-                     flip_tta=flip_tta)
+                     flip_tta=flip_tta, open_set=None if open_set is None else open_set == "on")
     if out_csv:
         out.print(f"wrote {out_csv}: {len(df)} photos")
         return
@@ -457,7 +468,10 @@ def predict(
             table.add_row(Path(r["path"]).name, "[red]unreadable[/]", "", str(r["error"]))
         else:
             nxt = ", ".join(f"{r[f'pred_{j}']} {r[f'score_{j}']:.2f}" for j in range(2, top_k + 1) if f"pred_{j}" in r)
-            table.add_row(Path(r["path"]).name, str(r["pred_1"]), f"{r['score_1']:.3f}", nxt)
+            named = str(r["pred_1"])
+            if "known" in r and not r["known"]:
+                named = f"[yellow]unknown[/] (nearest: {escape(str(r['nearest_species']))}, score {r['unknown_score']:.3f})"
+            table.add_row(Path(r["path"]).name, named, f"{r['score_1']:.3f}", nxt)
     out.print(table)
 
 

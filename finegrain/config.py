@@ -210,7 +210,12 @@ class SupconConfig(TrainConfig):
     head_warmup_epochs: float = option(1.0, "Epochs that train only the new head before the backbone is unfrozen "
                                             "(LP-FT).", check=at_least(0))
     classifier: bool = option(True, "Fit a logistic-regression classifier on the embedding after training (used by "
-                                    "predict).")
+                                    "predict), and calibrate its unknown-species score: the distance to the "
+                                    "--open-set-k-th nearest train photo (the train features are stored in the "
+                                    "artifact, N x D float16), thresholded to accept 95% of known-species val "
+                                    "photos (or of a train hold-out).")
+    open_set_k: int = option(5, "Which nearest train photo's distance is the unknown-species score (Sun et al. "
+                                "2022); capped at the median train photos per species.", check=at_least(1))
     unlabeled: str = option("none", "What to do with the manifest's unlabeled photos: none (train on labels only) or "
                                     "pseudo (a slowly moving average of the model labels them; those it is confident "
                                     "about join the SupCon term with their pseudo-labels, see --pseudo-ce). For "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from finegrain.eval.linear import ABSENT_CLASS_BIAS, LinearProbe, _stratified_holdout, fit_linear_probe
+from finegrain.eval.linear import ABSENT_CLASS_BIAS, LinearProbe, fit_linear_probe, stratified_holdout
 from finegrain.eval.retrieval import retrieval_metrics
 
 
@@ -278,7 +278,7 @@ def test_holdout_path_without_val():
     assert probe.C_reg in Cs and 0.0 <= probe.val_top1 <= 1.0
 
     # the hold-out is stratified and comes from train; C maximises its accuracy (ties: smallest)
-    fit_idx, held_idx = _stratified_holdout(y, 3)
+    fit_idx, held_idx = stratified_holdout(y, 3)
     assert len(np.intersect1d(fit_idx, held_idx)) == 0 and len(fit_idx) + len(held_idx) == 150
     assert np.bincount(y[held_idx]).tolist() == [6] * 5  # round(20% of 30) per class
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -295,10 +295,10 @@ def test_holdout_path_without_val():
 
 def test_stratified_holdout_small_classes():
     y = np.array([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # class 0: 1 image, 1: 2 images, 2: 10 images
-    fit_idx, held_idx = _stratified_holdout(y, 0)
+    fit_idx, held_idx = stratified_holdout(y, 0)
     assert np.bincount(y[held_idx], minlength=3).tolist() == [0, 1, 2]
     assert set(y[fit_idx]) == {0, 1, 2}  # every class keeps an image to fit on
-    again = _stratified_holdout(y, 0)
+    again = stratified_holdout(y, 0)
     np.testing.assert_array_equal(held_idx, again[1])
 
 

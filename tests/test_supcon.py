@@ -16,7 +16,7 @@ from finegrain.config import PretrainConfig, SupconConfig
 from finegrain.errors import FinegrainError
 from finegrain.methods import SupervisedMethod
 from finegrain.registry import SUPCON_LOSSES
-from finegrain.stages.predict import run_predict
+from finegrain.stages.predict import UNKNOWN, run_predict
 from finegrain.stages.pretrain import run_pretrain
 from finegrain.stages.supcon import run_supcon
 
@@ -152,7 +152,8 @@ def test_predict_names_species_and_reports_unreadable_files(birds, tmp_path):
     broken = written[written["path"].str.endswith("broken.jpg")]
     assert len(broken) == 1 and isinstance(broken["error"].iloc[0], str) and pd.isna(broken["pred_1"].iloc[0])
     good = written[written["error"].isna()]
-    assert set(good["pred_1"]) <= set(birds.class_names)
+    assert set(good["pred_1"]) <= set(birds.class_names) | {UNKNOWN}  # open-set scoring is on by default
+    assert set(good["nearest_species"]) <= set(birds.class_names)
     scores = good[["score_1", "score_2", "score_3"]].to_numpy()
     assert (scores[:, :-1] >= scores[:, 1:]).all() and (scores.sum(1) <= 1 + 1e-5).all() and (scores > 0).all()
     with pytest.raises(FinegrainError, match="no classifier"):

@@ -112,7 +112,7 @@ def _top1(probe: LinearProbe, x: np.ndarray, y: np.ndarray) -> float:
     return float((probe.predict(x) == y).mean())
 
 
-def _stratified_holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (fit, hold-out): round(20%) (at least 1) of each class with >= 2 items is held out.
 
     Every class keeps at least one item on the fit side; classes with one item are not held out.
@@ -200,7 +200,7 @@ def fit_linear_probe(
 
     if len(Cs) == 1:
         return _fit_one(x, y, C=Cs[0], **fit)
-    fit_idx, held_idx = _stratified_holdout(y, seed)
+    fit_idx, held_idx = stratified_holdout(y, seed)
     if len(held_idx) == 0:
         log.warning("linear probe: no class has 2 training images to hold out; using C=1.0 unchosen")
         return _fit_one(x, y, C=1.0, **fit)

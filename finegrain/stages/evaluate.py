@@ -8,9 +8,14 @@ features averaged with the mirror image's) or a bare backbone on a manifest. Pro
   probe's regularisation is chosen on val (or a hold-out of train).
 - Retrieval (Recall@K, MAP@R): leave-one-out within `retrieval_split`, any classes, as in the
   zero-shot CUB protocol.
+- Open set, when the queries hold classes never seen in training: how well a score tells those
+  photos from the queries of trained classes (eval/open_set.py): AUROC and FPR at 95% TPR of the
+  distance to the k-th nearest train photo (k as the artifact stores it, else choose_k(DEFAULT_K)),
+  and of the linear probe's max-softmax and max-logit baselines.
 Features are cached in OUT/features/, keyed by model, image size, crop and rows, so re-running
 (other k, other probe) does not extract again. Writes OUT/report/ (metrics.json, per_class.csv,
-confused_pairs.csv, PNG plots, index.html) and an artifact whose weights are the linear probe.
+confused_pairs.csv, open_set.csv when there are unseen classes, PNG plots, index.html) and an
+artifact whose weights are the linear probe.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import logging
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from finegrain.artifacts import Artifact
 from finegrain.config import EvaluateConfig
 from finegrain.data.manifest import Manifest
 from finegrain.eval.knn import knn_scores, topk_accuracy
+from finegrain.eval.open_set import (DEFAULT_K, choose_k, knn_distance_scores, max_logit_scores, max_softmax_scores,
+                                     open_set_metrics)
 from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.eval.store import FeatureStore, Subject
 from finegrain.fsutil import atomic_write_text
@@ -35,6 +43,7 @@ log = logging.getLogger("finegrain")
 
 METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
                "recall_at_8", "map_at_r")
+OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the kNN-distance score; None without unseen classes
 
 
 def run_evaluate(cfg: EvaluateConfig) -> Artifact:
@@ -42,7 +51,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     with stage_run("evaluate", cfg, allow_unseen_classes=True) as run:
         subject = Subject(cfg)
         store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
-        metrics: dict = {k: None for k in METRIC_KEYS}
+        metrics: dict = {k: None for k in METRIC_KEYS + OPEN_SET_KEYS}
         context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
                    "manifest_hash": run.manifest.content_hash, "image_size": subject.image_size,
                    "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta, "retrieval_split": cfg.retrieval_split}
@@ -109,8 +118,36 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
         timings["linear_s"] = seconds
         metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
         context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
+    unseen = all_queries.rows(query_split, sorted(set(all_queries.table["label"]) - set(classes)))
+    open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context)
     return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes,
-                       predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy())
+                       predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy(), open_set=open_set)
+
+
+def _open_set(store: FeatureStore, unseen: Manifest, ftr, ytr, fq, probe, metrics: dict,
+              context: dict) -> pd.DataFrame | None:
+    """Open-set scores of the queries of trained classes (fq, known) and of `unseen` rows (unknown).
+
+    Puts the kNN-distance score's AUROC and FPR95 into `metrics`, every score's into `context`;
+    returns them as a table (score, auroc, fpr95), or None when there are no unseen or no known queries.
+    """
+    if not len(unseen) or not len(fq):
+        return None
+    fu = store.features(unseen, f"{context['query_split']}_unseen")
+    stored = (store.subject.artifact.info.get("open_set") or {}) if store.subject.artifact is not None else {}
+    k = int(stored["k"]) if stored else choose_k(DEFAULT_K, ytr)
+    scores = {"knn_distance": (knn_distance_scores(ftr, fq, k), knn_distance_scores(ftr, fu, k))}
+    if probe is not None:
+        known, unknown = (torch.from_numpy(probe.scores(f)) for f in (fq, fu))
+        scores["max_softmax"] = (max_softmax_scores(known), max_softmax_scores(unknown))
+        scores["max_logit"] = (max_logit_scores(known), max_logit_scores(unknown))
+    found = {name: open_set_metrics(*pair) for name, pair in scores.items()}
+    metrics.update(open_set_auroc=found["knn_distance"]["auroc"], open_set_fpr95=found["knn_distance"]["fpr95"])
+    context.update(unseen_images=len(unseen), unseen_classes=unseen.table["label"].nunique(), open_set_k=k,
+                   open_set_k_from="artifact" if stored else "default")
+    for name, m in found.items():
+        context.update({f"open_set_auroc_{name}": round(m["auroc"], 4), f"open_set_fpr95_{name}": round(m["fpr95"], 4)})
+    return pd.DataFrame([{"score": name, **m} for name, m in found.items()])
 
 
 def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
@@ -155,9 +192,17 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
                                       title=f"t-SNE of {context['query_split']} embeddings")
             images["embedding_map"] = "embedding_map.png"
         context["per_class_predicted_by"] = data["predicted_by"]
+    if data.get("open_set") is not None:
+        atomic_write_text(folder / "open_set.csv", data["open_set"].to_csv(index=False))
+        tables["open_set"] = data["open_set"]
     headline = {k: v for k, v in metrics.items() if v is not None}
     report.write_html_report(folder, title=f"finegrain evaluation: {context['evaluated']}", metrics=headline,
-                             context=context, tables={"Most confused species": tables["confused_pairs"],
-                                                      "Per-class accuracy": tables["per_class"]} if tables else {},
-                             images=images)
+                             context=context, tables=_report_tables(tables), images=images)
     return tables, images
+
+
+def _report_tables(tables: dict) -> dict:
+    """The report's sections: section title -> table, for the tables present."""
+    titles = {"confused_pairs": "Most confused species", "per_class": "Per-class accuracy",
+              "open_set": "Unknown species (query classes not in train): AUROC and FPR at 95% TPR of each score"}
+    return {title: tables[name] for name, title in titles.items() if name in tables}

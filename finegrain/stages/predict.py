@@ -1,4 +1,8 @@
-"""`finegrain predict`: species predictions for new photos from an artifact that holds a classifier."""
+"""`finegrain predict`: species predictions for new photos from an artifact that holds a classifier.
+
+With open-set scoring (artifacts from supcon that store it), photos unlike every trained species are
+named `unknown` (eval/open_set.py: distance to the k-th nearest train photo, past the calibrated threshold).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from finegrain.artifacts import load_artifact
+from finegrain.artifacts import Artifact, load_artifact
 from finegrain.data.images import IMAGE_EXTENSIONS
 from finegrain.data.manifest import Manifest
 from finegrain.data.validate import check_manifest_or_raise
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
+from finegrain.eval.open_set import REFERENCE_KEY, OpenSetReference
 from finegrain.fsutil import atomic_write_text
 
 log = logging.getLogger("finegrain")
+
+UNKNOWN = "unknown"  # pred_1 of a photo whose open-set score is past the threshold
 
 
 def collect_images(inputs) -> list[Path]:
@@ -36,8 +43,24 @@ def collect_images(inputs) -> list[Path]:
     return [p.resolve() for p in found]
 
 
+def open_set_reference(artifact: Artifact, open_set: bool | None) -> OpenSetReference | None:
+    """The artifact's open-set reference when `open_set` is True, or None (default: use it when stored).
+
+    Raises:
+        FinegrainError: `open_set` is True and the artifact stores none (an older or --no-classifier run).
+    """
+    stored = artifact.info.get("open_set")
+    if open_set is False or (open_set is None and not stored):
+        return None
+    if not stored:
+        raise FinegrainError(f"--open-set on: {artifact.path} stores no unknown-species calibration (trained before "
+                             "open-set scoring, or without a val split or hold-out); retrain it with supcon, or use "
+                             "--open-set off")
+    return OpenSetReference.from_info(stored, artifact.state_dict()[REFERENCE_KEY])
+
+
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
-                workers: int = 2, flip_tta: bool | None = None) -> pd.DataFrame:
+                workers: int = 2, flip_tta: bool | None = None, open_set: bool | None = None) -> pd.DataFrame:
     """Predict the top-k classes of each image with the artifact's backbone and linear classifier.
 
     Features are read as the classifier was fitted on them (its image size and flip averaging, stored
@@ -45,7 +68,10 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
 
     Returns (and writes to `out_csv` when given) one row per image: path, then pred_1..pred_k and
     score_1..score_k (softmax probabilities in [0, 1]); images that cannot be read get an `error`
-    and no predictions.
+    and no predictions. With open-set scoring (`open_set` True, or None and the artifact stores it),
+    also nearest_species (the classifier's top species, whose probability is score_1), unknown_score
+    (distance to the k-th nearest train photo, in [0, 2]) and known (unknown_score <= the stored
+    threshold); pred_1 is then `unknown` for photos not known, pred_2.. stay the classifier's ranking.
     """
     from finegrain.data.dataset import ManifestDataset
     from finegrain.data.views import build_view, make_recipe
@@ -59,6 +85,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
         raise FinegrainError(f"{artifact_dir} has no classifier ({info.get('stage')} artifact); predict needs a supcon artifact")
     if top_k < 1:
         raise FinegrainError("--top-k must be at least 1")
+    reference = open_set_reference(artifact, open_set)
     classes = info["class_names"]
     top_k = min(top_k, len(classes))
     paths = collect_images(inputs)
@@ -84,18 +111,31 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
         feats, _ = extract_features(flip_averaged(model) if flip_tta else model, ds, device=dev, batch_size=batch_size, workers=workers,
                                     amp_dtype=resolve_amp("auto", dev), progress="predict")
         logits = torch.nn.functional.normalize(feats, dim=1) @ head["weight"].T.float() + head["bias"].float()
-        prob, idx = logits.softmax(1).topk(top_k, dim=1)
-        by_path = {}
-        for path, p, i in zip(manifest.table["path"], prob.tolist(), idx.tolist()):
-            path = str(root / path)
-            row = {"path": path, "error": ""}
-            row.update({f"pred_{j + 1}": classes[c] for j, c in enumerate(i)})
-            row.update({f"score_{j + 1}": round(s, 6) for j, s in enumerate(p)})
-            by_path[path] = row
+        predicted = _predictions(logits, feats, classes, top_k, reference)
+        by_path = {str(root / p): {"path": str(root / p), **row} for p, row in zip(manifest.table["path"], predicted)}
         rows = [by_path.get(r["path"], r) for r in rows]
     df = pd.DataFrame(rows)
-    cols = ["path"] + [f"pred_{j + 1}" for j in range(top_k)] + [f"score_{j + 1}" for j in range(top_k)] + ["error"]
-    df = df.reindex(columns=cols)
+    cols = ["path"] + [f"pred_{j + 1}" for j in range(top_k)] + [f"score_{j + 1}" for j in range(top_k)]
+    cols += ["nearest_species", "unknown_score", "known"] if reference is not None else []
+    df = df.reindex(columns=cols + ["error"])
     if out_csv:
         atomic_write_text(Path(out_csv), df.to_csv(index=False))
     return df
+
+
+def _predictions(logits: torch.Tensor, feats: torch.Tensor, classes: list[str], top_k: int,
+                 reference: OpenSetReference | None) -> list[dict]:
+    """One output row (without path) per photo from its (C,) logits and (D,) features, in order."""
+    prob, idx = logits.softmax(1).topk(top_k, dim=1)
+    unknown = reference.scores(feats).tolist() if reference is not None else [None] * len(feats)
+    rows = []
+    for p, i, u in zip(prob.tolist(), idx.tolist(), unknown):
+        row = {"error": ""}
+        row.update({f"pred_{j + 1}": classes[c] for j, c in enumerate(i)})
+        row.update({f"score_{j + 1}": round(s, 6) for j, s in enumerate(p)})
+        if reference is not None:
+            known = u <= reference.threshold
+            row.update(nearest_species=row["pred_1"], unknown_score=round(u, 6), known=known)
+            row["pred_1"] = row["pred_1"] if known else UNKNOWN
+        rows.append(row)
+    return rows

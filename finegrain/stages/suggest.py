@@ -19,7 +19,7 @@ import torch
 from finegrain.config import SuggestConfig
 from finegrain.data.manifest import Manifest
 from finegrain.data.validate import load_checked_manifest
-from finegrain.engine.device import resolve_device
+from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.eval.active import Picks, auto_strategy, suggest
 from finegrain.eval.store import FeatureStore, Subject
@@ -75,8 +75,8 @@ def _features(cfg: SuggestConfig, subject: Subject, device, manifest: Manifest, 
     """
     both = pd.concat([pool_rows.table, train_rows.table]).sort_values("path", kind="stable")
     photos = Manifest(both.assign(label="", split="unlabeled").reset_index(drop=True), manifest.root)
-    folder = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.out).parent / "features"
-    feats = FeatureStore(cfg, subject, device, folder).features(photos, "photos")
+    store = FeatureStore(cfg, subject, device, Path(cfg.out).parent / "features", resolve_amp(cfg.amp, device))
+    feats = store.features(photos, "photos")
     feats = torch.nn.functional.normalize(feats.float(), dim=1).numpy()
     position = {p: i for i, p in enumerate(photos.table["path"])}
 

@@ -1,0 +1,158 @@
+"""Open-set scores: how unlike every known species a photo is. Larger = more likely an unknown species.
+
+- kNN distance (Sun et al., ICML 2022, "Out-of-distribution detection with deep nearest neighbors"):
+  Euclidean distance, between L2-normalised features, from a photo to its k-th nearest training photo
+  (in [0, 2]; sqrt(2 - 2 cos)).
+- Baselines on a classifier's logits (Hendrycks & Gimpel 2017; Vaze et al., ICLR 2022, "Open-set
+  recognition: a good closed-set classifier is all you need"): minus the top softmax probability,
+  minus the top logit.
+
+A photo is accepted as a known species when its score is at most the threshold, unknown when above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finegrain.eval.linear import stratified_holdout
+
+DEFAULT_K = 5  # Sun et al. took k = 0.1% of CIFAR-10's 50,000 photos; 0.1% of a few thousand is a handful
+DEFAULT_KEEP = 0.95  # fraction of known-species photos the threshold accepts
+REFERENCE_KEY = "open_set.train_features"  # the reference's key in an artifact's model.safetensors
+
+
+@torch.no_grad()
+def knn_distance_scores(train_feats: torch.Tensor, query_feats: torch.Tensor, k: int,
+                        chunk_size: int = 1024) -> torch.Tensor:
+    """(Q,) float32 distance from each query to its k-th nearest training feature (both L2-normalised).
+
+    Written here rather than taken from pytorch-ood: its KNN detector scores with 1 neighbour on
+    raw features, not the paper's k-th neighbour on normalised ones. Queries go `chunk_size` at a
+    time, so memory is O(chunk_size x N).
+
+    Args:
+        train_feats: (N, D) reference features; query_feats: (Q, D).
+        k: the neighbour whose distance is the score; at most N is used.
+    """
+    if k < 1 or len(train_feats) == 0:
+        raise ValueError(f"need k >= 1 and at least one training feature, got k={k}, N={len(train_feats)}")
+    train = F.normalize(train_feats.float(), dim=1)
+    k = min(k, train.shape[0])
+    out = torch.empty(query_feats.shape[0])
+    for start in range(0, query_feats.shape[0], chunk_size):
+        q = F.normalize(query_feats[start:start + chunk_size].float(), dim=1)
+        kth = (q @ train.T).topk(k, dim=1).values[:, -1]  # cosine of the k-th nearest
+        out[start:start + q.shape[0]] = (2 - 2 * kth).clamp_min(0).sqrt()
+    return out
+
+
+def max_softmax_scores(logits: torch.Tensor) -> torch.Tensor:
+    """(Q, C) logits -> (Q,) minus the top softmax probability (in [-1, -1/C])."""
+    return -logits.float().softmax(dim=1).max(dim=1).values
+
+
+def max_logit_scores(logits: torch.Tensor) -> torch.Tensor:
+    """(Q, C) logits -> (Q,) minus the top logit."""
+    return -logits.float().max(dim=1).values
+
+
+def calibrate_threshold(known_scores, keep: float = DEFAULT_KEEP) -> float:
+    """The smallest threshold t with at least `keep` of `known_scores` (Q,) at or below it.
+
+    t is the ceil(keep x Q)-th smallest known score: photos scoring <= t are accepted as known.
+    """
+    s = np.sort(np.asarray(known_scores, dtype=np.float64).ravel())
+    if not 0 < keep <= 1 or len(s) == 0:
+        raise ValueError(f"need 0 < keep <= 1 and at least one score, got keep={keep}, {len(s)} scores")
+    return float(s[max(1, math.ceil(keep * len(s) - 1e-9)) - 1])
+
+
+def open_set_metrics(known_scores, unknown_scores, keep: float = DEFAULT_KEEP) -> dict[str, float]:
+    """{"auroc", "fpr95"} in [0, 1] of scores (larger = more unknown) of known (K,) and unknown (U,) photos.
+
+    auroc: sklearn's ROC AUC with unknown photos as the positive class (1.0: every unknown photo
+        scores above every known one; 0.5: chance).
+    fpr95: the standard FPR at 95% TPR (Sun et al.), known photos being the positives: at the
+        threshold of `calibrate_threshold(known_scores, keep)` (at least 95% of known photos
+        accepted), the fraction of unknown photos also accepted (score <= threshold).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    known = np.asarray(known_scores, dtype=np.float64).ravel()
+    unknown = np.asarray(unknown_scores, dtype=np.float64).ravel()
+    if len(known) == 0 or len(unknown) == 0:
+        raise ValueError(f"need known and unknown scores, got {len(known)} and {len(unknown)}")
+    labels = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+    auroc = float(roc_auc_score(labels, np.r_[known, unknown]))
+    return {"auroc": auroc, "fpr95": float((unknown <= calibrate_threshold(known, keep)).mean())}
+
+
+def choose_k(k: int, labels: torch.Tensor) -> int:
+    """min(k, median images per class of the reference labels (N,)), at least 1.
+
+    Beyond a typical class's size the k-th neighbour of a known photo is another species, and known
+    and unknown photos look alike.
+    """
+    counts = torch.bincount(labels.long())
+    counts = counts[counts > 0].float()
+    return max(1, min(int(k), int(counts.median().item()) if len(counts) else 1))
+
+
+@dataclass
+class OpenSetReference:
+    """What open-set scoring of new photos needs: the reference features, k and the threshold.
+
+    Attributes:
+        features: (N, D) float16 L2-normalised training features (the kNN reference).
+        k: neighbour rank of the score; threshold: scores above it are unknown species.
+        calibrated_on: "val" or "train hold-out"; keep: fraction of those known photos accepted.
+    """
+
+    features: torch.Tensor
+    k: int
+    threshold: float
+    calibrated_on: str
+    keep: float = DEFAULT_KEEP
+
+    def info(self) -> dict:
+        """The artifact.json record (the features go to the weights file under REFERENCE_KEY)."""
+        return {"score": "knn_distance", "k": self.k, "threshold": self.threshold,
+                "calibrated_on": self.calibrated_on, "keep": self.keep}
+
+    @classmethod
+    def from_info(cls, info: dict, features: torch.Tensor) -> "OpenSetReference":
+        """The reference back from its `info()` record and its (N, D) features."""
+        return cls(features, int(info["k"]), float(info["threshold"]), info["calibrated_on"],
+                   float(info.get("keep", DEFAULT_KEEP)))
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(Q, D) features -> (Q,) kNN-distance scores against the reference."""
+        return knn_distance_scores(self.features, feats, self.k)
+
+
+def fit_open_set(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor | None = None, *,
+                 k: int = DEFAULT_K, keep: float = DEFAULT_KEEP, seed: int = 0) -> OpenSetReference | None:
+    """The kNN reference and a threshold accepting `keep` of known photos it did not contain.
+
+    With val features (M, D) the reference is all of train (N, D); otherwise a stratified hold-out
+    of train (as the linear probe's) is scored against the rest, which alone becomes the reference,
+    so no photo is its own neighbour. k is `choose_k(k, reference labels)`. None when there is
+    neither val nor a class with 2 train photos to hold out.
+    """
+    ref = F.normalize(train_feats.float(), dim=1).half()
+    if val_feats is not None and len(val_feats):
+        calib, labels, where = val_feats, train_labels, "val"
+    else:
+        fit_idx, held_idx = stratified_holdout(train_labels.numpy(), seed)
+        if len(held_idx) == 0:
+            return None
+        fit_idx, held_idx = torch.from_numpy(fit_idx), torch.from_numpy(held_idx)
+        calib, labels, ref, where = train_feats[held_idx], train_labels[fit_idx], ref[fit_idx], "train hold-out"
+    k = choose_k(k, labels)
+    threshold = calibrate_threshold(knn_distance_scores(ref, calib, k), keep)
+    return OpenSetReference(ref.contiguous(), k, threshold, where, keep)
