@@ -44,7 +44,7 @@ def _kth_distance_by_loop(train: torch.Tensor, query: torch.Tensor, k: int) -> t
 def test_knn_distance_is_the_kth_nearest_normalised_distance(k):
     g = torch.Generator().manual_seed(k)
     train, query = torch.randn(37, 8, generator=g) * 3, torch.randn(11, 8, generator=g)
-    got = knn_distance_scores(train, query, k, chunk_size=4)  # 3 chunks
+    got = knn_distance_scores(train, query, k)
     assert got.shape == (11,) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _kth_distance_by_loop(train, query, k), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):

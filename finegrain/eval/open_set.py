@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finegrain.eval.index import nearest
+
 from finegrain.eval.linear import stratified_holdout
 
 DEFAULT_K = 5  # Sun et al. took k = 0.1% of CIFAR-10's 50,000 photos; 0.1% of a few thousand is a handful
@@ -27,13 +29,11 @@ REFERENCE_KEY = "open_set.train_features"  # the reference's key in an artifact'
 
 
 @torch.no_grad()
-def knn_distance_scores(train_feats: torch.Tensor, query_feats: torch.Tensor, k: int,
-                        chunk_size: int = 1024) -> torch.Tensor:
+def knn_distance_scores(train_feats: torch.Tensor, query_feats: torch.Tensor, k: int) -> torch.Tensor:
     """(Q,) float32 distance from each query to its k-th nearest training feature (both L2-normalised).
 
     Written here rather than taken from pytorch-ood: its KNN detector scores with 1 neighbour on
-    raw features, not the paper's k-th neighbour on normalised ones. Queries go `chunk_size` at a
-    time, so memory is O(chunk_size x N).
+    raw features, not the paper's k-th neighbour on normalised ones. The search is eval/index.py's.
 
     Args:
         train_feats: (N, D) reference features; query_feats: (Q, D).
@@ -41,14 +41,9 @@ def knn_distance_scores(train_feats: torch.Tensor, query_feats: torch.Tensor, k:
     """
     if k < 1 or len(train_feats) == 0:
         raise ValueError(f"need k >= 1 and at least one training feature, got k={k}, N={len(train_feats)}")
-    train = F.normalize(train_feats.float(), dim=1)
-    k = min(k, train.shape[0])
-    out = torch.empty(query_feats.shape[0])
-    for start in range(0, query_feats.shape[0], chunk_size):
-        q = F.normalize(query_feats[start:start + chunk_size].float(), dim=1)
-        kth = (q @ train.T).topk(k, dim=1).values[:, -1]  # cosine of the k-th nearest
-        out[start:start + q.shape[0]] = (2 - 2 * kth).clamp_min(0).sqrt()
-    return out
+    sims, _ = nearest(train_feats, query_feats, k)
+    kth = torch.from_numpy(sims[:, -1]).float()  # cosine of the k-th nearest
+    return (2 - 2 * kth).clamp_min(0).sqrt()
 
 
 def max_softmax_scores(logits: torch.Tensor) -> torch.Tensor:
