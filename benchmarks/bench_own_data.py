@@ -12,6 +12,16 @@ on the noisy manifest; its label findings on train photos are scored against the
 given label" (the same probabilities' argmax). The model never saw the flipped labels: the frozen
 features do not depend on labels.
 
+Unknown species: 10 species (every 5th by name) are held out of train entirely; a frozen artifact
+is made on the other 40 (its open-set threshold calibrated on a stratified train hold-out, as
+supcon does without a val split). `finegrain evaluate` reports AUROC / FPR@95%TPR of the kNN-distance
+score and of max-softmax / max-logit; `finegrain predict` on the test photos gives the share of
+unknown-species photos called `unknown` and of known-species photos named.
+
+What to label next: every cub50 train photo unlabelled; `finegrain suggest --budget B` (cold start:
+TypiClust) against B photos drawn at random (--random-draws per seed); the chosen photos get their
+true labels and a linear probe (`finegrain evaluate`) is scored on the test photos; species covered.
+
 Resumable: each finished cell is written to --out and skipped on the next run.
 
 Usage: python benchmarks/bench_own_data.py [--seeds 3] [--label-probs knn linear] [--image-size 128]
@@ -41,16 +51,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--label-probs", nargs="+", default=["knn", "linear"])
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100])
+    parser.add_argument("--random-draws", type=int, default=3, help="random selections per seed and budget")
+    parser.add_argument("--sections", nargs="+", default=["label_errors", "open_set", "suggest"])
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_own_data"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "own_data.json"))
     return parser.parse_args()
 
 
-def frozen_artifact(args, runs: Path) -> Path:
-    """The ImageNet backbone as an artifact (only a head trains, and audit does not use it)."""
-    out = runs / "frozen"
+def frozen_artifact(args, runs: Path, manifest: Path = MANIFEST, name: str = "frozen") -> Path:
+    """The ImageNet backbone as an artifact (only a head trains; its classifier is a probe on frozen features)."""
+    out = runs / name
     if not (out / "artifact.json").is_file():
-        finegrain("supcon", "--manifest", str(MANIFEST), "--out", str(out), "--image-size", str(args.image_size),
+        finegrain("supcon", "--manifest", str(manifest), "--out", str(out), "--image-size", str(args.image_size),
                   "--backbone-lr-scale", "0", "--max-steps", "20", "--epochs", "1", "--no-knn-monitor",
                   "--cache-dir", str(runs / "cache"))
     return out
@@ -128,8 +141,16 @@ def main() -> None:
     record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "command": "python benchmarks/bench_own_data.py " + " ".join(sys.argv[1:]), "results": results}
     artifact = frozen_artifact(args, runs)
+    save = lambda: (out.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
+                    out.write_text(json.dumps(record, indent=2) + "\n"))
+    if "open_set" in args.sections and "frozen/open_set" not in results:
+        results["frozen/open_set"] = open_set_cell(args, runs)
+        save()
+        print(json.dumps({"frozen/open_set": results["frozen/open_set"]}), flush=True)
+    if "suggest" in args.sections:
+        suggest_cells(args, runs, artifact, results, save)
     clean_features = None
-    for probs in args.label_probs:
+    for probs in args.label_probs if "label_errors" in args.sections else []:
         for kind in ("uniform", "confusable"):
             for seed in range(args.seeds):
                 tag = f"frozen/label_errors/{probs}/{kind}/s{seed}"
@@ -138,12 +159,106 @@ def main() -> None:
                 if kind == "confusable" and clean_features is None:
                     clean_features = train_features(runs, _clean_table())
                 results[tag] = label_error_cell(args, runs, artifact, kind, seed, probs, clean_features)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(record, indent=2) + "\n")
+                save()
                 print(json.dumps({tag: results[tag]}), flush=True)
     for tag, r in results.items():
+        if "audit" not in r:
+            print(f"{tag:40s} {json.dumps(r)}")
+            continue
         print(f"{tag:40s} audit F1 {r['audit']['f1']:.3f} (P {r['audit']['precision']:.3f} R {r['audit']['recall']:.3f})"
               f"  argmax baseline F1 {r['baseline_argmax']['f1']:.3f}  {r['audit_s']} s")
+
+
+def open_set_cell(args, runs: Path) -> dict:
+    """40 species trained, 10 held out of train: evaluate's open-set metrics and predict's calls on test."""
+    from finegrain.data.manifest import Manifest
+
+    clean = Manifest.load(MANIFEST)
+    table = clean.table.copy()
+    names = sorted(set(table["label"]) - {""})
+    held_out = set(names[::5])
+    table = table[~(table["label"].isin(held_out) & (table["split"] != "test"))]
+    manifest = runs / "open_set_40.csv"
+    Manifest.from_table(table.reset_index(drop=True), clean.root).save(manifest)
+    artifact = frozen_artifact(args, runs, manifest, "frozen_40")
+    info = json.loads((artifact / "artifact.json").read_text())["info"]["open_set"]
+    evaluation = runs / "open_set_eval"
+    finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(evaluation),
+              "--cache-dir", str(runs / "cache"), "--wandb", "disabled", "--no-embedding-map")
+    metrics = json.loads((evaluation / "report" / "metrics.json").read_text())
+    ctx = metrics["context"]
+    test = table[table["split"] == "test"]
+    listing = runs / "open_set_test_photos"
+    listing.mkdir(exist_ok=True)
+    for rel in test["path"]:  # predict takes files or folders: link the test photos into one folder
+        link = listing / rel.replace("/", "__")
+        if not link.exists():
+            link.symlink_to(clean.abspath(rel))
+    seconds = finegrain("predict", str(artifact), str(listing), "-o", str(runs / "open_set_predict.csv"))
+    preds = pd.read_csv(runs / "open_set_predict.csv", keep_default_na=False)
+    truth = {str(clean.abspath(rel).resolve()): lab for rel, lab in zip(test["path"], test["label"])}
+    label = preds["path"].map(lambda p: truth[str(Path(p).resolve())])  # predict resolves the links
+    unknown = label.isin(held_out)
+    called = preds["pred_1"] == "unknown"
+    return {"threshold": info["threshold"], "k": info["k"], "calibrated_on": info["calibrated_on"],
+            **{f"{m}_{score}": ctx.get(f"open_set_{m}_{score}") for score in ("knn_distance", "max_softmax", "max_logit")
+               for m in ("auroc", "fpr95")},
+            "unknown_called_unknown": round(float(called[unknown].mean()), 4),
+            "known_named": round(float((~called[~unknown]).mean()), 4),
+            "known_named_correctly": round(float((preds["pred_1"][~unknown] == label[~unknown]).mean()), 4),
+            "test_unknown_photos": int(unknown.sum()), "test_known_photos": int((~unknown).sum()),
+            "predict_s": round(seconds, 1)}
+
+
+def probe_top1(args, runs: Path, artifact: Path, chosen: set, tag: str) -> tuple[float, int]:
+    """Linear-probe test top-1 with only the `chosen` train photos labelled; and the species they cover."""
+    from finegrain.data.manifest import Manifest
+
+    clean = Manifest.load(MANIFEST)
+    table = clean.table.copy()
+    train = table["split"] == "train"
+    table.loc[train & ~table["path"].isin(chosen), ["split", "label"]] = ["unlabeled", ""]
+    manifest = runs / f"{tag}.csv"
+    Manifest.from_table(table, clean.root).save(manifest)
+    out = runs / f"eval_{tag}"
+    finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(out), "--cache-dir",
+              str(runs / "cache"), "--features-dir", str(runs / "features"), "--wandb", "disabled",
+              "--no-embedding-map")
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    covered = table.loc[table["split"] == "train", "label"].nunique()
+    return metrics["linear_top1"], int(covered)
+
+
+def suggest_cells(args, runs: Path, artifact: Path, results: dict, save) -> None:
+    """Cold-start suggestions against random picks, per budget and seed."""
+    from finegrain.data.manifest import Manifest
+
+    clean = Manifest.load(MANIFEST)
+    pool_table = clean.table.copy()
+    pool_table.loc[pool_table["split"] == "train", ["split", "label"]] = ["unlabeled", ""]
+    pool = runs / "suggest_pool.csv"
+    Manifest.from_table(pool_table, clean.root).save(pool)
+    train_paths = clean.table.loc[clean.table["split"] == "train", "path"].to_numpy()
+    for budget in args.budgets:
+        for seed in range(args.seeds):
+            tag = f"frozen/suggest/b{budget}/s{seed}"
+            if tag in results:
+                continue
+            csv = runs / f"suggest_b{budget}_s{seed}.csv"
+            seconds = finegrain("suggest", "--manifest", str(pool), "--from", str(artifact), "--budget", str(budget),
+                                "-o", str(csv), "--seed", str(seed), "--cache-dir", str(runs / "cache"),
+                                "--features-dir", str(runs / "features"))
+            chosen = set(pd.read_csv(csv, keep_default_na=False)["path"])
+            top1, covered = probe_top1(args, runs, artifact, chosen, f"suggest_b{budget}_s{seed}")
+            rng = np.random.default_rng(1000 + seed)
+            random_runs = [probe_top1(args, runs, artifact, set(rng.choice(train_paths, budget, replace=False)),
+                                      f"random_b{budget}_s{seed}_{d}") for d in range(args.random_draws)]
+            results[tag] = {"suggest_linear_top1": round(top1, 4), "suggest_species": covered,
+                            "random_linear_top1": round(float(np.mean([r[0] for r in random_runs])), 4),
+                            "random_species": round(float(np.mean([r[1] for r in random_runs])), 1),
+                            "suggest_s": round(seconds, 1)}
+            save()
+            print(json.dumps({tag: results[tag]}), flush=True)
 
 
 def _clean_table() -> pd.DataFrame:
