@@ -408,7 +408,7 @@ def _register_stages() -> None:
     """)
     _stage_command("audit", AuditConfig, _run_audit, """Photos worth a second look: probable label errors, near-duplicates and outliers, from an artifact's embeddings.
 
-    Label errors come from confident learning (cleanlab) on out-of-sample class probabilities of the labelled photos (leave-one-out kNN, or --label-probs linear); near-duplicates and outliers are checked across every photo, labelled or not. Writes OUT/audit.csv (ranked: rank, issue, path, split, given and suggested label, score, reason) and OUT/audit.html (each photo beside typical photos of its given and suggested species). Nothing is changed: apply what you agree with using `finegrain manifest relabel`.
+    Label errors come from confident learning (cleanlab) on out-of-sample class probabilities of the labelled photos (a cross-validated linear probe, or --label-probs knn); near-duplicates and outliers are checked across every photo, labelled or not. Writes OUT/audit.csv (ranked: rank, issue, path, split, given and suggested label, score, reason) and OUT/audit.html (each photo beside typical photos of its given and suggested species). Nothing is changed: apply what you agree with using `finegrain manifest relabel`.
 
     Example: finegrain audit runs/supcon --manifest data_manifests/mine.csv -o runs/audit
 

@@ -300,7 +300,7 @@ class AuditConfig(FeatureConfig):
     """`finegrain audit`: photos whose label, twin or oddity deserves a second look, from an artifact's embeddings."""
 
     out: str = option("", "Output folder (audit.csv, audit.html, the features cache).", flag="--out")
-    label_probs: str = option("knn", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
+    label_probs: str = option("linear", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
                                      "neighbours on the embeddings) or linear (a 5-fold cross-validated probe).",
                               choices=AUDIT_PROBABILITIES)
     knn_k: int = option(20, "Neighbours that vote for a photo's species (label_probs knn).", check=at_least(1))
