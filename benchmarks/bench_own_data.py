@@ -178,9 +178,10 @@ def open_set_cell(args, runs: Path) -> dict:
     names = sorted(set(table["label"]) - {""})
     held_out = set(names[::5])
     table = table[~(table["label"].isin(held_out) & (table["split"] != "test"))]
-    manifest = runs / "open_set_40.csv"
+    manifest, known_only = runs / "open_set_40.csv", runs / "open_set_40_known.csv"
     Manifest.from_table(table.reset_index(drop=True), clean.root).save(manifest)
-    artifact = frozen_artifact(args, runs, manifest, "frozen_40")
+    Manifest.from_table(table[~table["label"].isin(held_out)].reset_index(drop=True), clean.root).save(known_only)
+    artifact = frozen_artifact(args, runs, known_only, "frozen_40")  # supcon refuses test-only species
     info = json.loads((artifact / "artifact.json").read_text())["info"]["open_set"]
     evaluation = runs / "open_set_eval"
     finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(evaluation),
