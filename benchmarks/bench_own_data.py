@@ -182,7 +182,7 @@ def open_set_cell(args, runs: Path) -> dict:
     Manifest.from_table(table.reset_index(drop=True), clean.root).save(manifest)
     Manifest.from_table(table[~table["label"].isin(held_out)].reset_index(drop=True), clean.root).save(known_only)
     artifact = frozen_artifact(args, runs, known_only, "frozen_40")  # supcon refuses test-only species
-    info = json.loads((artifact / "artifact.json").read_text())["info"]["open_set"]
+    info = json.loads((artifact / "artifact.json").read_text())["open_set"]
     evaluation = runs / "open_set_eval"
     finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(evaluation),
               "--cache-dir", str(runs / "cache"), "--wandb", "disabled", "--no-embedding-map")
