@@ -4,13 +4,15 @@ On ../shared/data/cub50 at --image-size (features at 1.125 x, flip-averaged, as 
 with the offline ImageNet tf_efficientnet_lite0:
 
     frozen   supcon --backbone-lr-scale 0: the ImageNet features as they are (its classifier unused)
+    supcon   supcon at its defaults for --supcon-steps, trained on the manifest the cell audits (the
+             noisy one for label errors, the 40 known species for the open set)
 
 Label errors: 5% of the train labels are flipped, (a) uniformly to another species, (b) to the
 nearest other species by class-mean embedding (confusable), for each seed. `finegrain audit` runs
 on the noisy manifest; its label findings on train photos are scored against the planted flips
 (precision, recall, F1), beside the simple baseline "the out-of-sample prediction differs from the
-given label" (the same probabilities' argmax). The model never saw the flipped labels: the frozen
-features do not depend on labels.
+given label" (the same probabilities' argmax). The frozen features do not depend on labels; the
+supcon model is trained on the noisy labels, as a user's would be.
 
 Unknown species: 10 species (every 5th by name) are held out of train entirely; a frozen artifact
 is made on the other 40 (its open-set threshold calibrated on a stratified train hold-out, as
@@ -54,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--random-draws", type=int, default=3, help="random selections per seed and budget")
     parser.add_argument("--sections", nargs="+", default=["label_errors", "open_set", "suggest"])
+    parser.add_argument("--models", nargs="+", default=["frozen", "supcon"], help="suggest always uses frozen")
+    parser.add_argument("--supcon-steps", type=int, default=100)
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_own_data"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "own_data.json"))
     return parser.parse_args()
@@ -69,11 +73,24 @@ def frozen_artifact(args, runs: Path, manifest: Path = MANIFEST, name: str = "fr
     return out
 
 
-def train_features(runs: Path, table: pd.DataFrame) -> np.ndarray:
-    """The train rows' features from the audits' shared cache (every row, in manifest order)."""
+def model_artifact(args, runs: Path, model: str, manifest: Path, name: str) -> Path:
+    """The artifact of `model` for a manifest: frozen features, or supcon trained on that manifest."""
+    if model == "frozen":
+        return frozen_artifact(args, runs, manifest, name)
+    out = runs / name
+    if not (out / "artifact.json").is_file():
+        resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+        finegrain("supcon", "--manifest", str(manifest), "--out", str(out), "--image-size", str(args.image_size),
+                  "--max-steps", str(args.supcon_steps), "--epochs", str(-(-args.supcon_steps // 22)),
+                  "--no-knn-monitor", "--cache-dir", str(runs / "cache"), *resume)
+    return out
+
+
+def train_features(features_dir: Path, table: pd.DataFrame) -> np.ndarray:
+    """The train rows' features from an audit's cache (every row, in manifest order; one model per folder)."""
     from safetensors.numpy import load_file
 
-    cached = sorted((runs / "features").glob("all-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    cached = sorted(features_dir.glob("all-*.safetensors"), key=lambda p: p.stat().st_mtime)
     return load_file(cached[-1])["features"][(table["split"] == "train").to_numpy()]
 
 
@@ -106,7 +123,7 @@ def scores(flagged: set, truth: set) -> dict:
             "f1": round(2 * precision * recall / max(precision + recall, 1e-12), 4)}
 
 
-def label_error_cell(args, runs: Path, artifact: Path, kind: str, seed: int, probs: str, clean_features) -> dict:
+def label_error_cell(args, runs: Path, model: str, kind: str, seed: int, probs: str, clean_features) -> dict:
     """Audit one noisy manifest; F1 of the label findings and of the argmax baseline on train photos."""
     from finegrain.data.manifest import Manifest
     from finegrain.eval.audit import cross_validated_probabilities, knn_probabilities
@@ -115,16 +132,20 @@ def label_error_cell(args, runs: Path, artifact: Path, kind: str, seed: int, pro
     noisy, truth = flip_labels(clean.table.reset_index(drop=True), kind, seed, clean_features)
     path = runs / f"noisy_{kind}_s{seed}.csv"
     Manifest.from_table(noisy, clean.root).save(path)
-    out = runs / f"audit_{kind}_s{seed}_{probs}"
+    if model == "frozen":
+        artifact, features = frozen_artifact(args, runs), runs / "features"
+    else:
+        artifact = model_artifact(args, runs, model, path, f"{model}_{kind}_s{seed}")
+        features = runs / f"features_{model}_{kind}_s{seed}"
+    out = runs / f"audit_{kind}_s{seed}_{probs}" if model == "frozen" else runs / f"audit_{model}_{kind}_s{seed}_{probs}"
     seconds = finegrain("audit", str(artifact), "--manifest", str(path), "-o", str(out), "--label-probs", probs,
-                        "--cache-dir", str(runs / "cache"), "--features-dir", str(runs / "features"),
-                        "--wandb", "disabled")
+                        "--cache-dir", str(runs / "cache"), "--features-dir", str(features), "--wandb", "disabled")
     found = pd.read_csv(out / "audit.csv", keep_default_na=False)
     flagged = set(found.loc[(found["issue"] == "label") & (found["split"] == "train"), "path"])
     train = noisy[noisy["split"] == "train"]
     names = sorted(set(train["label"]))
     codes = np.searchsorted(names, train["label"].to_numpy())
-    feats = train_features(runs, noisy)
+    feats = train_features(features, noisy)
     source = knn_probabilities if probs == "knn" else cross_validated_probabilities
     predicted = source(feats, codes, len(names)).argmax(1)
     baseline = set(train["path"].to_numpy()[predicted != codes])
@@ -140,27 +161,26 @@ def main() -> None:
     results = json.loads(out.read_text())["results"] if out.is_file() else {}
     record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "command": "python benchmarks/bench_own_data.py " + " ".join(sys.argv[1:]), "results": results}
-    artifact = frozen_artifact(args, runs)
     save = lambda: (out.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     out.write_text(json.dumps(record, indent=2) + "\n"))
-    if "open_set" in args.sections and "frozen/open_set" not in results:
-        results["frozen/open_set"] = open_set_cell(args, runs)
-        save()
-        print(json.dumps({"frozen/open_set": results["frozen/open_set"]}), flush=True)
-    if "suggest" in args.sections:
-        suggest_cells(args, runs, artifact, results, save)
+    done = lambda tag, value: (results.__setitem__(tag, value), save(),  # noqa: E731
+                               print(json.dumps({tag: value}), flush=True))
     clean_features = None
-    for probs in args.label_probs if "label_errors" in args.sections else []:
-        for kind in ("uniform", "confusable"):
-            for seed in range(args.seeds):
-                tag = f"frozen/label_errors/{probs}/{kind}/s{seed}"
-                if tag in results:
-                    continue
-                if kind == "confusable" and clean_features is None:
-                    clean_features = train_features(runs, _clean_table())
-                results[tag] = label_error_cell(args, runs, artifact, kind, seed, probs, clean_features)
-                save()
-                print(json.dumps({tag: results[tag]}), flush=True)
+    for model in args.models:
+        if "open_set" in args.sections and f"{model}/open_set" not in results:
+            done(f"{model}/open_set", open_set_cell(args, runs, model))
+        if "suggest" in args.sections and model == "frozen":
+            suggest_cells(args, runs, frozen_artifact(args, runs), results, save)
+        for probs in args.label_probs if "label_errors" in args.sections else []:
+            for kind in ("uniform", "confusable"):
+                for seed in range(args.seeds):
+                    tag = f"{model}/label_errors/{probs}/{kind}/s{seed}"
+                    if tag in results:
+                        continue
+                    if kind == "confusable" and clean_features is None:
+                        frozen_artifact(args, runs)
+                        clean_features = train_features(runs / "features", _clean_table())
+                    done(tag, label_error_cell(args, runs, model, kind, seed, probs, clean_features))
     for tag, r in results.items():
         if "audit" not in r:
             print(f"{tag:40s} {json.dumps(r)}")
@@ -169,7 +189,7 @@ def main() -> None:
               f"  argmax baseline F1 {r['baseline_argmax']['f1']:.3f}  {r['audit_s']} s")
 
 
-def open_set_cell(args, runs: Path) -> dict:
+def open_set_cell(args, runs: Path, model: str) -> dict:
     """40 species trained, 10 held out of train: evaluate's open-set metrics and predict's calls on test."""
     from finegrain.data.manifest import Manifest
 
@@ -181,9 +201,9 @@ def open_set_cell(args, runs: Path) -> dict:
     manifest, known_only = runs / "open_set_40.csv", runs / "open_set_40_known.csv"
     Manifest.from_table(table.reset_index(drop=True), clean.root).save(manifest)
     Manifest.from_table(table[~table["label"].isin(held_out)].reset_index(drop=True), clean.root).save(known_only)
-    artifact = frozen_artifact(args, runs, known_only, "frozen_40")  # supcon refuses test-only species
+    artifact = model_artifact(args, runs, model, known_only, f"{model}_40")  # supcon refuses test-only species
     info = json.loads((artifact / "artifact.json").read_text())["open_set"]
-    evaluation = runs / "open_set_eval"
+    evaluation = runs / f"open_set_eval_{model}"
     finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(evaluation),
               "--cache-dir", str(runs / "cache"), "--wandb", "disabled", "--no-embedding-map")
     metrics = json.loads((evaluation / "report" / "metrics.json").read_text())
@@ -195,8 +215,9 @@ def open_set_cell(args, runs: Path) -> dict:
         link = listing / rel.replace("/", "__")
         if not link.exists():
             link.symlink_to(clean.abspath(rel))
-    seconds = finegrain("predict", str(artifact), str(listing), "-o", str(runs / "open_set_predict.csv"))
-    preds = pd.read_csv(runs / "open_set_predict.csv", keep_default_na=False)
+    predictions = runs / f"open_set_predict_{model}.csv"
+    seconds = finegrain("predict", str(artifact), str(listing), "-o", str(predictions))
+    preds = pd.read_csv(predictions, keep_default_na=False)
     truth = {str(clean.abspath(rel).resolve()): lab for rel, lab in zip(test["path"], test["label"])}
     label = preds["path"].map(lambda p: truth[str(Path(p).resolve())])  # predict resolves the links
     unknown = label.isin(held_out)
