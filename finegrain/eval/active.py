@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from finegrain.errors import FinegrainError
+from finegrain.eval.index import nearest
 from finegrain.eval.linear import fit_linear_probe
 
 log = logging.getLogger("finegrain")
@@ -223,10 +224,9 @@ def _nearest_pick(pool: np.ndarray, labelled: np.ndarray, index: np.ndarray) -> 
 
 def typicality(pool: np.ndarray, index: np.ndarray, k: int = TYPICALITY_K) -> np.ndarray:
     """(B,) 1 / mean Euclidean distance of pool[index] to their k nearest other pool photos (TypiClust's measure)."""
-    from sklearn.neighbors import NearestNeighbors
-
     k = min(k, len(pool) - 1)
     if k < 1:
         return np.ones(len(index))
-    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(pool).kneighbors(pool[index])
-    return 1.0 / (dist[:, 1:].mean(axis=1) + 1e-7)
+    sims, _ = nearest(pool, pool[index], k + 1)  # the first is the photo itself
+    dist = np.sqrt(np.clip(2.0 - 2.0 * sims[:, 1:].astype(np.float64), 0.0, None))  # Euclidean on the unit sphere
+    return 1.0 / (dist.mean(axis=1) + 1e-7)

@@ -45,7 +45,7 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
         table = _ranked(findings)
         seconds = time.perf_counter() - start
         atomic_write_text(run.out / "audit.csv", table.to_csv(index=False))
-        _write_html(run.out / "audit.html", cfg, table, run.manifest, typical, subject.source)
+        _write_html(run.out / "audit.html", cfg, table, run.manifest, rows, typical, subject.source)
         counts = table["issue"].value_counts().to_dict()
         log.info("audit: %d photos, %d label issues, %d near-duplicate pairs, %d outliers in %.1f s (+%.1f s features)",
                  len(rows), counts.get("label", 0), counts.get("duplicate", 0), counts.get("outlier", 0), seconds,
@@ -124,9 +124,11 @@ def _typical_photos(rows: pd.DataFrame, feats: torch.Tensor, labelled: np.ndarra
     return out
 
 
-def _write_html(path: Path, cfg: AuditConfig, table: pd.DataFrame, manifest, typical: dict, source: str) -> None:
-    """audit.html: each flagged photo beside typical photos of its given and suggested species; offline, inline JPEGs."""
-    rows = manifest.table.reset_index(drop=True)
+def _write_html(path: Path, cfg: AuditConfig, table: pd.DataFrame, manifest, rows: pd.DataFrame, typical: dict,
+                source: str) -> None:
+    """audit.html: each flagged photo beside typical photos of its given and suggested species; offline, inline JPEGs.
+
+    rows: the manifest's table, indexed 0..N-1 as the findings' `row`."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>finegrain audit</title>"
              f"<style>{_CSS}</style></head><body><h1>finegrain audit</h1>",
              f"<p>{html.escape(source)} on {html.escape(str(cfg.manifest))}: {len(rows)} photos, "
