@@ -13,16 +13,17 @@ import numpy as np
 import torch
 
 from finegrain.eval.index import nearest
+from finegrain.eval.knn import neighbour_votes
 
 
 def knn_probabilities(features, labels: np.ndarray, num_classes: int, *, k: int = 20,
                       temperature: float = 0.07) -> np.ndarray:
     """(N, C) leave-one-out class probabilities: each photo's k nearest others vote exp(cos / T) for their labels."""
     sims, idx = nearest(features, None, k)
-    weights = np.exp((sims - sims.max(1, keepdims=True)) / temperature)
-    probs = np.zeros((len(idx), num_classes), dtype=np.float64)
-    np.add.at(probs, (np.repeat(np.arange(len(idx)), idx.shape[1]), labels[idx].ravel()), weights.ravel())
-    return probs / probs.sum(1, keepdims=True)
+    # shifting by each row's best similarity leaves the normalised votes unchanged and keeps exp() finite
+    votes = neighbour_votes(torch.from_numpy(sims - sims.max(1, keepdims=True)), torch.from_numpy(labels[idx]),
+                            num_classes, temperature).double().numpy()
+    return votes / votes.sum(1, keepdims=True)
 
 
 def cross_validated_probabilities(features, labels: np.ndarray, num_classes: int, *, folds: int = 5,

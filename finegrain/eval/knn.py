@@ -35,11 +35,16 @@ def knn_scores(
     for start in range(0, query_features.shape[0], chunk_size):
         q = F.normalize(query_features[start:start + chunk_size].float(), dim=1)
         sim, idx = (q @ train.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
-        scores = torch.zeros(q.shape[0], num_classes)
-        scores.scatter_add_(1, train_labels[idx], weights)
-        out[start:start + q.shape[0]] = scores
+        out[start:start + q.shape[0]] = neighbour_votes(sim, train_labels[idx], num_classes, temperature)
     return out
+
+
+def neighbour_votes(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """(Q, k) cosine similarities of each query's neighbours and their (Q, k) labels -> (Q, C) float32 votes,
+    each neighbour voting exp(cos / temperature) for its class."""
+    scores = torch.zeros(sims.shape[0], num_classes)
+    scores.scatter_add_(1, labels.long(), (sims.float() / temperature).exp())
+    return scores
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
