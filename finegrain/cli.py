@@ -405,6 +405,8 @@ def _register_stages() -> None:
     Example: finegrain evaluate --manifest data_manifests/cub50.csv --from runs/supcon --out runs/eval
 
     Example (frozen ImageNet weights): finegrain evaluate --manifest M --backbone tf_efficientnet_lite0 --image-size 128 --out runs/eval-frozen
+
+    Example (with the audit's flagged counts and a link to its page in the report): finegrain evaluate --manifest M --from runs/supcon --out runs/eval --audit runs/audit
     """)
     _stage_command("audit", AuditConfig, _run_audit, """Photos worth a second look: probable label errors, near-duplicates and outliers, from an artifact's embeddings.
 
@@ -413,6 +415,8 @@ def _register_stages() -> None:
     Example: finegrain audit runs/supcon --manifest data_manifests/mine.csv -o runs/audit
 
     Then: finegrain manifest relabel data_manifests/mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o data_manifests/mine_fixed.csv
+
+    The evaluate report shows the flagged counts and links to audit.html with `finegrain evaluate ... --audit runs/audit`.
     """, arguments={"from_artifact": "ARTIFACT_DIR"})
     _stage_command("suggest", SuggestConfig, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
 

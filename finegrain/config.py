@@ -293,6 +293,8 @@ class EvaluateConfig(FeatureConfig):
     retrieval_split: str = option("test", "Split to compute Recall@K and MAP@R on (leave-one-out; classes may be unseen "
                                           "in training).", choices=LABELLED_SPLITS)
     embedding_map: bool = option(True, "Draw a t-SNE map of the test embeddings.")
+    audit: str | None = option(None, "A `finegrain audit` output folder: the report shows its flagged counts and "
+                                     "links to its audit.html.")
 
 
 @dataclass
@@ -331,8 +333,8 @@ class SuggestConfig(FeatureConfig):
     from_artifact: str | None = option(None, "Artifact folder whose features rank the photos (a pretrain or supcon "
                                              "run; a supcon artifact's classifier also adds a best guess). Required.",
                                        flag="--from")
-    budget: int = option(20, "How many photos to suggest; more than there are unlabelled photos suggests them all "
-                             "(with a warning).", check=at_least(1))
+    budget: int = option(20, "How many photos to suggest (at most the number of unlabelled photos).",
+                         check=at_least(1))
     strategy: str = option("auto", "How to choose. typiclust: the most typical photo of each of the largest "
                                    "unlabelled clusters (Hacohen et al. 2022), for a cold start; probcover: photos "
                                    "whose neighbourhoods cover the most unlabelled photos (Yehuda et al. 2022), a "

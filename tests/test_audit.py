@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 
 import numpy as np
@@ -115,6 +116,20 @@ def test_audit_writes_a_ranked_csv_and_a_page_with_photos_then_relabel_applies_c
     page = (tmp_path / "audit" / "audit.html").read_text()
     uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
     assert uris and all(Image.open(io.BytesIO(base64.b64decode(u))).size[0] <= 96 for u in uris)
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert summary["flagged"] == found["issue"].value_counts().reindex(["label", "duplicate", "outlier"],
+                                                                       fill_value=0).to_dict()
+
+    ev = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--manifest", str(manifest), "--from", str(artifact), "--out", str(ev),
+                              "--audit", str(tmp_path / "audit"), "--device", "cpu", "--workers", "0",
+                              "--wandb", "disabled", "--cache-dir", str(tmp_path / "cache"), "--no-embedding-map"])
+    assert res.exit_code == 0, res.output
+    report = (ev / "report" / "index.html").read_text()
+    assert 'href="../../audit/audit.html"' in report and "Audit (finegrain audit)" in report
+    res = runner.invoke(app, ["evaluate", "--manifest", str(manifest), "--from", str(artifact), "--out", str(ev),
+                              "--audit", str(tmp_path / "nowhere"), "--device", "cpu", "--workers", "0"])
+    assert res.exit_code == 2 and "--audit: cannot read" in res.output and "Traceback" not in res.output
 
     fixed = tmp_path / "fixed.csv"
     res = runner.invoke(app, ["manifest", "relabel", str(manifest), "--from", str(tmp_path / "audit" / "audit.csv"),

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -277,6 +278,8 @@ def test_evaluate_reports_open_set_metrics_for_unseen_test_classes(open_birds, t
     page = (art.path / "report" / "index.html").read_text()
     assert "Unknown species" in page and "max_logit" in page
     assert len(pd.read_csv(art.path / "report" / "open_set.csv")) == 3
+    with Image.open(art.path / "report" / "open_set_roc.png") as roc:
+        assert roc.size[0] > 100 and 'src="open_set_roc.png"' in page
 
     closed = run_evaluate(EvaluateConfig(manifest=str(open_birds.root / "known.csv"), out=str(tmp_path / "c"),
                                          linear=False, **cfg))

@@ -219,12 +219,14 @@ def test_labelling_a_suggestion_reuses_the_features_and_moves_on(birds_run, tmp_
     assert first["path"][0] not in set(second["path"]) and len(second) == 3
 
 
-def test_budget_above_the_pool_suggests_every_unlabelled_photo(birds_run, tmp_path):
+def test_budget_above_the_pool_is_refused_and_the_whole_pool_is_not(birds_run, tmp_path):
     root, _, _ = birds_run
     n = len(Manifest.load(root / "data" / "few.csv").rows("unlabeled"))
-    r = CliRunner().invoke(app, _args(root, root / "data" / "few.csv", tmp_path / "all.csv", "--budget", 500))
+    r = CliRunner().invoke(app, _args(root, root / "data" / "few.csv", tmp_path / "over.csv", "--budget", n + 1))
+    assert r.exit_code == 2 and f"--budget {n + 1} is more than the {n} unlabelled photos" in r.output
+    assert not (tmp_path / "over.csv").exists()
+    r = CliRunner().invoke(app, _args(root, root / "data" / "few.csv", tmp_path / "all.csv", "--budget", n))
     assert r.exit_code == 0, r.output
-    assert "suggesting all of them" in r.output
     table = pd.read_csv(tmp_path / "all.csv")
     assert len(table) == n and table["path"].is_unique
 

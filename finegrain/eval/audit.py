@@ -15,6 +15,8 @@ import torch
 from finegrain.eval.index import nearest
 from finegrain.eval.knn import neighbour_votes
 
+SUMMARY_FILE = "audit.json"  # beside audit.csv: photos and flagged counts by issue (evaluate --audit shows them)
+
 
 def knn_probabilities(features, labels: np.ndarray, num_classes: int, *, k: int = 20,
                       temperature: float = 0.07) -> np.ndarray:

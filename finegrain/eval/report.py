@@ -27,6 +27,7 @@ __all__ = [
     "per_class_accuracy",
     "plot_confusion_matrix",
     "plot_embedding_map",
+    "plot_open_set_roc",
     "plot_per_class_accuracy",
     "write_html_report",
 ]
@@ -334,6 +335,32 @@ def plot_per_class_accuracy(per_class_df: pd.DataFrame, path: str | os.PathLike)
     return _save_png(fig, path)
 
 
+def plot_open_set_roc(scores: Mapping[str, tuple], path: str | os.PathLike) -> Path:
+    """Save the ROC curve of each open-set score (unknown species as the positives) as a PNG.
+
+    Args:
+        scores: score name -> (known, unknown), 1-D arrays of "known-ness" (higher = more likely
+            a known species), as eval/open_set.py's scores are.
+        path: the PNG to write.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = Figure(figsize=(5.0, 5.0))
+    ax = fig.add_subplot()
+    for name, (known, unknown) in scores.items():
+        y = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+        s = -np.r_[np.asarray(known, dtype=np.float64), np.asarray(unknown, dtype=np.float64)]
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("known-species photos called unknown (FPR)")
+    ax.set_ylabel("unknown-species photos called unknown (TPR)")
+    ax.set_title("Unknown species: ROC of each score")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save_png(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Embedding map
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +516,7 @@ def write_html_report(
     context: Mapping | None = None,
     tables: Mapping[str, pd.DataFrame] | None = None,
     images: Mapping[str, str | os.PathLike] | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `report_dir/index.html`, a self-contained page (inline CSS, no scripts, no remote resources).
 
@@ -504,6 +532,7 @@ def write_html_report(
             values all lie in [0, 1] are shown as percentages.
         images: caption -> image file (relative to `report_dir`, or an absolute path inside it);
             each is shown with its caption and links to the full-size file.
+        links: caption -> relative address of a related page (an audit), listed under the headline.
 
     Every caller string (titles, keys, values, class names in tables) is HTML-escaped. The file
     is written atomically.
@@ -529,6 +558,10 @@ def write_html_report(
     if metrics:
         parts += ['<section id="headline">', "<h2>Headline</h2>",
                   _kv_table(metrics, "headline", ("metric", "value"), _format_value), "</section>"]
+    if links:
+        parts += ['<section id="links">', "<h2>See also</h2>", "<ul>"]
+        parts += [f'<li><a href="{_esc(quote(href))}">{_esc(caption)}</a></li>' for caption, href in links.items()]
+        parts += ["</ul>", "</section>"]
     if context:
         parts += ['<section id="context">', "<h2>Context</h2>",
                   _kv_table(context, "context", ("setting", "value"), lambda v: "–" if v is None else v),

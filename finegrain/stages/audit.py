@@ -9,6 +9,7 @@ OUT/audit.html; `finegrain manifest relabel` applies the findings a person accep
 from __future__ import annotations
 
 import html
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from finegrain.config import AuditConfig
 from finegrain.eval import audit
+from finegrain.eval.audit import SUMMARY_FILE
 from finegrain.eval.store import FeatureStore, Subject
 from finegrain.eval.thumbs import figure
 from finegrain.fsutil import atomic_write_text
@@ -46,7 +48,14 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
         seconds = time.perf_counter() - start
         atomic_write_text(run.out / "audit.csv", table.to_csv(index=False))
         _write_html(run.out / "audit.html", cfg, table, run.manifest, rows, typical, subject.source)
-        counts = table["issue"].value_counts().to_dict()
+        counts = {issue: int((table["issue"] == issue).sum()) for issue in ISSUE_ORDER}
+        atomic_write_text(run.out / SUMMARY_FILE, json.dumps({
+            "artifact": subject.source, "manifest": str(cfg.manifest), "photos": len(rows), "flagged": counts,
+            "label_probs": cfg.label_probs, "seconds": round(seconds, 1)}, indent=2) + "\n")
+        run.track()
+        if run.tracker is not None:
+            run.tracker.summary({f"audit/{k}": v for k, v in counts.items()})
+            run.tracker.log_report({"audit": table.drop(columns="row")}, {})
         log.info("audit: %d photos, %d label issues, %d near-duplicate pairs, %d outliers in %.1f s (+%.1f s features)",
                  len(rows), counts.get("label", 0), counts.get("duplicate", 0), counts.get("outlier", 0), seconds,
                  store.seconds)

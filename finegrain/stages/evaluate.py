@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,8 @@ import torch
 from finegrain.artifacts import Artifact
 from finegrain.config import EvaluateConfig
 from finegrain.data.manifest import Manifest
+from finegrain.errors import FinegrainError
+from finegrain.eval.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.open_set import (DEFAULT_K, choose_k, knn_distance_scores, max_logit_scores, max_softmax_scores,
                                      open_set_metrics)
@@ -50,6 +53,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     """Evaluate as `cfg` says; write OUT/report/ and the evaluation artifact; return it."""
     with stage_run("evaluate", cfg, allow_unseen_classes=True) as run:
         subject = Subject(cfg)
+        audit = _audit_summary(cfg.audit) if cfg.audit else None  # read before any photo is
         store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
         metrics: dict = {k: None for k in METRIC_KEYS + OPEN_SET_KEYS}
         context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
@@ -57,6 +61,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
                    "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta, "retrieval_split": cfg.retrieval_split}
         timings: dict = {}
         probe, report_data = _classify(cfg, run.manifest, store, metrics, context, timings)
+        report_data["audit"] = audit
         retrieval_rows = run.manifest.rows(cfg.retrieval_split)
         if len(retrieval_rows) >= 2:
             fr = store.features(retrieval_rows, cfg.retrieval_split)
@@ -125,11 +130,12 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
 
 
 def _open_set(store: FeatureStore, unseen: Manifest, ftr, ytr, fq, probe, metrics: dict,
-              context: dict) -> pd.DataFrame | None:
+              context: dict) -> tuple[pd.DataFrame, dict] | None:
     """Open-set scores of the queries of trained classes (fq, known) and of `unseen` rows (unknown).
 
     Puts the kNN-distance score's AUROC and FPR95 into `metrics`, every score's into `context`;
-    returns them as a table (score, auroc, fpr95), or None when there are no unseen or no known queries.
+    returns them as a table (score, auroc, fpr95) and the scores (name -> (known, unknown)), or None
+    when there are no unseen or no known queries.
     """
     if not len(unseen) or not len(fq):
         return None
@@ -147,7 +153,7 @@ def _open_set(store: FeatureStore, unseen: Manifest, ftr, ytr, fq, probe, metric
                    open_set_k_from="artifact" if stored else "default")
     for name, m in found.items():
         context.update({f"open_set_auroc_{name}": round(m["auroc"], 4), f"open_set_fpr95_{name}": round(m["fpr95"], 4)})
-    return pd.DataFrame([{"score": name, **m} for name, m in found.items()])
+    return pd.DataFrame([{"score": name, **m} for name, m in found.items()]), scores
 
 
 def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
@@ -174,8 +180,8 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "metrics.json", json.dumps({**metrics, "context": context}, indent=2, default=str) + "\n")
-    tables, images = {}, {}
-    if data:
+    tables, images, links = {}, {}, {}
+    if data.get("y_true") is not None:
         y, p, classes = data["y_true"], data["y_pred"], data["classes"]
         per_class = report.per_class_accuracy(y, p, classes)
         pairs = report.confused_pairs(y, p, classes)
@@ -193,16 +199,36 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
             images["embedding_map"] = "embedding_map.png"
         context["per_class_predicted_by"] = data["predicted_by"]
     if data.get("open_set") is not None:
-        atomic_write_text(folder / "open_set.csv", data["open_set"].to_csv(index=False))
-        tables["open_set"] = data["open_set"]
+        table, scores = data["open_set"]
+        atomic_write_text(folder / "open_set.csv", table.to_csv(index=False))
+        tables["open_set"] = table
+        report.plot_open_set_roc({k: (a.numpy(), b.numpy()) for k, (a, b) in scores.items()}, folder / "open_set_roc.png")
+        images["open_set_roc"] = "open_set_roc.png"
+    if data.get("audit") is not None:
+        tables["audit"], page = data["audit"]
+        context["audit"] = Path(os.path.relpath(page, folder.resolve())).as_posix()
+        links["Audit: the flagged photos beside typical photos of their species"] = context["audit"]
     headline = {k: v for k, v in metrics.items() if v is not None}
     report.write_html_report(folder, title=f"finegrain evaluation: {context['evaluated']}", metrics=headline,
-                             context=context, tables=_report_tables(tables), images=images)
+                             context=context, tables=_report_tables(tables), images=images, links=links)
     return tables, images
+
+
+def _audit_summary(audit_dir: str) -> tuple[pd.DataFrame, Path]:
+    """The flagged counts of a `finegrain audit` folder (issue, photos) and the absolute path of its page."""
+    summary_file = Path(audit_dir) / AUDIT_SUMMARY_FILE
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError) as e:
+        raise FinegrainError(f"--audit: cannot read {summary_file} ({getattr(e, 'strerror', None) or e}); "
+                             "pass the folder `finegrain audit` wrote") from None
+    counts = pd.DataFrame([{"issue": issue, "photos": int(n)} for issue, n in summary.get("flagged", {}).items()])
+    return counts, (Path(audit_dir) / "audit.html").resolve()
 
 
 def _report_tables(tables: dict) -> dict:
     """The report's sections: section title -> table, for the tables present."""
-    titles = {"confused_pairs": "Most confused species", "per_class": "Per-class accuracy",
+    titles = {"audit": "Audit (finegrain audit): photos flagged for a second look, listed in the audit page",
+              "confused_pairs": "Most confused species", "per_class": "Per-class accuracy",
               "open_set": "Unknown species (query classes not in train): AUROC and FPR at 95% TPR of each score"}
     return {title: tables[name] for name, title in titles.items() if name in tables}

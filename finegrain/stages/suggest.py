@@ -41,8 +41,8 @@ def run_suggest(cfg: SuggestConfig) -> pd.DataFrame:
                              "for a label go there, with an empty label)")
     budget = cfg.budget
     if budget > len(pool_rows):
-        log.warning("--budget %d is more than the %d unlabelled photos: suggesting all of them", budget, len(pool_rows))
-        budget = len(pool_rows)
+        raise FinegrainError(f"--budget {budget} is more than the {len(pool_rows)} unlabelled photos of {cfg.manifest}: "
+                             f"pass --budget {len(pool_rows)} to rank them all")
 
     pool, labelled = _features(cfg, subject, device, manifest, pool_rows, train_rows)
     classes = sorted(set(train_rows.table["label"]))
