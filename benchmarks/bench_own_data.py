@@ -26,7 +26,7 @@ true labels and a linear probe (`finegrain evaluate`) is scored on the test phot
 
 Resumable: each finished cell is written to --out and skipped on the next run.
 
-Usage: python benchmarks/bench_own_data.py [--seeds 3] [--label-probs knn linear] [--image-size 128]
+Usage: python benchmarks/bench_own_data.py [--seeds 3] [--label-probs ensemble linear knn] [--image-size 128]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ FLIP_FRACTION = 0.05
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--label-probs", nargs="+", default=["knn", "linear"])
+    parser.add_argument("--label-probs", nargs="+", default=["ensemble", "linear", "knn"])
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--random-draws", type=int, default=3, help="random selections per seed and budget")
@@ -126,7 +126,7 @@ def scores(flagged: set, truth: set) -> dict:
 def label_error_cell(args, runs: Path, model: str, kind: str, seed: int, probs: str, clean_features) -> dict:
     """Audit one noisy manifest; F1 of the label findings and of the argmax baseline on train photos."""
     from finegrain.data.manifest import Manifest
-    from finegrain.eval.audit import cross_validated_probabilities, knn_probabilities
+    from finegrain.eval.audit import out_of_sample_probabilities
 
     clean = Manifest.load(MANIFEST)
     noisy, truth = flip_labels(clean.table.reset_index(drop=True), kind, seed, clean_features)
@@ -146,8 +146,7 @@ def label_error_cell(args, runs: Path, model: str, kind: str, seed: int, probs: 
     names = sorted(set(train["label"]))
     codes = np.searchsorted(names, train["label"].to_numpy())
     feats = train_features(features, noisy)
-    source = knn_probabilities if probs == "knn" else cross_validated_probabilities
-    predicted = source(feats, codes, len(names)).argmax(1)
+    predicted = out_of_sample_probabilities(probs, feats, codes, len(names)).argmax(1)
     baseline = set(train["path"].to_numpy()[predicted != codes])
     return {"audit": scores(flagged, truth), "baseline_argmax": scores(baseline, truth), "audit_s": round(seconds, 1)}
 

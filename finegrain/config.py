@@ -64,7 +64,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELED_MODES = ("none", "pseudo")
 TRAIN_LAYERS = ("all", "bn", "last")
-AUDIT_PROBABILITIES = ("knn", "linear")
+AUDIT_PROBABILITIES = ("ensemble", "linear", "knn")
 
 
 @dataclass
@@ -302,8 +302,9 @@ class AuditConfig(FeatureConfig):
     """`finegrain audit`: photos whose label, twin or oddity deserves a second look, from an artifact's embeddings."""
 
     out: str = option("", "Output folder (audit.csv, audit.html, the features cache).", flag="--out")
-    label_probs: str = option("linear", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
-                                     "neighbours on the embeddings) or linear (a 5-fold cross-validated probe).",
+    label_probs: str = option("ensemble", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
+                                       "neighbours on the embeddings), linear (a 5-fold cross-validated probe) or "
+                                       "ensemble (their mean: the most label errors found on cub50).",
                               choices=AUDIT_PROBABILITIES)
     knn_k: int = option(20, "Neighbours that vote for a photo's species (label_probs knn).", check=at_least(1))
     knn_t: float = option(0.07, "Temperature of the neighbours' votes on cosine similarity.", check=POSITIVE)

@@ -18,7 +18,7 @@ from finegrain.cli import app
 from finegrain.config import AuditConfig, ConfigError, SupconConfig
 from finegrain.data.manifest import Manifest
 from finegrain.eval.audit import (cross_validated_probabilities, knn_probabilities, label_issues, near_duplicates,
-                                  outlier_scores)
+                                  out_of_sample_probabilities, outlier_scores)
 from finegrain.eval.index import nearest
 from finegrain.stages.supcon import run_supcon
 
@@ -55,14 +55,18 @@ def test_knn_probabilities_are_the_weighted_votes_of_the_other_photos():
         assert np.allclose(probs[i], votes / votes.sum(), atol=1e-5)
 
 
-@pytest.mark.parametrize("source", [knn_probabilities, cross_validated_probabilities])
+@pytest.mark.parametrize("source", ["knn", "linear", "ensemble"])
 def test_confident_learning_finds_planted_label_errors(source):
     x, y = _blobs(seed=3)
     rng = np.random.default_rng(3)
     flipped = rng.choice(len(y), 8, replace=False)
     given = y.copy()
     given[flipped] = (y[flipped] + 1 + rng.integers(0, 5, len(flipped))) % 6
-    flagged, quality = label_issues(given, source(x, given, 6))
+    probs = out_of_sample_probabilities(source, x, given, 6)
+    assert np.allclose(probs.sum(1), 1.0)
+    if source == "ensemble":
+        assert np.allclose(probs, (knn_probabilities(x, given, 6) + cross_validated_probabilities(x, given, 6)) / 2)
+    flagged, quality = label_issues(given, probs)
     truth = np.zeros(len(y), bool)
     truth[flipped] = True
     assert (flagged & truth).sum() >= 6 and (flagged & ~truth).sum() <= 3

@@ -1,7 +1,7 @@
 """What to look at again in a labelled photo collection, from its embeddings.
 
 - Label issues: confident learning (cleanlab) on out-of-sample class probabilities, from
-  leave-one-out kNN on the embeddings or a cross-validated linear probe.
+  leave-one-out kNN on the embeddings, a cross-validated linear probe, or their mean.
 - Near-duplicates: pairs much closer than a photo usually is to its nearest neighbour.
 - Outliers: photos far from every other (cleanlab's kNN out-of-distribution score).
 All take (N, D) features; they are L2-normalised here.
@@ -44,6 +44,22 @@ def cross_validated_probabilities(features, labels: np.ndarray, num_classes: int
         model = LogisticRegression(C=10.0, max_iter=500).fit(x[fit_rows], labels[fit_rows])
         probs[np.ix_(held_out, model.classes_)] = model.predict_proba(x[held_out])
     return probs
+
+
+def out_of_sample_probabilities(source: str, features, labels: np.ndarray, num_classes: int, *, k: int = 20,
+                                temperature: float = 0.07, seed: int = 0) -> np.ndarray:
+    """(N, C) class probabilities of each photo from models that never saw its label.
+
+    source: "knn" (leave-one-out neighbours), "linear" (cross-validated probe) or "ensemble" (their mean).
+    """
+    if source not in ("knn", "linear", "ensemble"):
+        raise ValueError(f"unknown source {source!r}")
+    parts = []
+    if source in ("knn", "ensemble"):
+        parts.append(knn_probabilities(features, labels, num_classes, k=k, temperature=temperature))
+    if source in ("linear", "ensemble"):
+        parts.append(cross_validated_probabilities(features, labels, num_classes, seed=seed))
+    return sum(parts) / len(parts)
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -71,10 +71,8 @@ def _label_findings(cfg: AuditConfig, rows: pd.DataFrame, feats: torch.Tensor, l
         return []
     codes = np.searchsorted(names, rows["label"].astype(str).to_numpy()[idx])
     x = feats[idx]
-    if cfg.label_probs == "knn":
-        probs = audit.knn_probabilities(x, codes, len(names), k=cfg.knn_k, temperature=cfg.knn_t)
-    else:
-        probs = audit.cross_validated_probabilities(x, codes, len(names), seed=cfg.seed)
+    probs = audit.out_of_sample_probabilities(cfg.label_probs, x, codes, len(names), k=cfg.knn_k,
+                                              temperature=cfg.knn_t, seed=cfg.seed)
     flagged, quality = audit.label_issues(codes, probs)
     out = []
     for j in np.nonzero(flagged)[0]:
