@@ -15,7 +15,7 @@ size, flip TTA; kNN and the linear probe fit on the labelled train images):
     probe               supcon --backbone-lr-scale 0 for --probe-steps: the frozen backbone (BatchNorm
                         statistics adapted) with the artifact's logistic-regression classifier
     teacher_probe       supcon --teacher <the probe arm's artifact>
-    teacher_round2      supcon --teacher <the teacher_probe arm's artifact>: a second round of self-training
+    teacher_round2      supcon --teacher <the teacher arm's artifact>: a second round of self-training
     pretrain_then_X     pretrain at its defaults on every train photo (labels unused; one run shared
                         by all cells), then X = the better of pseudo / teacher in that cell (picked on
                         test accuracy, which flatters this arm)
@@ -141,7 +141,7 @@ def run_cell(study: Study, tag: str, manifest: Path) -> None:
         study.save()
     starts = {"supcon": [], "probe": ["--backbone-lr-scale", "0"],
               "teacher_probe": ["--teacher", str(study.runs / f"{tag}_probe")],
-              "teacher_round2": ["--teacher", str(study.runs / f"{tag}_teacher_probe")],
+              "teacher_round2": ["--teacher", str(study.runs / f"{tag}_teacher")],  # the supcon teacher's student
               "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")],
               "pseudo": ["--unlabeled", "pseudo"], "pseudo_ce": ["--unlabeled", "pseudo", "--pseudo-ce"]}
     for arm, extra in starts.items():

@@ -64,6 +64,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELED_MODES = ("none", "pseudo")
 TRAIN_LAYERS = ("all", "bn", "last")
+OPEN_SET_SCORES = ("relative_mahalanobis", "knn_distance")  # eval/open_set.py's SCORES (config imports no torch)
 AUDIT_PROBABILITIES = ("ensemble", "linear", "knn")
 
 
@@ -210,12 +211,15 @@ class SupconConfig(TrainConfig):
     head_warmup_epochs: float = option(1.0, "Epochs that train only the new head before the backbone is unfrozen "
                                             "(LP-FT).", check=at_least(0))
     classifier: bool = option(True, "Fit a logistic-regression classifier on the embedding after training (used by "
-                                    "predict), and calibrate its unknown-species score: the distance to the "
-                                    "--open-set-k-th nearest train photo (the train features are stored in the "
-                                    "artifact, N x D float16), thresholded to accept 95% of known-species val "
-                                    "photos (or of a train hold-out).")
-    open_set_k: int = option(5, "Which nearest train photo's distance is the unknown-species score (Sun et al. "
-                                "2022); capped at the median train photos per species.", check=at_least(1))
+                                    "predict), and calibrate its unknown-species score (--open-set-score) on the "
+                                    "train features (stored in the artifact, N x D float16, with their labels), "
+                                    "thresholded to accept 95% of known-species val photos (or of a train hold-out).")
+    open_set_score: str = option("relative_mahalanobis", "The unknown-species score: relative_mahalanobis (Ren et al. "
+                                 "2021: distance to the nearest species' mean minus the distance to all photos' "
+                                 "mean, best on cub50) or knn_distance (to the --open-set-k-th nearest train photo, "
+                                 "Sun et al. 2022).", choices=OPEN_SET_SCORES)
+    open_set_k: int = option(5, "Which nearest train photo's distance is the knn_distance score; capped at the "
+                                "median train photos per species.", check=at_least(1))
     unlabeled: str = option("none", "What to do with the manifest's unlabeled photos: none (train on labels only) or "
                                     "pseudo (a slowly moving average of the model labels them; those it is confident "
                                     "about join the SupCon term with their pseudo-labels, see --pseudo-ce). For "

@@ -23,7 +23,8 @@ from finegrain.data.manifest import Manifest
 from finegrain.data.synthetic import ALL_SPECIES, render_bird, sample_nuisance
 from finegrain.errors import FinegrainError
 from finegrain.eval.linear import stratified_holdout
-from finegrain.eval.open_set import (REFERENCE_KEY, calibrate_threshold, choose_k, fit_open_set, knn_distance_scores,
+from finegrain.eval.open_set import (LABELS_KEY, REFERENCE_KEY, RIDGE, OpenSetReference, RelativeMahalanobis,
+                                     calibrate_threshold, choose_k, fit_open_set, knn_distance_scores,
                                      max_logit_scores, max_softmax_scores, open_set_metrics)
 from finegrain.stages.evaluate import run_evaluate
 from finegrain.stages.predict import UNKNOWN, run_predict
@@ -50,6 +51,41 @@ def test_knn_distance_is_the_kth_nearest_normalised_distance(k):
     torch.testing.assert_close(got.double(), _kth_distance_by_loop(train, query, k), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         knn_distance_scores(train, query, 0)
+
+
+def _relative_mahalanobis_by_hand(train: np.ndarray, labels: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Ren et al.'s relative Mahalanobis distance with explicit inverses, one photo and class at a time."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    x, q = unit(train.astype(np.float64)), unit(query.astype(np.float64))
+    means = {c: x[labels == c].mean(0) for c in np.unique(labels)}
+    within = np.cov(np.stack([x[i] - means[c] for i, c in enumerate(labels)]).T)
+    ridge = RIDGE * np.trace(within) / len(within) * np.eye(len(within))
+    p_class, p_all = np.linalg.inv(within + ridge), np.linalg.inv(np.cov(x.T) + ridge)
+    centre = x.mean(0)
+    return np.array([min((v - m) @ p_class @ (v - m) for m in means.values()) - (v - centre) @ p_all @ (v - centre)
+                     for v in q])
+
+
+@pytest.mark.parametrize("dim", [5, 40])  # fewer photos than dimensions too: the ridge keeps it defined
+def test_relative_mahalanobis_matches_the_definition(dim):
+    g = torch.Generator().manual_seed(dim)
+    centres = torch.randn(3, dim, generator=g) * 2
+    labels = torch.arange(30) % 3
+    train, query = centres[labels] + torch.randn(30, dim, generator=g), torch.randn(7, dim, generator=g)
+    got = RelativeMahalanobis.fit(train, labels).scores(query)
+    assert got.shape == (7,) and got.dtype == torch.float32
+    want = _relative_mahalanobis_by_hand(train.numpy(), labels.numpy(), query.numpy())
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_relative_mahalanobis_scores_a_new_cluster_above_the_known_ones():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 3
+    labels = torch.arange(200) % 4  # the fifth centre is an unknown species
+    model = RelativeMahalanobis.fit(centres[labels] + torch.randn(200, 16, generator=g), labels)
+    known = model.scores(centres[torch.arange(40) % 4] + torch.randn(40, 16, generator=g))
+    unknown = model.scores(centres[4] + torch.randn(40, 16, generator=g))
+    assert open_set_metrics(known, unknown)["auroc"] > 0.95
 
 
 def test_logit_baselines_are_larger_for_less_confident_rows():
@@ -101,18 +137,25 @@ def test_choose_k_stays_below_a_typical_class_size():
 def test_fit_open_set_on_val_uses_all_train_as_reference():
     g = torch.Generator().manual_seed(1)
     x, y, val = torch.randn(40, 6, generator=g), torch.arange(40) % 4, torch.randn(9, 6, generator=g)
-    ref = fit_open_set(x, y, val, k=3)
+    ref = fit_open_set(x, y, val, k=3, score="knn_distance")
     assert ref.calibrated_on == "val" and ref.k == 3 and ref.features.dtype == torch.float16
     torch.testing.assert_close(ref.features.float(), F.normalize(x, dim=1), atol=1e-3, rtol=0)
     assert ref.threshold == calibrate_threshold(knn_distance_scores(ref.features, val, 3))
     assert ref.info() == {"score": "knn_distance", "k": 3, "threshold": ref.threshold, "calibrated_on": "val",
                           "keep": 0.95}
+    rmd = fit_open_set(x, y, val, k=3)  # the default score
+    assert rmd.score == "relative_mahalanobis" and torch.equal(rmd.labels, y)
+    assert rmd.threshold == calibrate_threshold(RelativeMahalanobis.fit(rmd.features, y).scores(val))
+    back = OpenSetReference.from_artifact(rmd.info(), rmd.tensors())  # as predict reads it from the artifact
+    torch.testing.assert_close(back.scores(val), rmd.scores(val))
+    old = OpenSetReference.from_artifact(ref.info(), {REFERENCE_KEY: ref.features})  # an artifact without labels
+    assert old.score == "knn_distance" and LABELS_KEY not in old.tensors()
 
 
 def test_fit_open_set_without_val_holds_out_train_photos_from_the_reference():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(40, 6, generator=g), torch.arange(40) % 4
-    ref = fit_open_set(x, y, None, k=50, seed=7)
+    ref = fit_open_set(x, y, None, k=50, seed=7, score="knn_distance")
     fit_idx, held_idx = stratified_holdout(y.numpy(), 7)
     assert ref.calibrated_on == "train hold-out" and len(ref.features) == len(fit_idx) < 40
     assert ref.k == choose_k(50, y[fit_idx])
@@ -189,11 +232,13 @@ def _photos(manifest: Manifest, split: str, species=None) -> list:
 
 def test_supcon_stores_the_calibration_and_predict_accepts_the_val_photos(open_birds, open_artifact):
     stored = open_artifact.info["open_set"]
-    assert stored["score"] == "knn_distance" and stored["calibrated_on"] == "val" and stored["keep"] == 0.95
-    assert 1 <= stored["k"] <= 5 and stored["threshold"] > 0
-    reference = load_file(open_artifact.path / "model.safetensors")[REFERENCE_KEY]
+    assert stored["score"] == "relative_mahalanobis" and stored["calibrated_on"] == "val" and stored["keep"] == 0.95
+    assert 1 <= stored["k"] <= 5
+    weights = load_file(open_artifact.path / "model.safetensors")
+    reference, labels = weights[REFERENCE_KEY], weights[LABELS_KEY]
     train = open_birds.rows("train")
     assert reference.shape == (len(train), open_artifact.info["embedding_dim"]) and reference.dtype == torch.float16
+    assert torch.equal(labels, train.class_codes(open_artifact.info["class_names"]).long())
     torch.testing.assert_close(reference.float().norm(dim=1), torch.ones(len(train)), atol=2e-3, rtol=0)
     # the threshold accepts >= 95% of the val photos it was calibrated on (8 photos: all of them)
     val = run_predict(open_artifact.path, _photos(open_birds, "val"), workers=0)
@@ -264,20 +309,24 @@ def test_evaluate_reports_open_set_metrics_for_unseen_test_classes(open_birds, t
         assert 0.0 <= report[key] <= 1.0 and art.info["metrics"][key] == report[key]
     for name in ("max_softmax", "max_logit"):
         assert 0.0 <= ctx[f"open_set_auroc_{name}"] <= 1.0 and 0.0 <= ctx[f"open_set_fpr95_{name}"] <= 1.0
-    assert ctx["unseen_images"] == 10 and ctx["unseen_classes"] == 1 and ctx["open_set_k_from"] == "default"
-    # the headline score is the kNN distance on the cached features
+    assert ctx["unseen_images"] == 10 and ctx["unseen_classes"] == 1 and ctx["open_set_from"] == "default"
+    # the headline score is relative Mahalanobis (a bare backbone), the kNN distance beside it, on the cached features
     files = (art.path / "features").glob("*.safetensors")
     cached = [(p.name.rsplit("-", 1)[0], load_file(p)["features"]) for p in files]
     feats = {(name, len(f)): f for name, f in cached}  # "test" twice: the known queries (8), retrieval (all 18)
-    train = feats["train", len(open_birds.rows("train"))]
-    known, unseen = (knn_distance_scores(train, feats[f, n], ctx["open_set_k"])
-                     for f, n in (("test", 8), ("test_unseen", 10)))
-    expected = open_set_metrics(known, unseen)
+    train_rows = open_birds.rows("train")
+    train = feats["train", len(train_rows)]
+    known_f, unseen_f = feats["test", 8], feats["test_unseen", 10]
+    model = RelativeMahalanobis.fit(train, train_rows.class_codes(sorted(set(train_rows.table["label"]))))
+    assert ctx["open_set_score"] == "relative_mahalanobis"
+    expected = open_set_metrics(model.scores(known_f), model.scores(unseen_f))
     assert report["open_set_auroc"] == pytest.approx(expected["auroc"])
     assert report["open_set_fpr95"] == pytest.approx(expected["fpr95"])
+    knn = open_set_metrics(*(knn_distance_scores(train, f, ctx["open_set_k"]) for f in (known_f, unseen_f)))
+    assert ctx["open_set_auroc_knn_distance"] == pytest.approx(knn["auroc"], abs=1e-4)
     page = (art.path / "report" / "index.html").read_text()
     assert "Unknown species" in page and "max_logit" in page
-    assert len(pd.read_csv(art.path / "report" / "open_set.csv")) == 3
+    assert len(pd.read_csv(art.path / "report" / "open_set.csv")) == 4
     with Image.open(art.path / "report" / "open_set_roc.png") as roc:
         assert roc.size[0] > 100 and 'src="open_set_roc.png"' in page
 

@@ -1,5 +1,9 @@
 """Open-set scores: how unlike every known species a photo is. Larger = more likely an unknown species.
 
+- Relative Mahalanobis distance (Ren et al. 2021, "A simple fix to Mahalanobis distance for improving
+  near-OOD detection"): the smallest class-conditional Mahalanobis distance (shared covariance, as in
+  Lee et al. 2018) minus the distance under one Gaussian of all training photos. Made for unknown
+  classes that look like the known ones, as unseen bird species do; the default.
 - kNN distance (Sun et al., ICML 2022, "Out-of-distribution detection with deep nearest neighbors"):
   Euclidean distance, between L2-normalised features, from a photo to its k-th nearest training photo
   (in [0, 2]; sqrt(2 - 2 cos)).
@@ -26,6 +30,9 @@ from finegrain.eval.linear import stratified_holdout
 DEFAULT_K = 5  # Sun et al. took k = 0.1% of CIFAR-10's 50,000 photos; 0.1% of a few thousand is a handful
 DEFAULT_KEEP = 0.95  # fraction of known-species photos the threshold accepts
 REFERENCE_KEY = "open_set.train_features"  # the reference's key in an artifact's model.safetensors
+LABELS_KEY = "open_set.train_labels"  # (N,) int64 class ids of the reference (relative Mahalanobis needs them)
+SCORES = ("relative_mahalanobis", "knn_distance")  # scores of features alone, that an artifact can store
+RIDGE = 2.0  # added to every covariance eigenvalue, in units of the mean within-class variance
 
 
 @torch.no_grad()
@@ -44,6 +51,57 @@ def knn_distance_scores(train_feats: torch.Tensor, query_feats: torch.Tensor, k:
     sims, _ = nearest(train_feats, query_feats, k)
     kth = torch.from_numpy(sims[:, -1]).float()  # cosine of the k-th nearest
     return (2 - 2 * kth).clamp_min(0).sqrt()
+
+
+@dataclass
+class RelativeMahalanobis:
+    """Class means and whitening maps of L2-normalised training features; `scores` gives the distances.
+
+    Attributes: means (C, D); centre (D,) the mean of all photos; whiten, whiten_all (D, D) with
+    ||(x - m) @ whiten||^2 the Mahalanobis distance under the shared within-class covariance and under
+    the covariance of all photos.
+    """
+
+    means: torch.Tensor
+    centre: torch.Tensor
+    whiten: torch.Tensor
+    whiten_all: torch.Tensor
+
+    @classmethod
+    def fit(cls, train_feats: torch.Tensor, labels: torch.Tensor, ridge: float = RIDGE) -> "RelativeMahalanobis":
+        """Fit on (N, D) features and their (N,) class ids.
+
+        Both covariances get the same ridge, `ridge` x the mean within-class variance: with about as
+        many photos as dimensions neither is invertible without one, and sklearn's shrinkage (scaled by
+        each matrix's own trace) shrinks the two unequally, which broke the difference on cub50.
+        """
+        x = F.normalize(train_feats.double(), dim=1)
+        classes, y = torch.unique(labels.long(), return_inverse=True)
+        means = torch.zeros(len(classes), x.shape[1], dtype=x.dtype).index_add_(0, y, x)
+        means /= torch.bincount(y, minlength=len(classes)).unsqueeze(1)
+        centre = x.mean(0)
+        within, spread = _covariance(x - means[y]), _covariance(x - centre)
+        shift = ridge * float(torch.diagonal(within).mean()) + 1e-12
+        return cls(means.float(), centre.float(), _whitening(within, shift).float(), _whitening(spread, shift).float())
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(Q, D) features -> (Q,) min over classes of the class distance minus the all-photo distance."""
+        x = F.normalize(feats.float(), dim=1)
+        z, means = x @ self.whiten, self.means @ self.whiten
+        per_class = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)
+        background = ((x - self.centre) @ self.whiten_all).pow(2).sum(1, keepdim=True)
+        return (per_class - background).min(dim=1).values
+
+
+def _covariance(z: torch.Tensor) -> torch.Tensor:
+    """(N, D) centred rows -> (D, D) covariance."""
+    return z.T @ z / max(1, len(z) - 1)
+
+
+def _whitening(cov: torch.Tensor, shift: float) -> torch.Tensor:
+    """W (D, D) with W @ W.T = (cov + shift I)^-1, from the eigendecomposition (stable when cov is singular)."""
+    values, vectors = torch.linalg.eigh(cov)
+    return vectors * (values.clamp_min(0) + shift).rsqrt()
 
 
 def max_softmax_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -100,12 +158,13 @@ def choose_k(k: int, labels: torch.Tensor) -> int:
 
 @dataclass
 class OpenSetReference:
-    """What open-set scoring of new photos needs: the reference features, k and the threshold.
+    """What open-set scoring of new photos needs: the reference features and labels, the score and threshold.
 
     Attributes:
-        features: (N, D) float16 L2-normalised training features (the kNN reference).
-        k: neighbour rank of the score; threshold: scores above it are unknown species.
+        features: (N, D) float16 L2-normalised training features; labels: (N,) int64 class ids.
+        k: neighbour rank of the kNN-distance score; threshold: scores above it are unknown species.
         calibrated_on: "val" or "train hold-out"; keep: fraction of those known photos accepted.
+        score: one of SCORES.
     """
 
     features: torch.Tensor
@@ -113,41 +172,61 @@ class OpenSetReference:
     threshold: float
     calibrated_on: str
     keep: float = DEFAULT_KEEP
+    labels: torch.Tensor | None = None
+    score: str = "knn_distance"
+
+    def __post_init__(self):
+        if self.score not in SCORES or (self.score == "relative_mahalanobis" and self.labels is None):
+            raise ValueError(f"score must be one of {SCORES} (relative_mahalanobis with labels), got {self.score!r}")
+        self._mahalanobis = None
 
     def info(self) -> dict:
-        """The artifact.json record (the features go to the weights file under REFERENCE_KEY)."""
-        return {"score": "knn_distance", "k": self.k, "threshold": self.threshold,
+        """The artifact.json record (features and labels go to the weights file under REFERENCE_KEY, LABELS_KEY)."""
+        return {"score": self.score, "k": self.k, "threshold": self.threshold,
                 "calibrated_on": self.calibrated_on, "keep": self.keep}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The reference's tensors for the artifact's weights file."""
+        out = {REFERENCE_KEY: self.features}
+        if self.labels is not None:
+            out[LABELS_KEY] = self.labels.long()
+        return out
+
     @classmethod
-    def from_info(cls, info: dict, features: torch.Tensor) -> "OpenSetReference":
-        """The reference back from its `info()` record and its (N, D) features."""
-        return cls(features, int(info["k"]), float(info["threshold"]), info["calibrated_on"],
-                   float(info.get("keep", DEFAULT_KEEP)))
+    def from_artifact(cls, info: dict, state: dict[str, torch.Tensor]) -> "OpenSetReference":
+        """The reference back from its `info()` record and the artifact's weights (artifacts before
+        LABELS_KEY score with the kNN distance, as they were calibrated)."""
+        return cls(state[REFERENCE_KEY], int(info["k"]), float(info["threshold"]), info["calibrated_on"],
+                   float(info.get("keep", DEFAULT_KEEP)), state.get(LABELS_KEY), info.get("score", "knn_distance"))
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(Q, D) features -> (Q,) kNN-distance scores against the reference."""
-        return knn_distance_scores(self.features, feats, self.k)
+        """(Q, D) features -> (Q,) scores of `self.score` against the reference."""
+        if self.score == "knn_distance":
+            return knn_distance_scores(self.features, feats, self.k)
+        if self._mahalanobis is None:
+            self._mahalanobis = RelativeMahalanobis.fit(self.features, self.labels)
+        return self._mahalanobis.scores(feats)
 
 
 def fit_open_set(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor | None = None, *,
-                 k: int = DEFAULT_K, keep: float = DEFAULT_KEEP, seed: int = 0) -> OpenSetReference | None:
-    """The kNN reference and a threshold accepting `keep` of known photos it did not contain.
+                 k: int = DEFAULT_K, keep: float = DEFAULT_KEEP, seed: int = 0,
+                 score: str = "relative_mahalanobis") -> OpenSetReference | None:
+    """The reference and a threshold accepting `keep` of known photos it did not contain.
 
     With val features (M, D) the reference is all of train (N, D); otherwise a stratified hold-out
     of train (as the linear probe's) is scored against the rest, which alone becomes the reference,
     so no photo is its own neighbour. k is `choose_k(k, reference labels)`. None when there is
     neither val nor a class with 2 train photos to hold out.
     """
-    ref = F.normalize(train_feats.float(), dim=1).half()
+    ref, labels = F.normalize(train_feats.float(), dim=1).half(), train_labels.long()
     if val_feats is not None and len(val_feats):
-        calib, labels, where = val_feats, train_labels, "val"
+        calib, where = val_feats, "val"
     else:
         fit_idx, held_idx = stratified_holdout(train_labels.numpy(), seed)
         if len(held_idx) == 0:
             return None
         fit_idx, held_idx = torch.from_numpy(fit_idx), torch.from_numpy(held_idx)
-        calib, labels, ref, where = train_feats[held_idx], train_labels[fit_idx], ref[fit_idx], "train hold-out"
-    k = choose_k(k, labels)
-    threshold = calibrate_threshold(knn_distance_scores(ref, calib, k), keep)
-    return OpenSetReference(ref.contiguous(), k, threshold, where, keep)
+        calib, labels, ref, where = train_feats[held_idx], labels[fit_idx], ref[fit_idx], "train hold-out"
+    reference = OpenSetReference(ref.contiguous(), choose_k(k, labels), 0.0, where, keep, labels, score)
+    reference.threshold = calibrate_threshold(reference.scores(calib), keep)
+    return reference

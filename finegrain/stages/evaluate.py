@@ -10,8 +10,9 @@ features averaged with the mirror image's) or a bare backbone on a manifest. Pro
   zero-shot CUB protocol.
 - Open set, when the queries hold classes never seen in training: how well a score tells those
   photos from the queries of trained classes (eval/open_set.py): AUROC and FPR at 95% TPR of the
-  distance to the k-th nearest train photo (k as the artifact stores it, else choose_k(DEFAULT_K)),
-  and of the linear probe's max-softmax and max-logit baselines.
+  relative Mahalanobis distance, of the distance to the k-th nearest train photo (k as the artifact
+  stores it, else choose_k(DEFAULT_K)), and of the linear probe's max-softmax and max-logit
+  baselines; the headline is the score the artifact's predict uses.
 Features are cached in OUT/features/, keyed by model, image size, crop and rows, so re-running
 (other k, other probe) does not extract again. Writes OUT/report/ (metrics.json, per_class.csv,
 confused_pairs.csv, open_set.csv when there are unseen classes, PNG plots, index.html) and an
@@ -35,8 +36,8 @@ from finegrain.data.manifest import Manifest
 from finegrain.errors import FinegrainError
 from finegrain.eval.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.eval.knn import knn_scores, topk_accuracy
-from finegrain.eval.open_set import (DEFAULT_K, choose_k, knn_distance_scores, max_logit_scores, max_softmax_scores,
-                                     open_set_metrics)
+from finegrain.eval.open_set import (DEFAULT_K, RelativeMahalanobis, choose_k, knn_distance_scores, max_logit_scores,
+                                     max_softmax_scores, open_set_metrics)
 from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.eval.store import FeatureStore, Subject
 from finegrain.fsutil import atomic_write_text
@@ -46,7 +47,7 @@ log = logging.getLogger("finegrain")
 
 METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
                "recall_at_8", "map_at_r")
-OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the kNN-distance score; None without unseen classes
+OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the artifact's open-set score; None without unseen classes
 
 
 def run_evaluate(cfg: EvaluateConfig) -> Artifact:
@@ -133,24 +134,27 @@ def _open_set(store: FeatureStore, unseen: Manifest, ftr, ytr, fq, probe, metric
               context: dict) -> tuple[pd.DataFrame, dict] | None:
     """Open-set scores of the queries of trained classes (fq, known) and of `unseen` rows (unknown).
 
-    Puts the kNN-distance score's AUROC and FPR95 into `metrics`, every score's into `context`;
-    returns them as a table (score, auroc, fpr95) and the scores (name -> (known, unknown)), or None
-    when there are no unseen or no known queries.
+    Puts the AUROC and FPR95 of the artifact's score (relative Mahalanobis for a bare backbone) into
+    `metrics`, every score's into `context`; returns them as a table (score, auroc, fpr95) and the
+    scores (name -> (known, unknown)), or None when there are no unseen or no known queries.
     """
     if not len(unseen) or not len(fq):
         return None
     fu = store.features(unseen, f"{context['query_split']}_unseen")
     stored = (store.subject.artifact.info.get("open_set") or {}) if store.subject.artifact is not None else {}
     k = int(stored["k"]) if stored else choose_k(DEFAULT_K, ytr)
-    scores = {"knn_distance": (knn_distance_scores(ftr, fq, k), knn_distance_scores(ftr, fu, k))}
+    mahalanobis = RelativeMahalanobis.fit(ftr, ytr)
+    scores = {"relative_mahalanobis": (mahalanobis.scores(fq), mahalanobis.scores(fu)),
+              "knn_distance": (knn_distance_scores(ftr, fq, k), knn_distance_scores(ftr, fu, k))}
     if probe is not None:
         known, unknown = (torch.from_numpy(probe.scores(f)) for f in (fq, fu))
         scores["max_softmax"] = (max_softmax_scores(known), max_softmax_scores(unknown))
         scores["max_logit"] = (max_logit_scores(known), max_logit_scores(unknown))
     found = {name: open_set_metrics(*pair) for name, pair in scores.items()}
-    metrics.update(open_set_auroc=found["knn_distance"]["auroc"], open_set_fpr95=found["knn_distance"]["fpr95"])
-    context.update(unseen_images=len(unseen), unseen_classes=unseen.table["label"].nunique(), open_set_k=k,
-                   open_set_k_from="artifact" if stored else "default")
+    headline = stored.get("score", "relative_mahalanobis")
+    metrics.update(open_set_auroc=found[headline]["auroc"], open_set_fpr95=found[headline]["fpr95"])
+    context.update(unseen_images=len(unseen), unseen_classes=unseen.table["label"].nunique(), open_set_score=headline,
+                   open_set_k=k, open_set_from="artifact" if stored else "default")
     for name, m in found.items():
         context.update({f"open_set_auroc_{name}": round(m["auroc"], 4), f"open_set_fpr95_{name}": round(m["fpr95"], 4)})
     return pd.DataFrame([{"score": name, **m} for name, m in found.items()]), scores

@@ -1,7 +1,7 @@
 """`finegrain predict`: species predictions for new photos from an artifact that holds a classifier.
 
 With open-set scoring (artifacts from supcon that store it), photos unlike every trained species are
-named `unknown` (eval/open_set.py: distance to the k-th nearest train photo, past the calibrated threshold).
+named `unknown` (eval/open_set.py: the artifact's unknown-species score, past its calibrated threshold).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from finegrain.data.manifest import Manifest
 from finegrain.data.validate import check_manifest_or_raise
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
-from finegrain.eval.open_set import REFERENCE_KEY, OpenSetReference
+from finegrain.eval.open_set import OpenSetReference
 from finegrain.fsutil import atomic_write_text
 
 log = logging.getLogger("finegrain")
@@ -56,7 +56,7 @@ def open_set_reference(artifact: Artifact, open_set: bool | None) -> OpenSetRefe
         raise FinegrainError(f"--open-set on: {artifact.path} stores no unknown-species calibration (trained before "
                              "open-set scoring, or without a val split or hold-out); retrain it with supcon, or use "
                              "--open-set off")
-    return OpenSetReference.from_info(stored, artifact.state_dict()[REFERENCE_KEY])
+    return OpenSetReference.from_artifact(stored, artifact.state_dict())
 
 
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
@@ -70,8 +70,8 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     score_1..score_k (softmax probabilities in [0, 1]); images that cannot be read get an `error`
     and no predictions. With open-set scoring (`open_set` True, or None and the artifact stores it),
     also nearest_species (the classifier's top species, whose probability is score_1), unknown_score
-    (distance to the k-th nearest train photo, in [0, 2]) and known (unknown_score <= the stored
-    threshold); pred_1 is then `unknown` for photos not known, pred_2.. stay the classifier's ranking.
+    (the artifact's open-set score: larger = less like any trained species) and known (unknown_score <=
+    the stored threshold); pred_1 is then `unknown` for photos not known, pred_2.. stay the classifier's ranking.
     """
     from finegrain.data.dataset import ManifestDataset
     from finegrain.data.views import build_view, make_recipe

@@ -4,8 +4,9 @@ Starts from a pretrain artifact (`--from`) or backbone weights, trains on the la
 split (and, with `--unlabeled pseudo` or `--teacher`, the unlabeled photos beside it), then fits a
 linear classifier on the embedding, so the artifact can classify as well as embed, and calibrates an
 unknown-species score for it (eval/open_set.py). Writes a stage artifact with "backbone.*", "head.*" and
-"classifier.*" weights, and "open_set.train_features": the (N, D) float16 L2-normalised train features the
-score measures distances to (N x D x 2 bytes: 15 MB for 6,000 photos of 1280-d features).
+"classifier.*" weights, and "open_set.train_features" / "open_set.train_labels": the (N, D) float16
+L2-normalised train features and class ids the score is measured against (N x D x 2 bytes: 15 MB for
+6,000 photos of 1280-d features).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from finegrain.errors import FinegrainError
 from finegrain.eval.features import extract_features, flip_averaged, test_size
 from finegrain.engine.sampler import WithUnlabelled
 from finegrain.eval.linear import LinearProbe, fit_linear_probe
-from finegrain.eval.open_set import REFERENCE_KEY, OpenSetReference, fit_open_set
+from finegrain.eval.open_set import OpenSetReference, fit_open_set
 from finegrain.methods import SupervisedMethod, freeze_bn_for, interpolate_weights
 from finegrain.methods.teachers import ArtifactTeacher, EmaTeacher
 from finegrain.models.backbone import build_backbone, create_backbone, data_config
@@ -90,7 +91,7 @@ def _write(run: StageRun, method: SupervisedMethod, train, class_names, data_cfg
         state["classifier.weight"] = torch.from_numpy(probe.weight)
         state["classifier.bias"] = torch.from_numpy(probe.bias)
         if open_set is not None:
-            state[REFERENCE_KEY] = open_set.features
+            state.update(open_set.tensors())
         classifier_info = {"input": "l2-normalised backbone features", "C": probe.C_reg, "val_top1": probe.val_top1,
                            "fitted_on": "train", "image_size": test_size(cfg.image_size), "flip_tta": True}
         metrics["classifier_val_top1"] = probe.val_top1
@@ -212,12 +213,11 @@ def _fit_classifier(run: StageRun, method: SupervisedMethod, train, class_names,
     probe = fit_linear_probe(x, y, num_classes=len(class_names), val_x=vx, val_y=vy, seed=cfg.seed)
     log.info("classifier: logistic regression on %d train features, C %g%s", len(x), probe.C_reg,
              f", val top-1 {probe.val_top1:.3f}" if probe.val_top1 is not None else "")
-    open_set = fit_open_set(x, y, vx, k=cfg.open_set_k, seed=cfg.seed)
+    open_set = fit_open_set(x, y, vx, k=cfg.open_set_k, seed=cfg.seed, score=cfg.open_set_score)
     if open_set is None:
         log.warning("open set: no val photos and no species with 2 train photos to calibrate on; the artifact "
                     "cannot flag unknown species")
     else:
-        log.info("open set: distance to the %d-th nearest of %d train photos, threshold %.4f (accepts %.0f%% of "
-                 "%s photos)", open_set.k, len(open_set.features), open_set.threshold, 100 * open_set.keep,
-                 open_set.calibrated_on)
+        log.info("open set: %s against %d train photos, threshold %.4f (accepts %.0f%% of %s photos)",
+                 open_set.score, len(open_set.features), open_set.threshold, 100 * open_set.keep, open_set.calibrated_on)
     return probe, open_set
