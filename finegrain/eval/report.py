@@ -34,6 +34,13 @@ __all__ = [
 
 _DPI = 100
 
+METRIC_NAMES = {  # metric key -> what a person reads
+    "knn_top1": "kNN top-1", "knn_top5": "kNN top-5", "linear_top1": "linear probe top-1",
+    "linear_top5": "linear probe top-5", "recall_at_1": "Recall@1 (retrieval)", "recall_at_2": "Recall@2 (retrieval)",
+    "recall_at_4": "Recall@4 (retrieval)", "recall_at_8": "Recall@8 (retrieval)", "map_at_r": "MAP@R (retrieval)",
+    "open_set_auroc": "unknown species: AUROC", "open_set_fpr95": "unknown species: accepted at 95% known (FPR95)",
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # Tables
@@ -449,6 +456,8 @@ figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: .9rem; margin-top: .3rem; }
 .scroll { max-height: 40rem; overflow: auto; }
 footer { margin-top: 3rem; color: #57606a; font-size: .8rem; }
+small.key { color: #57606a; font-weight: normal; font-size: .75rem; }
+td.note { color: #57606a; font-size: .85rem; }
 """
 
 
@@ -484,6 +493,17 @@ def _kv_table(items: Mapping, css_class: str, header: tuple[str, str], fmt) -> s
     )
 
 
+def _metrics_table(metrics: Mapping, notes: Mapping[str, str]) -> str:
+    """The headline: readable metric name (its key in small print), value, note."""
+    rows = "\n".join(
+        f'<tr><th scope="row">{_esc(METRIC_NAMES.get(k, k))} <small class="key">{_esc(k)}</small></th>'
+        f'<td class="value">{_esc(_format_value(v))}</td><td class="note">{_esc(notes.get(k, ""))}</td></tr>'
+        for k, v in metrics.items()
+    )
+    return ('<table class="headline">\n<thead><tr><th>metric</th><th>value</th><th>for comparison</th></tr></thead>\n'
+            f"<tbody>\n{rows}\n</tbody>\n</table>")
+
+
 def _frame_html(df: pd.DataFrame) -> str:
     """`df` as an escaped HTML table; float columns whose values all lie in [0, 1] as percentages."""
     formatters = {}
@@ -517,6 +537,8 @@ def write_html_report(
     tables: Mapping[str, pd.DataFrame] | None = None,
     images: Mapping[str, str | os.PathLike] | None = None,
     links: Mapping[str, str] | None = None,
+    comparison: pd.DataFrame | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `report_dir/index.html`, a self-contained page (inline CSS, no scripts, no remote resources).
 
@@ -533,6 +555,9 @@ def write_html_report(
         images: caption -> image file (relative to `report_dir`, or an absolute path inside it);
             each is shown with its caption and links to the full-size file.
         links: caption -> relative address of a related page (an audit), listed under the headline.
+        comparison: the "Compared with" table (one row per model, metric keys as columns), shown
+            right after the headline with the metrics' readable names.
+        notes: metric key -> a note shown beside its headline value (chance level, photo counts).
 
     Every caller string (titles, keys, values, class names in tables) is HTML-escaped. The file
     is written atomically.
@@ -556,8 +581,12 @@ def write_html_report(
         "<main>",
     ]
     if metrics:
-        parts += ['<section id="headline">', "<h2>Headline</h2>",
-                  _kv_table(metrics, "headline", ("metric", "value"), _format_value), "</section>"]
+        parts += ['<section id="headline">', "<h2>Headline</h2>", _metrics_table(metrics, notes or {}), "</section>"]
+    if comparison is not None and len(comparison):
+        shown = comparison.rename(columns={k: METRIC_NAMES.get(k, k) for k in comparison.columns})
+        parts += ['<section id="compared">', "<h2>Compared with</h2>",
+                  "<p>The same photos, read the same way (image size, flip), for each model.</p>",
+                  f'<div class="scroll">{_frame_html(shown)}</div>', "</section>"]
     if links:
         parts += ['<section id="links">', "<h2>See also</h2>", "<ul>"]
         parts += [f'<li><a href="{_esc(quote(href))}">{_esc(caption)}</a></li>' for caption, href in links.items()]

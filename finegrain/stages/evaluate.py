@@ -21,6 +21,7 @@ artifact whose weights are the linear probe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from finegrain.data.manifest import Manifest
 from finegrain.errors import FinegrainError
 from finegrain.eval.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.eval.knn import knn_scores, topk_accuracy
+from finegrain.eval.lineage import ancestors, starting_weights
 from finegrain.eval.open_set import (DEFAULT_K, RelativeMahalanobis, choose_k, knn_distance_scores, max_logit_scores,
                                      max_softmax_scores, open_set_metrics)
 from finegrain.eval.retrieval import retrieval_metrics
@@ -47,6 +49,7 @@ log = logging.getLogger("finegrain")
 
 METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
                "recall_at_8", "map_at_r")
+COMPARED = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")  # the metrics the comparison shows
 OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the artifact's open-set score; None without unseen classes
 
 
@@ -56,24 +59,10 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
         subject = Subject(cfg)
         audit = _audit_summary(cfg.audit) if cfg.audit else None  # read before any photo is
         store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
-        metrics: dict = {k: None for k in METRIC_KEYS + OPEN_SET_KEYS}
-        context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
-                   "manifest_hash": run.manifest.content_hash, "image_size": subject.image_size,
-                   "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta, "retrieval_split": cfg.retrieval_split}
-        timings: dict = {}
-        probe, report_data = _classify(cfg, run.manifest, store, metrics, context, timings)
+        metrics, context, probe, report_data, timings = _measure(cfg, run.manifest, store)
+        context["manifest_hash"] = run.manifest.content_hash
         report_data["audit"] = audit
-        retrieval_rows = run.manifest.rows(cfg.retrieval_split)
-        if len(retrieval_rows) >= 2:
-            fr = store.features(retrieval_rows, cfg.retrieval_split)
-            start = time.perf_counter()
-            found = retrieval_metrics(fr, retrieval_rows.class_codes(retrieval_rows.class_names))
-            context["retrieval_queries"] = int(found.pop("retrieval_queries"))  # a count, not a metric
-            metrics.update(found)
-            timings["retrieval_s"] = time.perf_counter() - start
-        else:
-            log.warning("fewer than 2 labelled %s images: retrieval metrics skipped", cfg.retrieval_split)
-        timings["extraction_s"] = store.seconds
+        report_data["baselines"] = _baselines(cfg, run, subject)
         context.update({f"time_{k}": round(v, 2) for k, v in timings.items()})
 
         if subject.artifact is not None:
@@ -90,6 +79,62 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
                 "bbox_crop": cfg.bbox_crop, "class_names": report_data.get("classes") or None, "timings": timings,
                 "report": "report/index.html", "wandb_artifact": "evaluation"}
         return run.write(state, info, metrics, wandb_type="evaluation", wandb_folder=run.out / "report")
+
+
+def _measure(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore):
+    """Every metric of `store`'s subject on `manifest`: (metrics, context, probe or None, report data, timings)."""
+    subject = store.subject
+    metrics: dict = {k: None for k in METRIC_KEYS + OPEN_SET_KEYS}
+    context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
+               "image_size": subject.image_size, "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta,
+               "retrieval_split": cfg.retrieval_split}
+    timings: dict = {}
+    probe, report_data = _classify(cfg, manifest, store, metrics, context, timings)
+    retrieval_rows = manifest.rows(cfg.retrieval_split)
+    if len(retrieval_rows) >= 2:
+        fr = store.features(retrieval_rows, cfg.retrieval_split)
+        start = time.perf_counter()
+        found = retrieval_metrics(fr, retrieval_rows.class_codes(retrieval_rows.class_names))
+        context["retrieval_queries"] = int(found.pop("retrieval_queries"))  # a count, not a metric
+        metrics.update(found)
+        timings["retrieval_s"] = time.perf_counter() - start
+    else:
+        log.warning("fewer than 2 labelled %s images: retrieval metrics skipped", cfg.retrieval_split)
+    timings["extraction_s"] = store.seconds
+    return metrics, context, probe, report_data, timings
+
+
+def _baselines(cfg: EvaluateConfig, run, subject: Subject) -> dict[str, dict]:
+    """Name -> (label, headline metrics) of what the artifact is compared with, on the same photos and features
+    settings: the frozen starting backbone ("frozen") and, with --compare lineage, each earlier artifact."""
+    if cfg.compare == "none" or subject.artifact is None:
+        return {}
+    found: dict[str, dict] = {}
+    start = starting_weights(subject.artifact)
+    same = dict(image_size=subject.image_size, embedding_map=False, audit=None, compare="none")
+    if start is not None:
+        frozen = dataclasses.replace(cfg, from_artifact=None, backbone=start.backbone, weights=start.weights,
+                                     pretrained=start.pretrained, **same)
+        found["frozen"] = _headline_of(frozen, run, start.label)
+    for earlier in ancestors(subject.artifact) if cfg.compare == "lineage" else []:
+        name = earlier.info["stage"] if earlier.info["stage"] not in found else f"{earlier.info['stage']}_{len(found)}"
+        found[name] = _headline_of(dataclasses.replace(cfg, from_artifact=str(earlier.path), **same), run,
+                                   f"{earlier.info['stage']} artifact {earlier.path}")
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _headline_of(cfg: EvaluateConfig, run, label: str) -> dict | None:
+    """{"label", COMPARED metrics} of the subject `cfg` names; None (with a warning) when it cannot be built."""
+    torch.manual_seed(cfg.seed)  # random starting weights ("none") come out as the training stage drew them
+    try:
+        subject = Subject(cfg)
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot be built (weights gone, no network) is skipped
+        log.warning("compare: cannot build %s (%s); left out of the comparison", label, e)
+        return None
+    log.info("compare: %s", label)
+    store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
+    metrics = _measure(cfg, run.manifest, store)[0]
+    return {"label": label, **{k: metrics.get(k) for k in COMPARED}}
 
 
 def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metrics: dict, context: dict,
@@ -183,8 +228,9 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
     from finegrain.eval import report
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "metrics.json", json.dumps({**metrics, "context": context}, indent=2, default=str) + "\n")
     tables, images, links = {}, {}, {}
+    chance = 1.0 / len(data["classes"]) if data.get("classes") else None
+    comparison = _comparison(metrics, data.get("baselines") or {}, chance, context)
     if data.get("y_true") is not None:
         y, p, classes = data["y_true"], data["y_pred"], data["classes"]
         per_class = report.per_class_accuracy(y, p, classes)
@@ -213,9 +259,38 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
         context["audit"] = Path(os.path.relpath(page, folder.resolve())).as_posix()
         links["Audit: the flagged photos beside typical photos of their species"] = context["audit"]
     headline = {k: v for k, v in metrics.items() if v is not None}
+    scripts = {**metrics, "chance": chance, "baselines": {k: {m: v[m] for m in COMPARED}
+                                                          for k, v in (data.get("baselines") or {}).items()}}
+    atomic_write_text(folder / "metrics.json", json.dumps({**scripts, "context": context}, indent=2, default=str) + "\n")
     report.write_html_report(folder, title=f"finegrain evaluation: {context['evaluated']}", metrics=headline,
-                             context=context, tables=_report_tables(tables), images=images, links=links)
+                             context=context, tables=_report_tables(tables), images=images, links=links,
+                             comparison=comparison, notes=_notes(chance, context))
+    if comparison is not None:
+        tables["compared_with"] = comparison
     return tables, images
+
+
+def _notes(chance: float | None, context: dict) -> dict[str, str]:
+    """Metric key -> chance level and photo counts, shown beside the headline accuracies."""
+    if chance is None:
+        return {}
+    photos = f"{context.get('query_images')} {context.get('query_split')} photos of {context.get('classes')} species"
+    out = {f"{kind}_top{k}": f"chance {min(1.0, k * chance):.1%}; {photos}" for kind in ("knn", "linear") for k in (1, 5)}
+    if context.get("retrieval_queries"):
+        out.update({f"recall_at_{k}": f"{context['retrieval_queries']} {context['retrieval_split']} photos as queries"
+                    for k in (1, 2, 4, 8)})
+    return out
+
+
+def _comparison(metrics: dict, baselines: dict, chance: float | None, context: dict) -> pd.DataFrame | None:
+    """The "Compared with" table: chance, each baseline, then this subject (rows), COMPARED metrics (columns)."""
+    if chance is None:
+        return None
+    rows = [{"compared with": f"chance (1 of {context.get('classes')} species)", "knn_top1": chance,
+             "linear_top1": chance}]
+    rows += [{"compared with": b["label"], **{k: b.get(k) for k in COMPARED}} for b in baselines.values()]
+    rows.append({"compared with": f"this: {context['evaluated']}", **{k: metrics.get(k) for k in COMPARED}})
+    return pd.DataFrame(rows, columns=["compared with", *COMPARED])
 
 
 def _audit_summary(audit_dir: str) -> tuple[pd.DataFrame, Path]:
