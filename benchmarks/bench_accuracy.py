@@ -56,7 +56,7 @@ def main() -> None:
     rows = {}
 
     def evaluate(name: str, *model: str) -> None:
-        seconds = finegrain("evaluate", *common, "--out", str(runs / f"eval_{name}"), *model)
+        seconds = finegrain("evaluate", *common, "--compare", "none", "--out", str(runs / f"eval_{name}"), *model)
         metrics = json.loads((runs / f"eval_{name}" / "report" / "metrics.json").read_text())
         rows.setdefault(name, {}).update({k: metrics[k] for k in KEYS}, evaluate_s=round(seconds, 1))
 

@@ -101,7 +101,7 @@ class Study:
         out = self.runs / f"eval_{name}"
         seconds = 0.0
         if not (out / "report" / "metrics.json").is_file():
-            seconds = finegrain("evaluate", "--manifest", str(manifest), *self.cache(), "--out", str(out),
+            seconds = finegrain("evaluate", "--compare", "none", "--manifest", str(manifest), *self.cache(), "--out", str(out),
                                 "--no-embedding-map", *model)
         metrics = json.loads((out / "report" / "metrics.json").read_text())
         return {**{k: metrics[k] for k in KEYS}, "evaluate_s": round(seconds, 1)}

@@ -208,7 +208,7 @@ def open_set_cell(args, runs: Path, model: str) -> dict:
     artifact = model_artifact(args, runs, model, known_only, f"{model}_40v")  # supcon refuses test-only species
     info = json.loads((artifact / "artifact.json").read_text())["open_set"]
     evaluation = runs / f"open_set_eval_{model}_40v"
-    finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(evaluation),
+    finegrain("evaluate", "--compare", "none", "--from", str(artifact), "--manifest", str(manifest), "--out", str(evaluation),
               "--cache-dir", str(runs / "cache"), "--wandb", "disabled", "--no-embedding-map")
     metrics = json.loads((evaluation / "report" / "metrics.json").read_text())
     ctx = metrics["context"]
@@ -247,7 +247,7 @@ def probe_top1(args, runs: Path, artifact: Path, chosen: set, tag: str) -> tuple
     manifest = runs / f"{tag}.csv"
     Manifest.from_table(table, clean.root).save(manifest)
     out = runs / f"eval_{tag}"
-    finegrain("evaluate", "--from", str(artifact), "--manifest", str(manifest), "--out", str(out), "--cache-dir",
+    finegrain("evaluate", "--compare", "none", "--from", str(artifact), "--manifest", str(manifest), "--out", str(out), "--cache-dir",
               str(runs / "cache"), "--features-dir", str(runs / "features"), "--wandb", "disabled",
               "--no-embedding-map")
     metrics = json.loads((out / "report" / "metrics.json").read_text())

@@ -75,7 +75,7 @@ def evaluate(trained: Path | None, out: Path, *options: str) -> dict:
     headline metrics."""
     subject = ["--from", str(trained)] if trained is not None else ["--backbone", "tf_efficientnet_lite0"]
     if not (out / "report" / "metrics.json").is_file():
-        finegrain("evaluate", "--manifest", str(MANIFEST), *subject, "--out", str(out), "--no-embedding-map",
+        finegrain("evaluate", "--compare", "none", "--manifest", str(MANIFEST), *subject, "--out", str(out), "--no-embedding-map",
                   "--wandb", "disabled", *options)
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     return {k: metrics.get(k) for k in KEYS}
