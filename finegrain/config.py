@@ -299,6 +299,8 @@ class EvaluateConfig(FeatureConfig):
     embedding_map: bool = option(True, "Draw a t-SNE map of the test embeddings.")
     audit: str | None = option(None, "A `finegrain audit` output folder: the report shows its flagged counts and "
                                      "links to its audit.html.")
+    report_examples: int = option(0, "Correctly predicted test photos shown per species in the report (0: none).",
+                                  check=at_least(0))
     compare: str = option("lineage", "What the report compares the artifact with, on the same photos: lineage (the "
                                      "frozen starting backbone and every earlier artifact), frozen (the starting "
                                      "backbone only) or none. Each costs one more feature extraction.",

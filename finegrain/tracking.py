@@ -25,6 +25,21 @@ def _jsonable(value):
     return value
 
 
+def _with_thumbnails(table, wandb):
+    """`table` with its `photo` column (files) as 96 px wandb.Image thumbnails; as it is without one."""
+    if "photo" not in table.columns:
+        return table
+    from PIL import Image
+
+    def thumb(path):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((96, 96))
+            return wandb.Image(im, caption=str(path))
+
+    return table.assign(photo=[thumb(p) for p in table["photo"]])
+
+
 def wandb_parent(parent: dict | None) -> str | None:
     """The W&B artifact reference ("name:latest") of a parent lineage dict, for Tracker.log_artifact."""
     return f"{parent['wandb_artifact']}:latest" if parent and parent.get("wandb_artifact") else None
@@ -108,14 +123,15 @@ class Tracker:
         """Log pandas DataFrames as W&B tables and PNG files (name -> path) as W&B images.
 
         Tables are what W&B shows best for per-class results (a confusion matrix table would
-        have K^2 rows; the PNG is logged instead).
+        have K^2 rows; the PNG is logged instead). A table's `photo` column (image files) is
+        logged as small W&B images.
         """
         if self.run is None:
             return
         try:
             import wandb
 
-            payload = {f"report/{k}": wandb.Table(dataframe=v) for k, v in tables.items()}
+            payload = {f"report/{k}": wandb.Table(dataframe=_with_thumbnails(v, wandb)) for k, v in tables.items()}
             payload.update({f"report/{k}": wandb.Image(str(v)) for k, v in images.items()})
             self.run.log(payload)
         except Exception as e:  # noqa: BLE001

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from finegrain.config import EvaluateConfig, PretrainConfig, SupconConfig
 from finegrain.stages.evaluate import run_evaluate
@@ -59,3 +64,37 @@ def test_a_lineage_whose_earlier_artifact_is_gone_compares_with_what_is_left(cha
     report = _evaluate(tmp_path, "e", manifest=manifest, from_artifact=str(sup.path))
     assert report["baselines"] == {}  # the start is only known through the pretrain artifact
     assert report["knn_top1"] is not None
+
+
+def _photos(birds):
+    from finegrain.eval.report_photos import Photos
+
+    train, test = birds.rows("train"), birds.rows("test")
+    classes = birds.class_names
+    y = test.class_codes(classes).numpy()
+    pred = y.copy()
+    pred[:3] = (y[:3] + 1) % len(classes)  # three mistakes, the second the surest
+    confidence = np.linspace(0.5, 0.9, len(y))
+    confidence[1] = 0.99
+    return Photos(classes, [str(test.abspath(p)) for p in test.table["path"]], y, pred, confidence,
+                  [str(train.abspath(p)) for p in train.table["path"]], train.class_codes(classes).numpy())
+
+
+def test_the_photo_sections_show_the_surest_mistakes_and_the_confused_species(birds):
+    from finegrain.eval.report import confused_pairs
+    from finegrain.eval.report_photos import confident_mistakes, correct_examples, sections_html
+
+    photos = _photos(birds)
+    mistakes = confident_mistakes(photos)
+    assert len(mistakes) == 3 and mistakes["photo"][0] == photos.query_paths[1]
+    assert list(mistakes["confidence"]) == sorted(mistakes["confidence"], reverse=True)
+    assert (mistakes["true"] != mistakes["predicted"]).all()
+    examples = correct_examples(photos, 2)
+    assert examples.groupby("species").size().max() <= 2
+    assert set(examples["photo"]).isdisjoint(mistakes["photo"])
+    pairs = confused_pairs(photos.y_true, photos.y_pred, photos.classes)
+    page = "".join(sections_html(photos, pairs, examples_per_class=1).values())
+    uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    # per pair 3 + 3 train photos, the 3 mistakes, one correct photo per species that has one
+    assert len(uris) == 6 * len(pairs) + 3 + len(correct_examples(photos, 1))
+    assert all(Image.open(io.BytesIO(base64.b64decode(u))).size[0] <= 96 for u in uris)

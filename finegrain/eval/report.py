@@ -456,6 +456,11 @@ figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: .9rem; margin-top: .3rem; }
 .scroll { max-height: 40rem; overflow: auto; }
 footer { margin-top: 3rem; color: #57606a; font-size: .8rem; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
+.row figure { margin: 0; text-align: center; font-size: 12px; max-width: 112px; }
+.row figcaption { overflow-wrap: anywhere; }
+.row .vs { align-self: center; font-weight: 600; padding: 0 .5rem; }
+.missing { background: #eee; color: #777; display: flex; align-items: center; justify-content: center; }
 small.key { color: #57606a; font-weight: normal; font-size: .75rem; }
 td.note { color: #57606a; font-size: .85rem; }
 """
@@ -539,6 +544,7 @@ def write_html_report(
     links: Mapping[str, str] | None = None,
     comparison: pd.DataFrame | None = None,
     notes: Mapping[str, str] | None = None,
+    photos: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `report_dir/index.html`, a self-contained page (inline CSS, no scripts, no remote resources).
 
@@ -558,6 +564,8 @@ def write_html_report(
         comparison: the "Compared with" table (one row per model, metric keys as columns), shown
             right after the headline with the metrics' readable names.
         notes: metric key -> a note shown beside its headline value (chance level, photo counts).
+        photos: section title -> HTML of inline thumbnails (eval/report_photos.py builds it, escaped),
+            shown before the figures.
 
     Every caller string (titles, keys, values, class names in tables) is HTML-escaped. The file
     is written atomically.
@@ -595,6 +603,8 @@ def write_html_report(
         parts += ['<section id="context">', "<h2>Context</h2>",
                   _kv_table(context, "context", ("setting", "value"), lambda v: "–" if v is None else v),
                   "</section>"]
+    for title, block in (photos or {}).items():
+        parts += ['<section class="photos">', f"<h2>{_esc(title)}</h2>", block, "</section>"]
     if images:
         parts += ['<section id="figures">', "<h2>Figures</h2>"]
         for caption, file in images.items():

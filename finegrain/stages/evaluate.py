@@ -38,6 +38,7 @@ from finegrain.errors import FinegrainError
 from finegrain.eval.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.lineage import ancestors, starting_weights
+from finegrain.eval.report_photos import Photos, confident_mistakes, sections_html
 from finegrain.eval.open_set import (DEFAULT_K, RelativeMahalanobis, choose_k, knn_distance_scores, max_logit_scores,
                                      max_softmax_scores, open_set_metrics)
 from finegrain.eval.retrieval import retrieval_metrics
@@ -160,18 +161,22 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
     acc = topk_accuracy(knn, yq)
     timings["knn_s"] = time.perf_counter() - start
     metrics.update(knn_top1=acc[1], knn_top5=acc[5])
-    predictions, probe = knn.argmax(1), None
+    probs, probe = knn / knn.sum(1, keepdim=True).clamp_min(1e-12), None
     context.update(knn_k=cfg.knn_k, knn_t=cfg.knn_t, train_images=len(train), query_images=len(queries),
                    classes=len(classes))
     if cfg.linear:
-        probe, selected_on, predictions, lin_acc, seconds = _linear_probe(store, manifest, classes, ftr, ytr, fq, yq,
-                                                                          query_split, cfg)
+        probe, selected_on, logits, lin_acc, seconds = _linear_probe(store, manifest, classes, ftr, ytr, fq, yq,
+                                                                     query_split, cfg)
+        probs = logits.softmax(1)
         timings["linear_s"] = seconds
         metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
         context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
     unseen = all_queries.rows(query_split, sorted(set(all_queries.table["label"]) - set(classes)))
     open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context)
-    return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes,
+    confidence, predictions = probs.max(1)
+    photos = Photos(classes, [str(queries.abspath(p)) for p in queries.table["path"]], yq.numpy(), predictions.numpy(),
+                    confidence.numpy(), [str(train.abspath(p)) for p in train.table["path"]], ytr.numpy())
+    return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes, photos=photos,
                        predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy(), open_set=open_set)
 
 
@@ -206,7 +211,8 @@ def _open_set(store: FeatureStore, unseen: Manifest, ftr, ytr, fq, probe, metric
 
 
 def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
-    """Fit the probe (C chosen on val when the queries are test and val exists); top-k on the queries."""
+    """Fit the probe (C chosen on val when the queries are test and val exists); (probe, where C was chosen,
+    (Q, C) logits of the queries, top-k accuracy, seconds)."""
     from finegrain.eval.knn import topk_accuracy
     from finegrain.eval.linear import fit_linear_probe
 
@@ -220,7 +226,7 @@ def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
     selected_on = "val" if val_x is not None else ("train hold-out" if probe.val_top1 is not None else "default C")
     scores = torch.from_numpy(probe.scores(fq.numpy()))
     seconds = time.perf_counter() - start
-    return probe, selected_on, scores.argmax(1), topk_accuracy(scores, yq), seconds
+    return probe, selected_on, scores, topk_accuracy(scores, yq), seconds
 
 
 def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dict, data: dict):
@@ -228,7 +234,7 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
     from finegrain.eval import report
 
     folder.mkdir(parents=True, exist_ok=True)
-    tables, images, links = {}, {}, {}
+    tables, images, links, photos = {}, {}, {}, {}
     chance = 1.0 / len(data["classes"]) if data.get("classes") else None
     comparison = _comparison(metrics, data.get("baselines") or {}, chance, context)
     if data.get("y_true") is not None:
@@ -248,6 +254,7 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
                                       title=f"t-SNE of {context['query_split']} embeddings")
             images["embedding_map"] = "embedding_map.png"
         context["per_class_predicted_by"] = data["predicted_by"]
+        photos = sections_html(data["photos"], pairs, cfg.report_examples)
     if data.get("open_set") is not None:
         table, scores = data["open_set"]
         atomic_write_text(folder / "open_set.csv", table.to_csv(index=False))
@@ -264,7 +271,9 @@ def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dic
     atomic_write_text(folder / "metrics.json", json.dumps({**scripts, "context": context}, indent=2, default=str) + "\n")
     report.write_html_report(folder, title=f"finegrain evaluation: {context['evaluated']}", metrics=headline,
                              context=context, tables=_report_tables(tables), images=images, links=links,
-                             comparison=comparison, notes=_notes(chance, context))
+                             comparison=comparison, notes=_notes(chance, context), photos=photos)
+    if data.get("photos") is not None:
+        tables["confident_mistakes"] = confident_mistakes(data["photos"])  # W&B shows its photo column as images
     if comparison is not None:
         tables["compared_with"] = comparison
     return tables, images
