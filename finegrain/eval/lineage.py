@@ -28,7 +28,10 @@ class Start:
 
     @property
     def label(self) -> str:
-        return f"{self.backbone} ({'timm hub' if self.pretrained else self.weights} weights, frozen)"
+        """How a person reads it: 'tf_efficientnet_lite0 (offline ImageNet weights, frozen)'."""
+        weights = "timm hub" if self.pretrained else {"builtin": "offline ImageNet", "none": "random"}.get(
+            self.weights, str(self.weights))
+        return f"{self.backbone} ({weights} weights, frozen: the start)"
 
 
 def ancestors(artifact: Artifact) -> list[Artifact]:
