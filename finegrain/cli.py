@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -511,22 +512,40 @@ def run(
 
 @app.command("runs")
 @user_errors
-def runs(folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to search for artifacts.")] = Path("runs")):
-    """List the artifacts under DIR with stage, parent, dataset and headline metrics.
+def runs(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to search for artifacts.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON (for scripts).")] = False,
+):
+    """Show the artifacts under DIR as lineage trees (each artifact under the one it was made from), with
+    stage, method and headline metrics.
 
-    Example: finegrain runs runs/demo
+    Example: finegrain runs demo/runs
+
+    Example: finegrain runs runs/ --json | jq '.[0].children[0].metrics'
     """
-    from finegrain.pipeline import list_runs
+    from rich.tree import Tree
 
-    rows = list_runs(folder)
-    if not rows:
+    from finegrain.pipeline import list_runs, runs_tree
+
+    roots = runs_tree(list_runs(folder))
+    if as_json:
+        typer.echo(json.dumps(roots, indent=2, default=str))
+        return
+    if not roots:
         out.print(f"no artifacts under {folder}")
         return
-    table = Table("artifact", "stage", "method", "parent", "manifest", "metrics", "created")
-    for r in rows:
-        table.add_row(r["path"], str(r["stage"]), str(r["method"] or ""), str(r["parent"] or ""), str(r["manifest"] or ""),
-                      ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()), str(r["created"] or ""))
-    out.print(table)
+    top = Tree(f"[bold]{escape(str(folder))}[/]")
+
+    def add(branch, node):
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in node["metrics"].items())
+        what = f"[bold]{node['stage']}[/]" + (f" {escape(str(node['method']))}" if node["method"] else "")
+        child = branch.add(f"{what}  {escape(node['path'])}" + (f"\n[green]{shown}[/]" if shown else ""))
+        for c in node["children"]:
+            add(child, c)
+
+    for root in roots:
+        add(top, root)
+    out.print(top)
 
 
 @app.command("backbones")

@@ -267,3 +267,14 @@ def list_runs(folder) -> list[dict]:
                      "backbone": info.get("backbone"), "parent": parent.get("path"), "manifest": info.get("manifest"),
                      "metrics": headline, "created": info.get("created")})
     return rows
+
+
+def runs_tree(rows: list[dict]) -> list[dict]:
+    """`list_runs` rows as a forest: each row gains `children` (the artifacts made from it, oldest first);
+    returns the roots (artifacts whose parent is not among the rows), oldest first."""
+    by_path = {str(Path(r["path"]).resolve()): {**r, "children": []} for r in rows}
+    roots = []
+    for node in sorted(by_path.values(), key=lambda r: (str(r["created"] or ""), r["path"])):
+        parent = by_path.get(str(Path(node["parent"]).resolve())) if node["parent"] else None
+        (parent["children"] if parent is not None and parent is not node else roots).append(node)
+    return roots

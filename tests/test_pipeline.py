@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from finegrain.cli import app
 from finegrain.errors import FinegrainError
-from finegrain.pipeline import list_runs, load_pipeline, run_pipeline
+from finegrain.pipeline import list_runs, load_pipeline, run_pipeline, runs_tree
 
 from conftest import Crash, crash_after_step
 
@@ -77,6 +77,9 @@ def test_second_run_is_cached_and_a_supcon_change_reruns_supcon_and_evaluate(bir
     assert calls == ["evaluate"]
     listed = list_runs(tmp_path / "runs")
     assert sorted(r["stage"] for r in listed) == ["evaluate", "evaluate", "pretrain", "supcon", "supcon"]
+    (root,) = runs_tree(listed)  # one pretrain, two supcons from it, an evaluation under each
+    assert root["stage"] == "pretrain" and [c["stage"] for c in root["children"]] == ["supcon", "supcon"]
+    assert all([g["stage"] for g in c["children"]] == ["evaluate"] for c in root["children"])
     summary = json.loads((tmp_path / "runs" / "pipeline.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["pretrain", "supcon", "evaluate"]
 
@@ -118,6 +121,10 @@ def test_cli_run_and_runs(birds, tmp_path):
     assert r.exit_code == 0 and "cached" in r.output
     r = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")])
     assert r.exit_code == 0 and "evaluate" in r.output
+    r = CliRunner().invoke(app, ["runs", str(tmp_path / "runs"), "--json"])
+    assert r.exit_code == 0, r.output
+    (root,) = json.loads(r.output)  # the bare backbone's evaluation: a root without children
+    assert root["stage"] == "evaluate" and root["children"] == [] and root["metrics"]["knn_top1"] >= 0
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "cub200.yaml", "custom_birds.yaml", "few_labels.yaml"])
