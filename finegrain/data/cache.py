@@ -23,6 +23,7 @@ from finegrain.data.images import DecodedImage, decode_image
 from finegrain.data.manifest import Manifest
 from finegrain.errors import BadImageError
 from finegrain.fsutil import atomic_path
+from finegrain.progress import track
 
 log = logging.getLogger("finegrain")
 
@@ -135,9 +136,7 @@ class DecodedImageCache:
                 ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             results = pool.map(load, paths)
             if progress:
-                from rich.progress import track
-
-                results = track(results, total=len(paths), description=f"caching images at {shorter_side}px", transient=True)
+                results = track(results, total=len(paths), description=f"caching images at {shorter_side}px")
             for i, (pixels, size, reason) in enumerate(results):
                 offsets.append(offset)
                 if reason is not None:

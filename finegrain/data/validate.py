@@ -21,6 +21,7 @@ import pandas as pd
 from finegrain.data.images import DEFAULT_MAX_PIXELS, decode_image
 from finegrain.data.manifest import Manifest
 from finegrain.errors import BadImageError, FinegrainError, ManifestError
+from finegrain.progress import track
 
 log = logging.getLogger("finegrain")
 
@@ -171,9 +172,7 @@ def validate_manifest(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(work, todo)
         if progress:
-            from rich.progress import track
-
-            results = track(results, total=len(todo), description="checking images", transient=True)
+            results = track(results, total=len(todo), description="checking images")
         for i, digest, size, reason in results:
             if reason == "missing":
                 add(Problem("error", "missing_file", "file not found", rels[i]))

@@ -49,6 +49,7 @@ from finegrain.engine.device import resolve_amp
 from finegrain.engine.guard import DivergenceGuard
 from finegrain.engine.sampler import EpochSampler
 from finegrain.errors import FinegrainError
+from finegrain.progress import interactive
 
 log = logging.getLogger("finegrain")
 
@@ -355,19 +356,31 @@ class _Logger:
         self.guard = guard
         self.progress, self.task = None, None
         self.t_last, self.n_since = time.perf_counter(), 0
+        self.t_epoch, self.n_epoch, self.last_loss = self.t_last, 0, None
 
     def attach(self, progress, task) -> None:
         self.progress, self.task = progress, task
 
     def start_epoch(self) -> None:
         self.t_last, self.n_since = time.perf_counter(), 0
+        self.t_epoch, self.n_epoch = self.t_last, 0
+
+    def end_epoch(self, st: LoopState) -> None:
+        """Without a live bar (output not a terminal): one log line for the epoch just finished."""
+        if interactive() or not dist.is_main():
+            return
+        seconds = time.perf_counter() - self.t_epoch
+        log.info("epoch %d/%d: step %d/%d%s, lr %.2e, %.1f img/s, %.0f s", st.epoch, self.cfg.epochs, st.step, st.total,
+                 f", loss {self.last_loss:.4f}" if self.last_loss is not None else "",
+                 st.optimizer.param_groups[0]["lr"], self.n_epoch / max(seconds, 1e-9), seconds)
 
     def after_step(self, run: _Run, st: LoopState, metrics: dict) -> None:
         """After each optimizer step; reads the loss on the host only on log steps."""
         self.n_since += self.images_per_step
+        self.n_epoch += self.images_per_step
         lr = st.optimizer.param_groups[0]["lr"]
         if st.step % self.cfg.log_every == 0 or st.step == st.total or st.step == 1:
-            last_loss = _read_losses(run, st)
+            last_loss = self.last_loss = _read_losses(run, st)
             now = time.perf_counter()
             ips = self.n_since / max(now - self.t_last, 1e-9)
             self.t_last, self.n_since = now, 0
@@ -459,11 +472,12 @@ def fit(
     monitor_metrics = {}
     if st.step == 0:
         logger.monitor(run, st, 0)  # the starting point, to compare each epoch with
-    with _progress(dist.is_main()) as progress:
+    with _progress(dist.is_main() and interactive()) as progress:
         logger.attach(progress, progress.add_task("training", total=total, completed=st.step, stats=""))
         while st.step < total and st.epoch < cfg.epochs:
             _run_epoch(run, st, dataset, sampler, logger)
             _read_losses(run, st)  # no monitor on damaged weights
+            logger.end_epoch(st)
             monitor_metrics = logger.monitor(run, st, st.epoch)
             _checkpoint(run, st, guard)
     if st.ema is not None:  # the average is the result; the checkpoint keeps both for a resume

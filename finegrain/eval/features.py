@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from finegrain.progress import track
 
 TEST_SIZE_SCALE = 1.125  # FixRes (Touvron et al. 2019): random-resized-crop training makes objects look larger
 
@@ -50,9 +51,7 @@ def extract_features(
     feats, labels = [], []
     iterator = loader
     if progress:
-        from rich.progress import track
-
-        iterator = track(loader, description=progress, transient=True)
+        iterator = track(loader, description=progress)
     for views, y, _ in iterator:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             f = embed(views[0].to(device, non_blocking=True))
