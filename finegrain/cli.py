@@ -498,7 +498,8 @@ def run(
     """
     from finegrain.pipeline import load_pipeline, run_pipeline
 
-    results = run_pipeline(load_pipeline(pipeline, set_ or []), force=force or [])
+    spec = load_pipeline(pipeline, set_ or [])
+    results = run_pipeline(spec, force=force or [])
     table = Table("stage", "status", "folder", "headline")
     for r in results:
         m = r.info.get("metrics") or {}
@@ -507,7 +508,26 @@ def run(
     out.print(table)
     last = results[-1]
     if last.stage == "evaluate":
+        _print_comparison(last.path / "report" / "metrics.json")
         out.print(f"report: {last.path / 'report' / 'index.html'}")
+    if spec.get("next"):
+        out.print("\n[bold]Next, on your own photos:[/]")
+        for command in spec["next"]:
+            out.print(f"  {escape(command)}", soft_wrap=True)
+
+
+def _print_comparison(metrics_file: Path) -> None:
+    """What the last evaluation was compared with (chance, the frozen start, earlier stages), on one screen."""
+    metrics = json.loads(metrics_file.read_text())
+    if metrics.get("chance") is None:
+        return
+    table = Table("on the same test photos", "kNN top-1", "linear probe top-1", title="Compared with")
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    table.add_row("chance", pct(metrics["chance"]), pct(metrics["chance"]))
+    for name, b in (metrics.get("baselines") or {}).items():
+        table.add_row("frozen start" if name == "frozen" else name, pct(b.get("knn_top1")), pct(b.get("linear_top1")))
+    table.add_row("[bold]this model[/]", pct(metrics.get("knn_top1")), pct(metrics.get("linear_top1")))
+    out.print(table)
 
 
 @app.command("runs")

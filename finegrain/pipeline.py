@@ -16,6 +16,8 @@ A pipeline file (all keys but `stages` optional):
       supcon: {loss: supcon, epochs: 10}
       distill: {unlabeled_batch_size: 64}       # optional: a student distils the artifact before it (--teacher)
       evaluate: {knn_k: 20}
+    next:                               # optional: commands `finegrain run` suggests once the pipeline is done
+      - finegrain import folder ~/photos/birds -o my_birds.csv
 
 Stage options are the fields of the stage's config dataclass (the same names as the CLI flags).
 
@@ -50,7 +52,7 @@ log = logging.getLogger("finegrain")
 # distill: a second supcon whose teacher is the artifact before it (supcon --teacher); its student
 # starts from the backbone weights, as in Su et al.'s self-training.
 STAGES = {"pretrain": PretrainConfig, "supcon": SupconConfig, "distill": SupconConfig, "evaluate": EvaluateConfig}
-TOP_KEYS = {"name", "runs_dir", "data", "defaults", "stages", "description"}
+TOP_KEYS = {"name", "runs_dir", "data", "defaults", "stages", "description", "next"}
 # Fields that change where or how fast a stage runs, not what it computes: left out of the cache key.
 NOT_IN_KEY = {"out", "resume", "device", "workers", "cache_images", "cache_dir", "compile", "channels_last",
               "wandb", "wandb_project", "wandb_entity", "wandb_tags", "log_every", "checkpoint_every", "from_artifact", "manifest", "root",
@@ -101,6 +103,8 @@ def load_pipeline(path, overrides=()) -> dict:
     if bad:
         raise FinegrainError(f"unknown stage(s) {', '.join(sorted(bad))}; stages are {', '.join(STAGES)}")
     spec["stages"] = {name: dict(stages[name] or {}) for name in STAGES if name in stages}
+    if not isinstance(spec.get("next", []), list) or not all(isinstance(c, str) for c in spec.get("next", [])):
+        raise FinegrainError(f"{path}: next must be a list of commands (strings)")
     spec["_file"] = str(path)
     _check_stage_options(spec, path)
     return spec

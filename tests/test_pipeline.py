@@ -103,6 +103,8 @@ def test_bad_pipeline_files_are_clear_errors(birds, tmp_path):
         run_pipeline(load_pipeline(path, ["supcon.no_such_option=1"]))
     with pytest.raises(FinegrainError, match="unknown stage"):
         load_pipeline(path, ["stages.finetune.epochs=1"])
+    with pytest.raises(FinegrainError, match="next must be a list"):
+        load_pipeline(path, ["next=run this"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [pretrain\n")
     with pytest.raises(FinegrainError, match="not valid YAML"):
@@ -114,9 +116,12 @@ def test_bad_pipeline_files_are_clear_errors(birds, tmp_path):
 
 def test_cli_run_and_runs(birds, tmp_path):
     path = _write(tmp_path, birds, evaluate={"embedding_map": False})
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "next": ["finegrain manifest folder ~/photos -o mine.csv"]}))
     r = CliRunner().invoke(app, ["run", str(path)])
     assert r.exit_code == 0, r.output
-    assert "index.html" in r.output
+    assert "index.html" in r.output and "Compared with" in r.output and "chance" in r.output
+    assert "Next, on your own photos" in r.output and "finegrain manifest folder ~/photos -o mine.csv" in r.output
     r = CliRunner().invoke(app, ["run", str(path)])
     assert r.exit_code == 0 and "cached" in r.output
     r = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")])
