@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The demo: pipelines/demo.yaml draws synthetic birds, splits them, then runs pretrain (SimCLR from
-# the offline ImageNet tf_efficientnet_lite0) -> supcon -> evaluate, and prints where the report is.
+# The demo: pipelines/demo.yaml draws synthetic birds, splits them, then runs supcon (from the offline
+# ImageNet tf_efficientnet_lite0) -> evaluate, prints the comparison with the frozen start and chance,
+# where the report is, and what to run on your own photos.
 # A second `make demo` reuses every stage (cached); `finegrain run ... --force supcon` reruns one.
 demo: $(STAMP)
 	$(BIN)/finegrain run pipelines/demo.yaml
