@@ -15,7 +15,7 @@ import finegrain
 
 PACKAGE = Path(finegrain.__file__).parent
 LEVELS = {
-    "errors": 0, "fsutil": 0, "dist": 0, "registry": 0, "config": 0, "__init__": 0,
+    "errors": 0, "fsutil": 0, "progress": 0, "dist": 0, "registry": 0, "config": 0, "__init__": 0,
     "models": 1, "losses": 1, "data": 1,
     "engine": 2, "eval": 2, "methods": 2, "tracking": 2, "artifacts": 2,
     "stages": 3,
