@@ -82,15 +82,17 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
         return run.write(state, info, metrics, wandb_type="evaluation", wandb_folder=run.out / "report")
 
 
-def _measure(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore):
-    """Every metric of `store`'s subject on `manifest`: (metrics, context, probe or None, report data, timings)."""
+def _measure(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, *, open_set: bool = True):
+    """Every metric of `store`'s subject on `manifest`: (metrics, context, probe or None, report data, timings).
+
+    open_set: False skips the unknown-species scores (a baseline of the comparison shows none)."""
     subject = store.subject
     metrics: dict = {k: None for k in METRIC_KEYS + OPEN_SET_KEYS}
     context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
                "image_size": subject.image_size, "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta,
                "retrieval_split": cfg.retrieval_split}
     timings: dict = {}
-    probe, report_data = _classify(cfg, manifest, store, metrics, context, timings)
+    probe, report_data = _classify(cfg, manifest, store, metrics, context, timings, open_set=open_set)
     retrieval_rows = manifest.rows(cfg.retrieval_split)
     if len(retrieval_rows) >= 2:
         fr = store.features(retrieval_rows, cfg.retrieval_split)
@@ -134,12 +136,12 @@ def _headline_of(cfg: EvaluateConfig, run, label: str) -> dict | None:
         return None
     log.info("compare: %s", label)
     store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
-    metrics = _measure(cfg, run.manifest, store)[0]
+    metrics = _measure(cfg, run.manifest, store, open_set=False)[0]
     return {"label": label, **{k: metrics.get(k) for k in COMPARED}}
 
 
 def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metrics: dict, context: dict,
-              timings: dict):
+              timings: dict, open_set: bool = True):
     """kNN (and the linear probe) of the query split against train, into `metrics`; (probe or None, report data)."""
     train = manifest.rows("train")
     classes = sorted(set(train.table["label"].astype(str)))
@@ -172,7 +174,7 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
         metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
         context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
     unseen = all_queries.rows(query_split, sorted(set(all_queries.table["label"]) - set(classes)))
-    open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context)
+    open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context) if open_set else None
     confidence, predictions = probs.max(1)
     photos = Photos(classes, [str(queries.abspath(p)) for p in queries.table["path"]], yq.numpy(), predictions.numpy(),
                     confidence.numpy(), [str(train.abspath(p)) for p in train.table["path"]], ytr.numpy())
