@@ -58,6 +58,7 @@ def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None =
 
 
 DEVICES = ("auto", "cpu", "cuda")
+INDEX_KINDS = ("auto", "flat", "ivfpq")  # eval/index.py
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -293,6 +294,10 @@ class EvaluateConfig(FeatureConfig):
     from_artifact: str | None = option(None, "Artifact folder to evaluate (a pretrain or supcon run).", flag="--from")
     knn_k: int = option(20, "kNN neighbours (k).", check=at_least(1))
     knn_t: float = option(0.07, "kNN temperature on cosine similarity.", check=POSITIVE)
+    index: str = option("auto", "Neighbour search for kNN and retrieval: flat (exact), ivfpq (faiss IVF-PQ, "
+                                "approximate, re-ranked on exact cosine; bounded memory for millions of photos) "
+                                "or auto (flat up to 200,000 reference photos, ivfpq above).",
+                        choices=INDEX_KINDS)
     linear: bool = option(True, "Fit a linear probe (logistic regression, C chosen on val or a train hold-out).")
     retrieval_split: str = option("test", "Split to compute Recall@K and MAP@R on (leave-one-out; classes may be unseen "
                                           "in training).", choices=LABELLED_SPLITS)

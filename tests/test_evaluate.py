@@ -61,6 +61,17 @@ def test_knn_metric_matches_the_cached_features(birds, tmp_path):
     assert art.info["metrics"]["linear_top1"] is None
 
 
+def test_the_ivfpq_index_runs_knn_and_retrieval_and_agrees_with_flat_when_it_sees_every_photo(birds, tmp_path):
+    # a few hundred photos: every inverted list is probed and every candidate re-ranked, so the search is exact
+    flat = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, linear=False, embedding_map=False, index="flat"))
+    ivfpq = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, name="eval_ivfpq", linear=False,
+                              embedding_map=False, index="ivfpq", features_dir=str(flat.path / "features")))
+    context = json.loads((ivfpq.path / "report" / "metrics.json").read_text())["context"]
+    assert context["index"] == "ivfpq"
+    for key in ("knn_top1", "knn_top5", "recall_at_1", "map_at_r"):
+        assert ivfpq.info["metrics"][key] == pytest.approx(flat.info["metrics"][key], abs=1e-6), key
+
+
 def test_second_run_reuses_features_and_a_new_model_does_not(birds, tmp_path, monkeypatch):
     cfg = _cfg(birds.root / "manifest.csv", tmp_path)
     run_evaluate(cfg)

@@ -1,50 +1,179 @@
 """Nearest neighbours of embeddings on cosine similarity: the one place that searches them.
 
-Exact inner product on L2-normalised features with faiss (`IndexFlatIP`); queries go in chunks, so
-memory is the reference set plus O(chunk x k).
+Two kinds of faiss index over L2-normalised features:
+- flat: exact inner product (`IndexFlatIP`); memory N x D x 4 bytes.
+- ivfpq: an inverted file over product-quantised codes (`IVF{nlist},PQ{m}`), trained on a sample,
+  whose candidates are re-ranked by exact cosine on the reference features (a float16 memory map on
+  disk when the index is saved or built from one): memory is the codes (m bytes a row) and the lists.
+`auto` is flat up to FLAT_MAX_ROWS reference rows and ivfpq above.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from finegrain.config import INDEX_KINDS
 
-def _unit(x) -> np.ndarray:
-    """(N, D) float32, rows L2-normalised, C-contiguous (what faiss takes)."""
-    x = torch.as_tensor(x).float()
+FLAT_MAX_ROWS = 200_000   # auto: exact below (200k x 1280 float32 is 1 GB)
+NPROBE = 32               # inverted lists visited per query (of about sqrt(N))
+RERANK = 10               # ivfpq: k x RERANK candidates re-ranked on exact cosine
+RERANK_BYTES = 1 << 27    # ivfpq: candidate rows gathered per query chunk (128 MB of float32)
+TRAIN_PER_LIST = 40       # training rows per inverted list (faiss warns below 39)
+ADD_CHUNK = 65_536        # reference rows normalised and added at a time
+
+
+def resolve_kind(kind: str, rows: int) -> str:
+    """'auto' -> 'flat' or 'ivfpq' by the number of reference rows; other kinds as given."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        return "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
+    return kind
+
+
+def unit_rows(x) -> np.ndarray:
+    """(N, D) any float array or tensor -> (N, D) float32, rows L2-normalised, C-contiguous (what faiss takes)."""
+    x = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    x = x.float()
     return np.ascontiguousarray(torch.nn.functional.normalize(x, dim=1).numpy())
 
 
-def nearest(reference, queries=None, k: int = 10, *, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def pq_subquantizers(dim: int) -> int:
+    """PQ sub-vectors for `dim`: the most that divide it with at least 8 dimensions each (1280 -> 160, 512 -> 64)."""
+    return max(m for m in range(1, dim // 8 + 1) if dim % m == 0) if dim >= 8 else 1
+
+
+class NeighbourIndex:
+    """A searchable set of reference features; build with `build`, reopen a saved one with `load`."""
+
+    def __init__(self, index, kind: str, reference):
+        """index: a faiss index of the unit reference rows; reference: (N, D) unit rows to re-rank on
+        (an array or a memory map; unused by flat)."""
+        self.index, self.kind, self.reference = index, kind, reference
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @classmethod
+    def build(cls, reference, kind: str = "auto", *, seed: int = 0) -> NeighbourIndex:
+        """Index (N, D) reference features (tensor, array or memory map, read ADD_CHUNK rows at a time)."""
+        import faiss
+
+        n, dim = reference.shape
+        kind = resolve_kind(kind, n)
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        else:
+            nlist = max(1, min(int(math.sqrt(n)), n // TRAIN_PER_LIST))
+            sample = np.sort(np.random.default_rng(seed).choice(n, min(n, nlist * 256), replace=False))
+            bits = int(np.clip(np.log2(len(sample) / TRAIN_PER_LIST), 1, 8))  # 256 codes need 10k training rows
+            index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_subquantizers(dim)}x{bits}", faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+            ivf.do_polysemous_training = False  # on by default from index_factory; 5x the training time, unused here
+            ivf.nprobe = min(NPROBE, nlist)
+            index.train(unit_rows(reference[sample]))
+        for start in range(0, n, ADD_CHUNK):
+            index.add(unit_rows(reference[start:start + ADD_CHUNK]))
+        return cls(index, kind, reference if kind == "ivfpq" else None)
+
+    def search(self, queries, k: int, *, chunk_size: int = 1024, leave_out=None) -> tuple[np.ndarray, np.ndarray]:
+        """The k most similar reference rows of each query.
+
+        Args:
+            queries: (Q, D) features. k: neighbours per query (at most len(self)).
+            leave_out: (Q,) int64 reference row of each query to leave out of its own neighbours
+                (leave-one-out), or None.
+
+        Returns:
+            similarities (Q, k) float32 cosine, descending; indices (Q, k) int64 into the reference.
+        """
+        extra = 0 if leave_out is None else 1
+        if self.kind == "ivfpq":
+            chunk_size = max(1, min(chunk_size, RERANK_BYTES // (4 * (k + extra) * RERANK * self.index.d)))
+        sims, idx = [], []
+        for start in range(0, len(queries), chunk_size):
+            q = unit_rows(queries[start:start + chunk_size])
+            s, i = self._search(q, k + extra)
+            if leave_out is not None:
+                s, i = _drop_rows(s, i, np.asarray(leave_out[start:start + len(q)]), k)
+            sims.append(s)
+            idx.append(i)
+        if not sims:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(sims).astype(np.float32), np.concatenate(idx).astype(np.int64)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "flat":
+            return self.index.search(q, k)
+        _, cand = self.index.search(q, k * RERANK)
+        # faiss's IndexRefineFlat would hold every reference row in memory; here they stay on disk and only
+        # each query's candidates are read, so this re-rank is written by hand.
+        safe = np.where(cand < 0, 0, cand)  # -1: fewer candidates than asked
+        wanted = np.unique(safe)
+        rows = unit_rows(self.reference[wanted])
+        position = np.searchsorted(wanted, safe)
+        exact = np.einsum("qd,qcd->qc", q, rows[position])
+        exact[cand < 0] = -np.inf
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
+
+    def save(self, folder: Path) -> None:
+        """folder/index.faiss, folder/index.json and, for ivfpq, folder/reference.npy (float16 unit rows)."""
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        if self.kind == "ivfpq":
+            out = np.lib.format.open_memmap(folder / "reference.npy", mode="w+", dtype=np.float16,
+                                            shape=self.reference.shape)
+            for start in range(0, len(out), ADD_CHUNK):
+                out[start:start + ADD_CHUNK] = unit_rows(self.reference[start:start + ADD_CHUNK])
+            out.flush()
+        (folder / "index.json").write_text(json.dumps({"kind": self.kind, "rows": len(self)}))
+
+    @classmethod
+    def load(cls, folder: Path) -> NeighbourIndex:
+        """Reopen a saved index; the inverted lists and reference rows are memory-mapped, not read."""
+        import faiss
+
+        folder = Path(folder)
+        kind = json.loads((folder / "index.json").read_text())["kind"]
+        flags = faiss.IO_FLAG_MMAP if kind == "ivfpq" else 0
+        reference = np.load(folder / "reference.npy", mmap_mode="r") if kind == "ivfpq" else None
+        return cls(faiss.read_index(str(folder / "index.faiss"), flags), kind, reference)
+
+
+def _drop_rows(s: np.ndarray, i: np.ndarray, own_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(c, k + 1) neighbours -> (c, k) without each query's own row (or its farthest when the row is absent)."""
+    own = i == own_rows[:, None]
+    keep = ~own
+    keep[own.sum(1) == 0, -1] = False
+    return s[keep].reshape(len(i), k), i[keep].reshape(len(i), k)
+
+
+def nearest(reference, queries=None, k: int = 10, *, kind: str = "auto",
+            chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar reference rows of each query.
 
     Args:
         reference: (N, D) features; queries: (Q, D) features, or None to query the reference with
             itself leaving each row out of its own neighbours (leave-one-out).
-        k: neighbours per query (clipped to the rows available).
+        k: neighbours per query (clipped to the rows available). kind: one of INDEX_KINDS.
 
     Returns:
         similarities (Q, k) float32 cosine in [-1, 1], descending; indices (Q, k) int64 into reference.
     """
-    import faiss
-
-    ref = _unit(reference)
     self_query = queries is None
-    q = ref if self_query else _unit(queries)
-    k = min(k, len(ref) - (1 if self_query else 0))
+    k = min(k, len(reference) - (1 if self_query else 0))
     if k < 1:
         raise ValueError("nearest needs at least one reference row besides the query")
-    index = faiss.IndexFlatIP(ref.shape[1])
-    index.add(ref)
-    sims, idx = [], []
-    for start in range(0, len(q), chunk_size):
-        s, i = index.search(q[start:start + chunk_size], k + (1 if self_query else 0))
-        if self_query:  # drop the row itself (ties with an identical twin: drop whichever is the row)
-            own = i == np.arange(start, start + len(i))[:, None]
-            keep = ~own
-            keep[own.sum(1) == 0, -1] = False  # the row was not among its k + 1: drop the farthest instead
-            s, i = s[keep].reshape(len(i), k), i[keep].reshape(len(i), k)
-        sims.append(s)
-        idx.append(i)
-    return np.concatenate(sims).astype(np.float32), np.concatenate(idx).astype(np.int64)
+    index = NeighbourIndex.build(reference, kind)
+    if self_query:
+        return index.search(reference, k, chunk_size=chunk_size, leave_out=np.arange(len(reference)))
+    return index.search(queries, k, chunk_size=chunk_size)

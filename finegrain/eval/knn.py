@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from finegrain.eval.index import nearest
 
 
 @torch.no_grad()
@@ -15,28 +16,23 @@ def knn_scores(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    index: str = "auto",
 ) -> torch.Tensor:
     """Class scores of each query from its k most similar training features.
 
-    Each neighbour votes for its class with weight exp(cos / temperature). Queries are processed
-    `chunk_size` at a time, so memory is O(chunk_size x N_train), not O(N_query x N_train).
+    Each neighbour votes for its class with weight exp(cos / temperature). The neighbours come from
+    eval/index.py (`index`: auto, flat or ivfpq), queries in chunks.
 
     Args:
         train_features: (N, D); train_labels: (N,) int in [0, num_classes).
-        query_features: (Q, D). Features are L2-normalised here.
+        query_features: (Q, D). Features are L2-normalised by the index.
 
     Returns:
         (Q, num_classes) float32 scores (higher = more likely).
     """
-    train = F.normalize(train_features.float(), dim=1)
-    k = min(k, train.shape[0])
-    out = torch.empty(query_features.shape[0], num_classes)
-    for start in range(0, query_features.shape[0], chunk_size):
-        q = F.normalize(query_features[start:start + chunk_size].float(), dim=1)
-        sim, idx = (q @ train.T).topk(k, dim=1)
-        out[start:start + q.shape[0]] = neighbour_votes(sim, train_labels[idx], num_classes, temperature)
-    return out
+    sims, idx = nearest(train_features, query_features, min(k, len(train_features)), kind=index)
+    return neighbour_votes(torch.from_numpy(sims), torch.as_tensor(train_labels)[torch.from_numpy(idx)],
+                           num_classes, temperature)
 
 
 def neighbour_votes(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:

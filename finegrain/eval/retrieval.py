@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from finegrain.eval.index import NeighbourIndex, resolve_kind
+
 
 def _rank_pessimistically(sim: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     """Order of each row's columns by decreasing similarity; among equal similarities, irrelevant first.
@@ -36,6 +38,7 @@ def retrieval_metrics(
     labels: torch.Tensor,
     ks: Sequence[int] = (1, 2, 4, 8),
     chunk_size: int = 1024,
+    index: str = "flat",
 ) -> dict[str, float]:
     """Leave-one-out Recall@K and MAP@R of a labelled set of features.
 
@@ -59,12 +62,15 @@ def retrieval_metrics(
     whenever no similarities tie.)
 
     Queries are processed `chunk_size` at a time, so memory is O(chunk_size x N), not O(N^2).
+    With `index` ivfpq (or auto above its size threshold) each query's neighbours come from the
+    approximate index of eval/index.py instead, and ties keep the index's order.
 
     Args:
         features: (N, D) features (any float dtype, any device); L2-normalised here.
         labels: (N,) integer class labels (any values).
         ks: the K of Recall@K, each >= 1.
         chunk_size: queries per chunk.
+        index: flat (exact), ivfpq or auto (see eval/index.py).
 
     Returns:
         {"recall_at_{k}": fraction in [0, 1] for each k in ks, "map_at_r": fraction in [0, 1],
@@ -80,8 +86,7 @@ def retrieval_metrics(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     n = features.shape[0]
-    feats = F.normalize(features.float(), dim=1)
-    labels = labels.to(feats.device)
+    labels = labels.to(features.device)
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     others = counts[inverse] - 1  # (N,) R of each query
     used = others >= 1
@@ -91,33 +96,53 @@ def retrieval_metrics(
 
     recall_hits = {k: 0 for k in ks}
     ap_sum = 0.0
-    if num_queries > 0:
-        ranks = torch.arange(1, depth + 1, device=feats.device, dtype=torch.float64)  # (depth,)
-        for start in range(0, n, chunk_size):
-            rows = torch.arange(start, min(start + chunk_size, n), device=feats.device)
-            rows = rows[used[rows]]
-            if rows.numel() == 0:
-                continue
-            sim = feats[rows] @ feats.T  # (c, N)
-            relevant = labels[rows, None] == labels[None, :]
-            is_self = rows[:, None] == torch.arange(n, device=feats.device)[None, :]
-            # the query itself goes last, below every real cosine (>= -1), and is cut off by `depth`
-            sim = sim.masked_fill(is_self, float("-inf"))
-            relevant &= ~is_self
-            order = _rank_pessimistically(sim, relevant)[:, :depth]
-            rel = relevant.gather(1, order)  # (c, depth) bool, nearest first
-
-            for k in ks:
-                recall_hits[k] += int(rel[:, :k].any(dim=1).sum())
-
-            r = others[rows].to(torch.float64)  # (c,)
-            within_r = ranks[None, :] <= r[:, None]  # (c, depth)
-            rel_r = (rel & within_r).to(torch.float64)
-            precision = rel_r.cumsum(dim=1) / ranks[None, :]
-            ap_sum += float(((precision * rel_r).sum(dim=1) / r).sum())
+    ranked = _ranked_exact if resolve_kind(index, n) == "flat" else _ranked_by_index
+    for rows, rel in ranked(features, labels, used, depth, chunk_size, index) if num_queries else ():
+        for k in ks:
+            recall_hits[k] += int(rel[:, :k].any(dim=1).sum())
+        ap_sum += _ap_at_r_sum(rel, others[rows].to(torch.float64))
 
     nan = float("nan")
     out: dict[str, float] = {f"recall_at_{k}": recall_hits[k] / num_queries if num_queries else nan for k in ks}
     out["map_at_r"] = ap_sum / num_queries if num_queries else nan
     out["retrieval_queries"] = num_queries
     return out
+
+
+def _ranked_exact(feats, labels, used, depth, chunk_size, index):
+    """Yield (query rows (c,), relevance (c, depth) bool nearest first) by an exact scan, ties pessimistic."""
+    n = feats.shape[0]
+    feats = F.normalize(feats.float(), dim=1)
+    for start in range(0, n, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, n), device=feats.device)
+        rows = rows[used[rows]]
+        if rows.numel() == 0:
+            continue
+        sim = feats[rows] @ feats.T  # (c, N)
+        relevant = labels[rows, None] == labels[None, :]
+        is_self = rows[:, None] == torch.arange(n, device=feats.device)[None, :]
+        # the query itself goes last, below every real cosine (>= -1), and is cut off by `depth`
+        sim = sim.masked_fill(is_self, float("-inf"))
+        relevant &= ~is_self
+        order = _rank_pessimistically(sim, relevant)[:, :depth]
+        yield rows, relevant.gather(1, order)
+
+
+def _ranked_by_index(feats, labels, used, depth, chunk_size, index):
+    """The same from eval/index.py's neighbours (leave-one-out), in the index's order."""
+    rows = torch.nonzero(used).flatten()
+    feats_cpu = feats.float().cpu()
+    searcher = NeighbourIndex.build(feats_cpu, index)
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        _, idx = searcher.search(feats_cpu[chunk.cpu()], depth, leave_out=chunk.cpu().numpy())
+        yield chunk, labels[torch.from_numpy(idx).to(labels.device)] == labels[chunk, None]
+
+
+def _ap_at_r_sum(rel: torch.Tensor, r: torch.Tensor) -> float:
+    """Sum over queries of AP@R: rel (c, depth) bool nearest first, r (c,) float64 same-class others."""
+    ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
+    within_r = ranks[None, :] <= r[:, None]
+    rel_r = (rel & within_r).to(torch.float64)
+    precision = rel_r.cumsum(dim=1) / ranks[None, :]
+    return float(((precision * rel_r).sum(dim=1) / r).sum())

@@ -36,6 +36,7 @@ from finegrain.config import EvaluateConfig
 from finegrain.data.manifest import Manifest
 from finegrain.errors import FinegrainError
 from finegrain.eval.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
+from finegrain.eval.index import resolve_kind
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.lineage import ancestors, starting_weights
 from finegrain.eval.report_photos import Photos, confident_mistakes, sections_html
@@ -97,7 +98,7 @@ def _measure(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, *, op
     if len(retrieval_rows) >= 2:
         fr = store.features(retrieval_rows, cfg.retrieval_split)
         start = time.perf_counter()
-        found = retrieval_metrics(fr, retrieval_rows.class_codes(retrieval_rows.class_names))
+        found = retrieval_metrics(fr, retrieval_rows.class_codes(retrieval_rows.class_names), index=cfg.index)
         context["retrieval_queries"] = int(found.pop("retrieval_queries"))  # a count, not a metric
         metrics.update(found)
         timings["retrieval_s"] = time.perf_counter() - start
@@ -159,12 +160,12 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
     ftr, ytr = store.features(train, "train"), train.class_codes(classes)
     fq, yq = store.features(queries, query_split), queries.class_codes(classes)
     start = time.perf_counter()
-    knn = knn_scores(ftr, ytr, fq, num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t)
+    knn = knn_scores(ftr, ytr, fq, num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t, index=cfg.index)
     acc = topk_accuracy(knn, yq)
     timings["knn_s"] = time.perf_counter() - start
     metrics.update(knn_top1=acc[1], knn_top5=acc[5])
     probs, probe = knn / knn.sum(1, keepdim=True).clamp_min(1e-12), None
-    context.update(knn_k=cfg.knn_k, knn_t=cfg.knn_t, train_images=len(train), query_images=len(queries),
+    context.update(knn_k=cfg.knn_k, knn_t=cfg.knn_t, index=resolve_kind(cfg.index, len(train)), train_images=len(train), query_images=len(queries),
                    classes=len(classes))
     if cfg.linear:
         probe, selected_on, logits, lin_acc, seconds = _linear_probe(store, manifest, classes, ftr, ytr, fq, yq,
