@@ -1,17 +1,25 @@
-"""Evaluation cost as the reference set grows: kNN, retrieval and linear-probe wall time and peak memory.
+"""Evaluation cost as the reference set grows, in two studies.
 
-Synthetic features (D=512 by default, 100 classes: a random centre per class plus Gaussian noise)
+`cost` (default): kNN, retrieval and linear-probe wall time and peak memory. Synthetic features (D=512 by default, 100 classes: a random centre per class plus Gaussian noise)
 stand in for real ones. kNN and retrieval cost does not depend on the values; the linear probe's
 does (lbfgs iterations), which is why the classes are separable like real embeddings rather than
 pure noise. The probe is timed for one value of C (`--linear-cs`; `evaluate` tries 4 and refits). Each measurement runs in a fresh subprocess so its peak resident memory
 (ru_maxrss) is its own; the table reports the peak above the process's baseline after the features
 were created, next to the bound the chunked code promises:
 
-    kNN:        chunk x N x 4 bytes (similarities) x ~3 (matmul, topk, weights) + a normalised copy of the train set
+    kNN:        the exact faiss index's normalised copy of the train set (N x D x 4 bytes) + chunk x k
     retrieval:  O(chunk x N) too, but each chunk is fully sorted (values, int64 indices, masks): no bound is
                 stated, the measured peak is reported
 
-Usage: python benchmarks/bench_eval.py [--sizes 1000 10000 100000] [--dim 512] [--queries 5000] [--linear-cs 1.0]
+`index`: neighbour search at scale. The cub50 test embeddings (frozen offline lite0, 144 px) query the
+cub50 train embeddings plus --distractors embeddings drawn from a Gaussian mixture fitted to the train
+ones (labelled "no species"), written once to a float16 file. At each size an exact chunked scan
+(the ground truth) and eval/index.py's IVF-PQ (built from the memory-mapped file, saved, reopened
+memory-mapped, queried) each run in a fresh process: kNN top-1 (k 20), recall@10 of IVF-PQ against
+exact, build and search seconds, peak RSS of the whole process.
+
+Usage: python benchmarks/bench_eval.py [cost] [--sizes 1000 10000 100000] [--dim 512] [--queries 5000] [--linear-cs 1.0]
+       python benchmarks/bench_eval.py index [--distractors 10000 100000 1000000]
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,17 +72,8 @@ def measure(what: str, n: int, dim: int, queries: int, threads: int, cs: str) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=5000)
-    parser.add_argument("--linear-max", type=int, default=100000, help="largest train set for the linear probe")
-    parser.add_argument("--linear-cs", default="1.0", help="comma-separated C values the probe tries (timed together)")
-    parser.add_argument("--retrieval-max", type=int, default=10000, help="largest set for leave-one-out retrieval")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_scaling.json"))
-    args = parser.parse_args()
+def cost_study(args) -> None:
+    """kNN, retrieval and linear-probe time and memory on synthetic features of growing size."""
 
     chunk = 1024
     rows = []
@@ -86,7 +87,7 @@ def main() -> None:
             r = measure(what, n, args.dim, q, args.threads, args.linear_cs)
             bound = None
             if what == "knn":
-                bound = (3 * chunk * n * 4 + n * args.dim * 4) / 2**20
+                bound = (n * args.dim * 4 + chunk * 20 * 12) / 2**20
             rows.append({"what": what, "n": n, "dim": args.dim, "queries": n if what == "retrieval" else q,
                          "seconds": round(r["seconds"], 3), "peak_above_baseline_mb": round(r["peak_above_baseline_mb"], 1),
                          "bound_mb": round(bound, 1) if bound else None})
@@ -98,6 +99,152 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+# --- neighbour search at scale: cub50 embeddings among up to a million distractors ------------------------
+
+INDEX_CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads(int(sys.argv[5]))
+from finegrain.eval.index import NeighbourIndex, read_unit_rows, unit_rows
+from finegrain.eval.knn import neighbour_votes, topk_accuracy
+what, work, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+reference = np.load(work + "/reference.npy", mmap_mode="r")[:n]
+labels = torch.from_numpy(np.load(work + "/labels.npy")[:n])
+queries, query_labels = np.load(work + "/queries.npy"), torch.from_numpy(np.load(work + "/query_labels.npy"))
+def peak_mb():  # VmHWM: this image's own peak (ru_maxrss also carries the parent's RSS at fork, kept over exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+base = peak_mb()
+out = {}
+start = time.perf_counter()
+if what == "exact":  # a chunked exact scan: the ground truth, in bounded memory
+    import faiss
+    q = unit_rows(queries)
+    sims, idx = np.full((len(q), k), -np.inf, np.float32), np.zeros((len(q), k), np.int64)
+    for first in range(0, n, 65536):
+        s, i = faiss.knn(q, read_unit_rows(reference, slice(first, first + 65536)), k, metric=faiss.METRIC_INNER_PRODUCT)
+        s, i = np.concatenate([sims, s], 1), np.concatenate([idx, i + first], 1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        sims, idx = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    out["search_s"] = time.perf_counter() - start
+    np.save(work + f"/exact_{n}.npy", idx)
+else:
+    index = NeighbourIndex.build(reference, "ivfpq")
+    out["build_s"] = time.perf_counter() - start
+    index.save(work + f"/index_{n}")
+    out["index_mb"] = sum(p.stat().st_size for p in __import__("pathlib").Path(work + f"/index_{n}").iterdir()) / 2**20
+    del index
+    index = NeighbourIndex.load(work + f"/index_{n}")
+    start = time.perf_counter()
+    sims, idx = index.search(queries, k)
+    out["search_s"] = time.perf_counter() - start
+    exact = np.load(work + f"/exact_{n}.npy")
+    out["recall_at_10"] = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(exact, idx)]))
+sims_t = torch.from_numpy(np.ascontiguousarray(sims))
+scores = neighbour_votes(sims_t, labels[torch.from_numpy(idx)], int(labels.max()) + 1, 0.07)
+out["knn_top1"] = topk_accuracy(scores, query_labels)[1]
+out["peak_rss_mb"], out["baseline_rss_mb"] = peak_mb(), base
+print(json.dumps(out))
+"""
+
+
+def cub50_features(work: Path) -> tuple:
+    """(train (N, D), train labels, test (Q, D), test labels) of the frozen offline lite0 at 144 px on cub50,
+    from a `finegrain evaluate` run in work/frozen (run here when missing)."""
+    from safetensors.torch import load_file
+
+    from _runner import finegrain
+    from finegrain.data.manifest import Manifest
+
+    manifest_path = REPO / "data_manifests" / "cub50.csv"
+    run = work / "frozen"
+    if not (run / "report" / "metrics.json").is_file():
+        finegrain("evaluate", "--manifest", str(manifest_path), "--backbone", "tf_efficientnet_lite0", "--image-size",
+                  "144", "--no-linear", "--compare", "none", "--no-embedding-map", "--wandb", "disabled",
+                  "--out", str(run))
+    manifest = Manifest.load(manifest_path)
+    names = manifest.rows("train").class_names
+    feats = {p.name.split("-")[0]: load_file(p)["features"].numpy() for p in (run / "features").glob("*.safetensors")}
+    return (feats["train"], manifest.rows("train").class_codes(names).numpy(),
+            feats["test"], manifest.rows("test", names).class_codes(names).numpy())
+
+
+def write_reference(work: Path, most: int, seed: int) -> None:
+    """work/reference.npy (float16): cub50 train rows, then `most` distractors drawn from a 50-component diagonal
+    Gaussian mixture fitted to the L2-normalised train features; labels.npy: species codes, distractors = C."""
+    from sklearn.mixture import GaussianMixture
+
+    from finegrain.eval.index import unit_rows
+
+    train, ytr, test, yq = cub50_features(work)
+    np.save(work / "queries.npy", test)
+    np.save(work / "query_labels.npy", yq)
+    path = work / "reference.npy"
+    if path.is_file() and len(np.load(path, mmap_mode="r")) >= len(train) + most:
+        return
+    np.save(work / "labels.npy", np.concatenate([ytr, np.full(most, int(ytr.max()) + 1)]))
+    mixture = GaussianMixture(50, covariance_type="diag", reg_covar=1e-4, random_state=seed).fit(unit_rows(train))
+    partial = work / "reference.partial.npy"
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(train) + most, train.shape[1]))
+    out[:len(train)] = train
+    for first in range(0, most, 50_000):
+        mixture.random_state = seed + 1 + first
+        rows = min(50_000, most - first)
+        out[len(train) + first:len(train) + first + rows] = mixture.sample(rows)[0][np.random.default_rng(first).permutation(rows)]
+        out.flush()
+    del out
+    partial.rename(path)  # only a finished file is ever read
+
+
+def index_study(args) -> None:
+    """Exact scan against IVF-PQ at each distractor count; each measurement in a fresh process (its own peak RSS)."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_reference(work, max(args.distractors), args.seed)
+    train_rows = len(np.load(work / "labels.npy")) - max(args.distractors)
+    rows = []
+    for extra in args.distractors:
+        n = train_rows + extra
+        row = {"distractors": extra, "reference_rows": n}
+        for what in ("exact", "ivfpq"):
+            done = subprocess.run([sys.executable, "-c", INDEX_CHILD, what, str(work), str(n), "20", str(args.threads)],
+                                  capture_output=True, text=True, check=True, cwd=REPO)
+            row[what] = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        e, a = row["exact"], row["ivfpq"]
+        print(f"{extra:>9,d} distractors: exact kNN top-1 {e['knn_top1']:.4f} ({e['search_s']:.1f} s, "
+              f"{e['peak_rss_mb']:.0f} MB) | ivfpq {a['knn_top1']:.4f}, recall@10 {a['recall_at_10']:.3f}, build "
+              f"{a['build_s']:.1f} s, search {a['search_s']:.2f} s, peak RSS {a['peak_rss_mb']:.0f} MB, "
+              f"on disk {a['index_mb']:.0f} MB", flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {args.threads} threads",
+              "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:]), "queries": "cub50 test (1500)",
+              "features": "frozen offline tf_efficientnet_lite0, 144 px", "k": 20, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", nargs="?", default="cost", choices=["cost", "index"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=5000)
+    parser.add_argument("--linear-max", type=int, default=100000, help="largest train set for the linear probe")
+    parser.add_argument("--linear-cs", default="1.0", help="comma-separated C values the probe tries (timed together)")
+    parser.add_argument("--retrieval-max", type=int, default=10000, help="largest set for leave-one-out retrieval")
+    parser.add_argument("--distractors", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="index study: distractor embeddings beside the cub50 train ones")
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench_eval"), help="index study: features and indexes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="results file (default results/eval_scaling.json or "
+                                                    "results/index_scaling.json)")
+    args = parser.parse_args()
+    name = "eval_scaling.json" if args.study == "cost" else "index_scaling.json"
+    args.out = args.out or str(REPO / "benchmarks" / "results" / name)
+    (cost_study if args.study == "cost" else index_study)(args)
 
 
 if __name__ == "__main__":

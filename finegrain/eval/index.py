@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ FLAT_MAX_ROWS = 200_000   # auto: exact below (200k x 1280 float32 is 1 GB)
 NPROBE = 32               # inverted lists visited per query (of about sqrt(N))
 RERANK = 10               # ivfpq: k x RERANK candidates re-ranked on exact cosine
 RERANK_BYTES = 1 << 27    # ivfpq: candidate rows gathered per query chunk (128 MB of float32)
-TRAIN_PER_LIST = 40       # training rows per inverted list (faiss warns below 39)
+TRAIN_PER_LIST = 40       # fewest training rows per inverted list (faiss warns below 39)
+SAMPLE_PER_LIST = 64      # training rows drawn per inverted list
 ADD_CHUNK = 65_536        # reference rows normalised and added at a time
 
 
@@ -41,6 +43,16 @@ def unit_rows(x) -> np.ndarray:
     x = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
     x = x.float()
     return np.ascontiguousarray(torch.nn.functional.normalize(x, dim=1).numpy())
+
+
+def read_unit_rows(reference, which) -> np.ndarray:
+    """unit_rows(reference[which]); the pages of a memory-mapped reference are handed back after the read, so a
+    pass over a file larger than memory keeps only one chunk resident."""
+    rows = unit_rows(reference[which])
+    mapping = getattr(reference, "_mmap", None)  # numpy.memmap's mmap object (set on it and on its slices)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+    return rows
 
 
 def pq_subquantizers(dim: int) -> int:
@@ -70,15 +82,15 @@ class NeighbourIndex:
             index = faiss.IndexFlatIP(dim)
         else:
             nlist = max(1, min(int(math.sqrt(n)), n // TRAIN_PER_LIST))
-            sample = np.sort(np.random.default_rng(seed).choice(n, min(n, nlist * 256), replace=False))
+            sample = np.sort(np.random.default_rng(seed).choice(n, min(n, nlist * SAMPLE_PER_LIST), replace=False))
             bits = int(np.clip(np.log2(len(sample) / TRAIN_PER_LIST), 1, 8))  # 256 codes need 10k training rows
             index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_subquantizers(dim)}x{bits}", faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.do_polysemous_training = False  # on by default from index_factory; 5x the training time, unused here
             ivf.nprobe = min(NPROBE, nlist)
-            index.train(unit_rows(reference[sample]))
+            index.train(read_unit_rows(reference, sample))
         for start in range(0, n, ADD_CHUNK):
-            index.add(unit_rows(reference[start:start + ADD_CHUNK]))
+            index.add(read_unit_rows(reference, slice(start, start + ADD_CHUNK)))
         return cls(index, kind, reference if kind == "ivfpq" else None)
 
     def search(self, queries, k: int, *, chunk_size: int = 1024, leave_out=None) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +127,7 @@ class NeighbourIndex:
         # each query's candidates are read, so this re-rank is written by hand.
         safe = np.where(cand < 0, 0, cand)  # -1: fewer candidates than asked
         wanted = np.unique(safe)
-        rows = unit_rows(self.reference[wanted])
+        rows = read_unit_rows(self.reference, wanted)
         position = np.searchsorted(wanted, safe)
         exact = np.einsum("qd,qcd->qc", q, rows[position])
         exact[cand < 0] = -np.inf
@@ -123,19 +135,26 @@ class NeighbourIndex:
         return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
 
     def save(self, folder: Path) -> None:
-        """folder/index.faiss, folder/index.json and, for ivfpq, folder/reference.npy (float16 unit rows)."""
+        """folder/index.faiss and folder/index.json; for ivfpq the reference rows too: the .npy file a memory-mapped
+        reference was read from, or folder/reference.npy (float16) written here."""
         import faiss
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(folder / "index.faiss"))
+        meta = {"kind": self.kind, "rows": len(self)}
         if self.kind == "ivfpq":
-            out = np.lib.format.open_memmap(folder / "reference.npy", mode="w+", dtype=np.float16,
-                                            shape=self.reference.shape)
-            for start in range(0, len(out), ADD_CHUNK):
-                out[start:start + ADD_CHUNK] = unit_rows(self.reference[start:start + ADD_CHUNK])
-            out.flush()
-        (folder / "index.json").write_text(json.dumps({"kind": self.kind, "rows": len(self)}))
+            source = getattr(self.reference, "filename", None)
+            if source and len(self.reference) == len(np.load(source, mmap_mode="r")):
+                meta["reference"] = str(Path(source).resolve())
+            else:
+                out = np.lib.format.open_memmap(folder / "reference.npy", mode="w+", dtype=np.float16,
+                                                shape=self.reference.shape)
+                for start in range(0, len(out), ADD_CHUNK):
+                    out[start:start + ADD_CHUNK] = read_unit_rows(self.reference, slice(start, start + ADD_CHUNK))
+                    out.flush()
+                meta["reference"] = "reference.npy"
+        (folder / "index.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, folder: Path) -> NeighbourIndex:
@@ -143,10 +162,11 @@ class NeighbourIndex:
         import faiss
 
         folder = Path(folder)
-        kind = json.loads((folder / "index.json").read_text())["kind"]
-        flags = faiss.IO_FLAG_MMAP if kind == "ivfpq" else 0
-        reference = np.load(folder / "reference.npy", mmap_mode="r") if kind == "ivfpq" else None
-        return cls(faiss.read_index(str(folder / "index.faiss"), flags), kind, reference)
+        meta = json.loads((folder / "index.json").read_text())
+        if meta["kind"] != "ivfpq":
+            return cls(faiss.read_index(str(folder / "index.faiss")), meta["kind"], None)
+        reference = np.load(folder / meta["reference"], mmap_mode="r")  # an absolute path stays absolute
+        return cls(faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP), "ivfpq", reference)
 
 
 def _drop_rows(s: np.ndarray, i: np.ndarray, own_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
