@@ -208,6 +208,34 @@ def manifest_relabel(
     _report_written(fixed, fixed.save(out_path))
 
 
+@manifest_app.command("shard")
+@user_errors
+def manifest_shard(
+    manifest_path: Annotated[Path, typer.Argument(metavar="MANIFEST", help="The manifest whose photos to write.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="A new or empty folder for the shards.")],
+    max_side: Annotated[int, typer.Option(min=8, help="Photos are resized so their shorter side is at most this "
+                                                      "(px), then stored as JPEG.")] = 512,
+    shard_size: Annotated[str, typer.Option(help="Target size of one shard, e.g. 64MB, 256MB, 1GB.")] = "256MB",
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: CPU count).")] = None,
+):
+    """Write a manifest's photos into shards (litdata): decoded once, resized, re-encoded, with label, split,
+    box and row. Every command that takes --manifest takes the shard folder too, with the same splits and labels.
+
+    Examples:
+      finegrain manifest shard data_manifests/cub50.csv -o shards/cub50
+      finegrain supcon --manifest shards/cub50 -o runs/supcon      # the folder where a manifest file went
+      finegrain manifest shard big.parquet -o /data/shards/big --max-side 384 --shard-size 1GB
+    """
+    from finegrain.data.manifest import Manifest
+    from finegrain.data.shards import write_shards
+
+    info = write_shards(Manifest.load(manifest_path), out_dir, max_side=max_side, shard_bytes=shard_size,
+                        workers=workers)
+    bad = f", {info['bad_records']} unreadable photo(s) written as empty records" if info["bad_records"] else ""
+    out.print(f"wrote {out_dir}: {info['records']} photos in {info['shards']} shard(s), "
+              f"{info['bytes'] / 2**20:.1f} MB{bad}")
+
+
 @manifest_app.command("validate")
 @user_errors
 def manifest_validate(

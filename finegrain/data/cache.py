@@ -16,10 +16,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from finegrain.data.images import DecodedImage, decode_image
+from finegrain.data.images import DecodedImage, resize_shorter
 from finegrain.data.manifest import Manifest
 from finegrain.errors import BadImageError
 from finegrain.fsutil import atomic_path
@@ -31,6 +30,9 @@ log = logging.getLogger("finegrain")
 def cache_key(manifest: Manifest, shorter_side: int) -> str:
     """A key that changes when the files, their order, their contents (size, mtime) or the size change."""
     h = hashlib.sha256(f"v1|{manifest.root}|{shorter_side}".encode())
+    if manifest.shards is not None:  # records do not change in place: the shard set's hash and each row's record
+        h.update(manifest.content_hash.encode())
+        return h.hexdigest()[:20]
     for rel in manifest.table["path"]:
         try:
             st = os.stat(manifest.root / rel)
@@ -38,15 +40,6 @@ def cache_key(manifest: Manifest, shorter_side: int) -> str:
         except OSError:
             h.update(f"{rel}|missing\n".encode())
     return h.hexdigest()[:20]
-
-
-def _resize_shorter(pixels: np.ndarray, shorter_side: int) -> np.ndarray:
-    h, w = pixels.shape[:2]
-    s = shorter_side / min(h, w)
-    if s >= 1.0:
-        return pixels
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 class DecodedImageCache:
@@ -121,20 +114,20 @@ class DecodedImageCache:
         cache_dir.mkdir(parents=True, exist_ok=True)
         paths = manifest.table["path"].tolist()
 
-        def load(rel: str):
+        def load(i: int):
             try:
-                decoded = decode_image(manifest.root / rel, min_side=shorter_side, name=rel)
+                decoded = manifest.decode(i, min_side=shorter_side)
             except BadImageError as e:
                 if on_bad_image != "skip":
                     raise
                 return None, None, e.reason
-            return _resize_shorter(decoded.pixels, shorter_side), decoded.original_size, None
+            return resize_shorter(decoded.pixels, shorter_side), decoded.original_size, None
 
         offsets, shapes, original, errors = [], [], [], {}
         offset = 0
         with atomic_path(data_path) as tmp, open(tmp, "wb") as out, \
                 ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            results = pool.map(load, paths)
+            results = pool.map(load, range(len(paths)))
             if progress:
                 results = track(results, total=len(paths), description=f"caching images at {shorter_side}px")
             for i, (pixels, size, reason) in enumerate(results):

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from finegrain import dist
 from finegrain.data.cache import DecodedImageCache
-from finegrain.data.images import DecodedImage, decode_image
+from finegrain.data.images import DecodedImage
 from finegrain.data.manifest import BBOX_COLUMNS, Manifest
 from finegrain.data.views import build_view, make_recipe
 from finegrain.errors import BadImageError, FinegrainError
@@ -103,7 +103,7 @@ class ManifestDataset(Dataset):
         """Decoded pixels of row i (from the cache when there is one). Raises BadImageError."""
         if self.cache is not None:
             return self.cache.get(i)
-        return decode_image(self.manifest.root / self.paths[i], min_side=self.decode_min_side, name=self.paths[i])
+        return self.manifest.decode(i, min_side=self.decode_min_side)
 
     def __getitem__(self, index: int):
         repeat, i = divmod(index, len(self))  # index + k x len: row `i` again, with other augmentations

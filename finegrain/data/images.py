@@ -153,3 +153,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image after EXIF orientation, read from its header only."""
     with Image.open(path) as img:
         return _oriented_size(img)
+
+
+def resize_shorter(pixels: np.ndarray, shorter_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> the same, downscaled (area interpolation) so the shorter side is at most `shorter_side`."""
+    import cv2
+
+    h, w = pixels.shape[:2]
+    s = shorter_side / min(h, w)
+    if s >= 1.0:
+        return pixels
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)

@@ -24,6 +24,7 @@ in a spreadsheet loads with its new hash (and a stale sidecar still gives the ro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -163,10 +164,12 @@ class Manifest:
     Attributes:
         table: the normalised DataFrame (one row per image, columns as in the module docstring).
         root: absolute dataset root folder.
+        shards: the shard folder whose records hold the photos (row i: record table.shard_index[i]), or None.
     """
 
     table: pd.DataFrame
     root: Path
+    shards: str | None = None  # a shard folder the photos are read from (data/shards.py), or None: files under root
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, root: str | os.PathLike) -> "Manifest":
@@ -191,6 +194,10 @@ class Manifest:
         """sha256 (hex) of the table's schema columns, in row order; independent of file format."""
         cols = list(REQUIRED_COLUMNS) + [c for c in BBOX_COLUMNS if c in self.table.columns]
         text = self.table[cols].to_csv(index=False, lineterminator="\n", float_format="%.4f")
+        if self.shards is not None:  # the photos are the shard records: their index's hash and each row's record
+            from finegrain.data.shards import shard_info
+
+            text += shard_info(self.shards)["records_hash"] + ",".join(map(str, self.table["shard_index"]))
         return hashlib.sha256(f"finegrain-manifest-v{FORMAT_VERSION}\n{text}".encode()).hexdigest()
 
     def split_counts(self) -> dict[str, int]:
@@ -203,7 +210,7 @@ class Manifest:
         unknown = set(splits) - set(SPLITS)
         if unknown:
             raise ManifestError(f"unknown split(s) {sorted(unknown)}; allowed: {', '.join(SPLITS)}")
-        return Manifest(self.table[self.table["split"].isin(splits)].reset_index(drop=True), self.root)
+        return dataclasses.replace(self, table=self.table[self.table["split"].isin(splits)].reset_index(drop=True))
 
     def rows(self, split, classes=None) -> "Manifest":
         """The rows of `split` (a name or a list of names, as `select`), in order, same root.
@@ -214,7 +221,7 @@ class Manifest:
         if classes is None:
             return picked
         keep = picked.table["label"].isin(list(classes))
-        return Manifest(picked.table[keep].reset_index(drop=True), picked.root)
+        return dataclasses.replace(picked, table=picked.table[keep].reset_index(drop=True))
 
     def class_codes(self, classes) -> torch.Tensor:
         """(N,) int64 tensor: each row's label as its index in `classes` (a sequence of names).
@@ -234,6 +241,18 @@ class Manifest:
                 f"{len(index)} classes {_examples(index)} ({int(missing.sum())} row(s) in all)"
             )
         return torch.from_numpy(np.array(codes.to_numpy(dtype=np.int64)))  # a writable copy
+
+    def decode(self, i: int, *, min_side: int | None = None):
+        """Row i's photo as a DecodedImage: its file under root, or its shard record. Raises BadImageError."""
+        from finegrain.data.images import decode_image
+
+        rel = self.table["path"].iat[i]
+        if self.shards is None:
+            return decode_image(self.root / rel, min_side=min_side, name=rel)
+        from finegrain.data.shards import read_record
+
+        record = int(self.table["shard_index"].iat[i])
+        return read_record(self.shards, record, min_side=min_side, name=f"shard record {record} ({rel})")
 
     def abspath(self, rel: str) -> Path:
         """Absolute path of a manifest path (no check that it exists or stays under root)."""
@@ -293,6 +312,11 @@ class Manifest:
                 file with no stored root, the manifest's own folder.
         """
         path = Path(path)
+        if path.is_dir():
+            from finegrain.data.shards import MANIFEST_FILE, shard_info
+
+            shard_info(path)  # a shard folder, complete and of this format, or a ShardError saying what is wrong
+            return dataclasses.replace(cls.load(path / MANIFEST_FILE, root=path), shards=str(path.resolve()))
         if not path.is_file():
             raise ManifestError(f"manifest file not found: {path}")
         meta: dict = {}

@@ -7,6 +7,8 @@ it and checks its size, then table-level checks run on the results. The report l
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import logging
 import os
@@ -158,7 +160,8 @@ def validate_manifest(
         if not ok:
             add(Problem("error", "path_escapes_root", f"path leaves the dataset root {root}", rel))
 
-    todo = [i for i, ok in enumerate(inside) if ok]
+    # shard records were read when they were written (`manifest shard`); a bad one is skipped, named, when read
+    todo = [] if manifest.shards is not None else [i for i, ok in enumerate(inside) if ok]
     hashes: dict[int, str] = {}
     sizes: dict[int, tuple[int, int]] = {}
 
@@ -266,7 +269,7 @@ def check_manifest_or_raise(manifest: Manifest, *, on_bad_image: str = "error", 
     report.raise_for_errors(skip_bad_files=on_bad_image == "skip")
     bad = report.bad_files
     if bad:
-        manifest = Manifest(manifest.table[~manifest.table["path"].isin(bad)].reset_index(drop=True), manifest.root)
+        manifest = dataclasses.replace(manifest, table=manifest.table[~manifest.table["path"].isin(bad)].reset_index(drop=True))
     return manifest, report
 
 

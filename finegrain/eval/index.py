@@ -26,7 +26,7 @@ RERANK = 10               # ivfpq: k x RERANK candidates re-ranked on exact cosi
 RERANK_BYTES = 1 << 27    # ivfpq: candidate rows gathered per query chunk (128 MB of float32)
 TRAIN_PER_LIST = 40       # fewest training rows per inverted list (faiss warns below 39)
 SAMPLE_PER_LIST = 64      # training rows drawn per inverted list
-ADD_CHUNK = 65_536        # reference rows normalised and added at a time
+ADD_CHUNK = 16_384        # reference rows normalised and added at a time (1280-d: 84 MB as float32)
 
 
 def resolve_kind(kind: str, rows: int) -> str:

@@ -6,6 +6,8 @@ finegrain.artifacts) whose "backbone.*" weights `supcon` and `evaluate` start fr
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 from finegrain.artifacts import Artifact
@@ -76,4 +78,4 @@ def _unlabelled(manifest: Manifest) -> Manifest:
     table = manifest.table.copy()
     table["label"] = ""
     table["split"] = "unlabeled"
-    return Manifest(table, manifest.root)
+    return dataclasses.replace(manifest, table=table)

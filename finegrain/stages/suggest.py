@@ -9,6 +9,8 @@ best_guess, best_guess_prob) and the contact sheet OUT.html beside it. No artifa
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 
@@ -74,7 +76,7 @@ def _features(cfg: SuggestConfig, subject: Subject, device, manifest: Manifest, 
     (and the decoded-image cache) stays the same when photos move from unlabeled to train.
     """
     both = pd.concat([pool_rows.table, train_rows.table]).sort_values("path", kind="stable")
-    photos = Manifest(both.assign(label="", split="unlabeled").reset_index(drop=True), manifest.root)
+    photos = dataclasses.replace(manifest, table=both.assign(label="", split="unlabeled").reset_index(drop=True))
     store = FeatureStore(cfg, subject, device, Path(cfg.out).parent / "features", resolve_amp(cfg.amp, device))
     feats = store.features(photos, "photos")
     feats = torch.nn.functional.normalize(feats.float(), dim=1).numpy()

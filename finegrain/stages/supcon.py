@@ -11,6 +11,8 @@ L2-normalised train features and class ids the score is measured against (N x D 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import pandas as pd
@@ -125,7 +127,7 @@ def concat_rows(first: Manifest, second: Manifest) -> Manifest:
     """The rows of `first` then those of `second` (same root)."""
     if len(second) == 0:
         return first
-    return Manifest(pd.concat([first.table, second.table], ignore_index=True), first.root)
+    return dataclasses.replace(first, table=pd.concat([first.table, second.table], ignore_index=True))
 
 
 def _batches(cfg: SupconConfig, labels: torch.Tensor, n_unlabelled: int):

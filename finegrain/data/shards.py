@@ -1,0 +1,138 @@
+"""Photo sets in shards: a manifest's photos decoded once, resized, re-encoded and written with litdata.
+
+A shard folder holds litdata's chunks and index.json, `manifest.parquet` (the manifest's rows, each
+with its record number in `shard_index`) and `finegrain_shards.json` (format, counts, sizes). Each
+record carries the photo (JPEG bytes), its original width and height (the frame its box is given
+in), label, split, box and source row. finegrain reads records by number (litdata random access),
+so its own samplers keep deciding the order: exact epochs, ranks and resume are those of the folder
+path. Any location litdata reads (a local folder, s3://, gs://) works for the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from finegrain.data.images import DecodedImage, decode_image, resize_shorter
+from finegrain.errors import BadImageError, FinegrainError
+from finegrain.progress import track
+
+log = logging.getLogger("finegrain")
+
+SHARD_FORMAT = 1          # finegrain_shards.json "format": what this code reads and writes
+INFO_FILE = "finegrain_shards.json"
+MANIFEST_FILE = "manifest.parquet"
+JPEG_QUALITY = 95
+
+
+class ShardError(FinegrainError):
+    """A shard folder that is incomplete, of another format, or not a shard folder."""
+
+
+def is_shard_folder(location: str | os.PathLike) -> bool:
+    """True when `location` is a local folder with finegrain_shards.json."""
+    return (Path(location) / INFO_FILE).is_file()
+
+
+def shard_info(location: str | os.PathLike) -> dict:
+    """finegrain_shards.json of a shard folder, checked: its format and every chunk index.json lists."""
+    folder = Path(location)
+    info_path, index_path = folder / INFO_FILE, folder / "index.json"
+    if not info_path.is_file():
+        raise ShardError(f"{folder}: not a shard folder (no {INFO_FILE}); write one with `finegrain manifest shard`")
+    info = json.loads(info_path.read_text())
+    if info.get("format") != SHARD_FORMAT:
+        raise ShardError(f"{folder}: shard format {info.get('format')!r}, this finegrain reads format {SHARD_FORMAT}; "
+                         "write the shards again with `finegrain manifest shard`")
+    if not index_path.is_file():
+        raise ShardError(f"{folder}: incomplete shard folder, index.json is missing")
+    chunks = [c["filename"] for c in json.loads(index_path.read_text())["chunks"]]
+    missing = [c for c in chunks if not (folder / c).is_file()]
+    if missing:
+        raise ShardError(f"{folder}: incomplete shard folder, {len(missing)} of {len(chunks)} shard(s) missing, "
+                         f"e.g. {missing[0]}")
+    return info
+
+
+def _record(manifest, i: int, max_side: int) -> dict:
+    """Row i of `manifest` as a shard record; a photo that cannot be read gets empty image bytes."""
+    from PIL import Image
+
+    row = manifest.table.iloc[i]
+    box = [float(row[c]) if c in row.index else float("nan") for c in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")]
+    record = {"row": i, "image": b"", "width": 0, "height": 0, "label": str(row["label"]), "split": str(row["split"]),
+              "bbox": box, "error": ""}
+    try:
+        decoded = decode_image(manifest.root / row["path"], min_side=max_side, name=row["path"])
+    except BadImageError as e:
+        record["error"] = e.reason
+        return record
+    buf = io.BytesIO()
+    Image.fromarray(resize_shorter(decoded.pixels, max_side)).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    record.update(image=buf.getvalue(), width=int(decoded.original_size[0]), height=int(decoded.original_size[1]))
+    return record
+
+
+def write_shards(manifest, out: str | os.PathLike, *, max_side: int = 512, shard_bytes: str = "256MB",
+                 workers: int | None = None) -> dict:
+    """Write `manifest`'s photos as shards in `out` (a new or empty folder); returns finegrain_shards.json.
+
+    Photos are decoded in `workers` threads and written in row order, so record i is row i. A photo
+    that cannot be read is written as an empty record (read back as a bad image naming its row).
+    """
+    from litdata.streaming.writer import BinaryWriter
+
+    folder = Path(out)
+    if folder.exists() and any(folder.iterdir()):
+        raise ShardError(f"{folder}: not empty; shards go to a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = BinaryWriter(cache_dir=str(folder), chunk_bytes=shard_bytes)
+    bad = 0
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        records = pool.map(lambda i: _record(manifest, i, max_side), range(len(manifest)))
+        for i, record in enumerate(track(records, total=len(manifest), description="writing shards")):
+            if record["error"]:
+                bad += 1
+                log.warning("row %d (%s): %s; written as an empty record", i, manifest.table["path"].iat[i],
+                            record["error"])
+            writer[i] = record
+    writer.done()
+    writer.merge()
+    table = manifest.table.assign(shard_index=np.arange(len(manifest), dtype=np.int64))
+    manifest.from_table(table, folder).save(folder / MANIFEST_FILE)
+    chunks = json.loads((folder / "index.json").read_text())["chunks"]
+    info = {"format": SHARD_FORMAT, "records": len(manifest), "bad_records": bad, "max_side": max_side,
+            "shards": len(chunks), "bytes": sum(int(c.get("chunk_bytes", 0)) for c in chunks),
+            "source_content_hash": manifest.content_hash,
+            "records_hash": hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+_OPEN: dict[str, object] = {}  # location -> litdata StreamingDataset, one per process (DataLoader workers too)
+_LOCK = threading.Lock()       # decoding threads share it; only the record read is serialised, not the decode
+
+
+def read_record(location: str, index: int, *, min_side: int | None = None, name: str) -> DecodedImage:
+    """Decoded photo of record `index` in the shard set at `location`. Raises BadImageError naming `name`."""
+    try:
+        with _LOCK:
+            if location not in _OPEN:
+                from litdata import StreamingDataset
+
+                _OPEN[location] = StreamingDataset(location)
+            record = _OPEN[location][int(index)]
+    except Exception as e:  # noqa: BLE001 - a record litdata cannot read is a bad image, as a bad file is
+        raise BadImageError(name, f"unreadable shard record {index} ({e})") from None
+    if not record["image"]:
+        raise BadImageError(name, record.get("error") or "empty shard record")
+    decoded = decode_image(bytes(record["image"]), min_side=min_side, name=name)
+    return DecodedImage(decoded.pixels, (int(record["width"]), int(record["height"])))
