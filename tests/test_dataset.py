@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import finegrain.data.dataset as dataset_module
+import finegrain.data.images as images_module
 from finegrain.data.cache import DecodedImageCache
 from finegrain.data.dataset import ManifestDataset
 from finegrain.data.images import decode_image
@@ -88,7 +88,7 @@ def test_cache_matches_decoding_and_is_reused(birds, tmp_path, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("decoded a file despite the cache")
 
-    monkeypatch.setattr(dataset_module, "decode_image", no_decoding)
+    monkeypatch.setattr(images_module, "decode_image", no_decoding)  # Manifest.decode reads it from there
     ds = ManifestDataset(birds, build_view(make_recipe("simclr", image_size=32)), n_views=2, cache=again)
     n = sum(len(b[1]) for b in DataLoader(ds, batch_size=8, num_workers=2))
     assert n == len(birds)

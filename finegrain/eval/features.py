@@ -17,6 +17,12 @@ def test_size(train_size: int) -> int:
     return int(round(train_size * TEST_SIZE_SCALE))
 
 
+def ready_for_extraction(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` in eval mode on `device` in channels_last (NHWC) memory format, as training runs it: 1.5-2x the
+    img/s of the default format on CPU for convolutional backbones."""
+    return model.eval().to(device, memory_format=torch.channels_last)
+
+
 def flip_averaged(embed: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Test-time augmentation: (B, 3, S, S) -> (B, D) mean of the features of each image and its mirror image."""
 
@@ -54,7 +60,8 @@ def extract_features(
         iterator = track(loader, description=progress)
     for views, y, _ in iterator:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            f = embed(views[0].to(device, non_blocking=True))
+            images = views[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            f = embed(images)
         feats.append(f.float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

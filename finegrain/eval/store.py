@@ -19,7 +19,7 @@ from finegrain.config import FeatureConfig
 from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import BBOX_COLUMNS, Manifest
 from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features, flip_averaged, test_size
+from finegrain.eval.features import extract_features, flip_averaged, ready_for_extraction, test_size
 from finegrain.fsutil import atomic_path
 from finegrain.models.backbone import build_backbone, create_backbone, data_config
 
@@ -64,6 +64,7 @@ class FeatureStore:
                  amp_dtype: torch.dtype | None = None):
         """folder: the default cache folder (cfg.features_dir overrides it); amp_dtype: autocast dtype or None."""
         self.cfg, self.subject, self.device, self.amp_dtype = cfg, subject, device, amp_dtype
+        ready_for_extraction(subject.model, device)
         self.folder = Path(cfg.features_dir) if cfg.features_dir else folder
         self.seconds = 0.0  # wall time spent extracting in this run
         self.extracted = 0

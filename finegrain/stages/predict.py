@@ -75,7 +75,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     """
     from finegrain.data.dataset import ManifestDataset
     from finegrain.data.views import build_view, make_recipe
-    from finegrain.eval.features import extract_features, flip_averaged
+    from finegrain.eval.features import extract_features, flip_averaged, ready_for_extraction
     from finegrain.models.backbone import create_backbone
 
     artifact = load_artifact(artifact_dir)
@@ -100,7 +100,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
         log.warning("predict: %d more unreadable files (listed in the output)", len(errors) - 10)
 
     dev = resolve_device(device)
-    model = create_backbone(info["backbone"], weights=artifact.path).eval()
+    model = ready_for_extraction(create_backbone(info["backbone"], weights=artifact.path), dev)
     rows = [{"path": str(p), "error": errors.get(str(p), "unreadable")} for p in paths]
     if len(manifest):
         fitted = info.get("classifier") or {}
