@@ -21,8 +21,8 @@ import torch
 from finegrain.config import INDEX_KINDS
 
 FLAT_MAX_ROWS = 200_000   # auto: exact below (200k x 1280 float32 is 1 GB)
-NPROBE = 32               # inverted lists visited per query (of about sqrt(N))
-RERANK = 10               # ivfpq: k x RERANK candidates re-ranked on exact cosine
+NPROBE = 128              # inverted lists visited per query (of about sqrt(N))
+RERANK = 20               # ivfpq: k x RERANK candidates re-ranked on exact cosine
 RERANK_BYTES = 1 << 27    # ivfpq: candidate rows gathered per query chunk (128 MB of float32)
 TRAIN_PER_LIST = 40       # fewest training rows per inverted list (faiss warns below 39)
 SAMPLE_PER_LIST = 64      # training rows drawn per inverted list
@@ -39,10 +39,11 @@ def resolve_kind(kind: str, rows: int) -> str:
 
 
 def unit_rows(x) -> np.ndarray:
-    """(N, D) any float array or tensor -> (N, D) float32, rows L2-normalised, C-contiguous (what faiss takes)."""
-    x = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
-    x = x.float()
-    return np.ascontiguousarray(torch.nn.functional.normalize(x, dim=1).numpy())
+    """(N, D) any float array or tensor -> a new (N, D) float32 array, rows L2-normalised, C-contiguous (what faiss
+    takes). One copy: a float16 memory map is read once."""
+    x = np.array(x.detach().cpu().numpy() if torch.is_tensor(x) else x, dtype=np.float32, order="C", copy=True)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 def read_unit_rows(reference, which) -> np.ndarray:
