@@ -137,18 +137,20 @@ def image_cache(cfg, manifest: Manifest, image_size: int, *, collective: bool = 
     """The decoded-image cache for these rows (shorter side image_size / 0.875 px), or None when disabled.
 
     cfg: any stage config with cache_images, cache_dir and on_bad_image.
-    collective: every rank calls this; rank 0 builds the cache while the others wait. Pass False
-    when only one rank calls it (the kNN monitor).
+    collective: every rank calls this; the first rank on each machine (LOCAL_RANK 0) builds the cache
+    while the others wait, so it works on node-local disks as on a shared one. Pass False when only
+    one rank calls it (the kNN monitor).
     """
     if not cfg.cache_images:
         return None
     cache_dir = Path(cfg.cache_dir or os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain" / "images"))
     side = int(round(image_size / 0.875))
-    if collective and not dist.is_main():
-        dist.barrier()  # wait while rank 0 builds it, then open it
+    builds = dist.local_rank() == 0
+    if collective and not builds:
+        dist.barrier()  # wait while this machine's first rank builds it, then open it
     cache = DecodedImageCache.open_or_build(manifest, cache_dir, shorter_side=side, on_bad_image=cfg.on_bad_image,
                                             progress=dist.is_main())
-    if collective and dist.is_main():
+    if collective and builds:
         dist.barrier()
     return cache
 
