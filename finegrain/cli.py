@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -528,6 +529,8 @@ def run(
 
     spec = load_pipeline(pipeline, set_ or [])
     results = run_pipeline(spec, force=force or [])
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+        return
     table = Table("stage", "status", "folder", "headline")
     for r in results:
         m = r.info.get("metrics") or {}

@@ -136,6 +136,15 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself without a process group."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup() -> None:
     """Destroy the default process group if one exists; a no-op otherwise."""
     if is_initialized():

@@ -29,6 +29,7 @@ scratch. Changing a supcon option therefore reruns supcon and evaluate, not pret
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import yaml
 
+from finegrain import dist
 from finegrain.artifacts import ARTIFACT_FILE, load_artifact
 from finegrain.config import EvaluateConfig, PretrainConfig, SupconConfig, config_from_dict
 from finegrain.engine.checkpoint import CHECKPOINT_FILE
@@ -213,7 +215,7 @@ def run_pipeline(spec: dict, *, force=(), runner=None) -> list[StageResult]:
     force: stage names to rerun from scratch even when cached.
     runner: stage name -> run function (tests may wrap them); default the real stages.
     """
-    from finegrain.data.manifest import Manifest
+    from finegrain.engine.device import resolve_device
     from finegrain.stages.evaluate import run_evaluate
     from finegrain.stages.pretrain import run_pretrain
     from finegrain.stages.supcon import run_supcon
@@ -222,7 +224,22 @@ def run_pipeline(spec: dict, *, force=(), runner=None) -> list[StageResult]:
     bad = set(force) - set(STAGES)
     if bad:
         raise FinegrainError(f"--force names unknown stage(s) {', '.join(sorted(bad))}")
-    manifest_path = prepare_data(spec)
+    device_type = resolve_device(str((spec.get("defaults") or {}).get("device", "auto"))).type
+    owns_group = not dist.is_initialized() and dist.init_from_env(device_type)  # torchrun: every stage distributed
+    try:
+        return _run_stages(spec, force, runner)
+    finally:
+        if owns_group:
+            dist.cleanup()
+
+
+def _run_stages(spec: dict, force, runner) -> list[StageResult]:
+    """run_pipeline's loop. Under torchrun rank 0 prepares the data and decides what is cached; every rank trains;
+    evaluate runs on rank 0 while the others wait."""
+    from finegrain.data.manifest import Manifest
+
+    with _rank0_first():
+        manifest_path = prepare_data(spec)
     manifest_hash = Manifest.load(manifest_path).content_hash
     runs_dir = Path(spec.get("runs_dir") or Path("runs") / (spec.get("name") or Path(spec["_file"]).stem))
     results: list[StageResult] = []
@@ -232,27 +249,44 @@ def run_pipeline(spec: dict, *, force=(), runner=None) -> list[StageResult]:
         cfg = _stage_config(name, spec, manifest_path, parent)
         out = runs_dir / f"{name}-{stage_key(name, cfg, manifest_hash, parent_hash)}"
         cfg.out = str(out)
-        done = (out / ARTIFACT_FILE).is_file()
-        if name in force and out.exists():
-            shutil.rmtree(out)
-            done = False
-        if done:
-            status = "cached"
+        status = dist.broadcast_object(_status(name, out, force) if dist.is_main() else None)
+        if status == "cached":
             log.info("%s: cached (%s)", name, out)
         else:
-            status = "resumed" if (out / CHECKPOINT_FILE).is_file() else "ran"
             if hasattr(cfg, "resume"):
                 cfg.resume = status == "resumed"
             log.info("%s: %s (%s)", name, "resuming" if status == "resumed" else "running", out)
-            runner[name](cfg)
+            if name != "evaluate" or dist.is_main():
+                runner[name](cfg)
+            dist.barrier()  # the artifact is on disk before any rank reads it
         artifact = load_artifact(out)
         results.append(StageResult(name, out, status, artifact.info))
         if name != "evaluate":
             parent, parent_hash = out, artifact.hash
-    atomic_write_text(runs_dir / "pipeline.json", json.dumps({
-        "pipeline": spec["_file"], "manifest": str(manifest_path),
-        "stages": [{"stage": r.stage, "path": str(r.path), "status": r.status} for r in results]}, indent=2) + "\n")
+    if dist.is_main():
+        atomic_write_text(runs_dir / "pipeline.json", json.dumps({
+            "pipeline": spec["_file"], "manifest": str(manifest_path),
+            "stages": [{"stage": r.stage, "path": str(r.path), "status": r.status} for r in results]}, indent=2) + "\n")
     return results
+
+
+def _status(name: str, out: Path, force) -> str:
+    """cached, resumed or ran, for the stage folder `out` (a forced stage's folder is removed first)."""
+    if name in force and out.exists():
+        shutil.rmtree(out)
+    if (out / ARTIFACT_FILE).is_file():
+        return "cached"
+    return "resumed" if (out / CHECKPOINT_FILE).is_file() else "ran"
+
+
+@contextlib.contextmanager
+def _rank0_first():
+    """Rank 0 runs the block first; the other ranks run it after (reading what rank 0 wrote). No-op alone."""
+    if not dist.is_main():
+        dist.barrier()
+    yield
+    if dist.is_main():
+        dist.barrier()
 
 
 def list_runs(folder) -> list[dict]:

@@ -132,7 +132,7 @@ def test_cli_run_and_runs(birds, tmp_path):
     assert root["stage"] == "evaluate" and root["children"] == [] and root["metrics"]["knn_top1"] >= 0
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cub200.yaml", "custom_birds.yaml", "few_labels.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))
 def test_shipped_pipelines_parse_into_stage_configs(name):
     from finegrain.pipeline import STAGES, _stage_config
 

@@ -53,3 +53,34 @@ def test_two_process_supcon_with_pseudo_labels(birds, tmp_path):
     assert art.info["metrics"]["steps"] == 4 and art.info["unlabeled"] == "pseudo"
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert sum('"train/pseudo_labelled"' in x for x in lines) == 4
+
+
+@pytest.mark.slow
+def test_torchrun_distributes_every_stage_of_a_pipeline_and_rank0_decides_the_cache(birds, tmp_path):
+    import json
+
+    import yaml
+
+    spec = {"name": "t", "runs_dir": str(tmp_path / "runs"),
+            "data": {"manifest": str(birds.root / "manifest.csv"), "split": {"val_fraction": 0.2, "seed": 0}},
+            "defaults": {"backbone": "test_efficientnet", "weights": "none", "image_size": 32, "workers": 0,
+                         "wandb": "disabled", "cache_dir": str(tmp_path / "cache"), "knn_monitor": False},
+            "stages": {"pretrain": {"batch_size": 4, "epochs": 1, "proj_dim": 16},
+                       "supcon": {"batch_size": 4, "classes_per_batch": 2, "epochs": 1, "proj_dim": 16},
+                       "evaluate": {"embedding_map": False}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "finegrain", "run", str(tmp_path / "p.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    stages = json.loads((tmp_path / "runs" / "pipeline.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["ran", "ran", "ran"]
+    pretrain = load_artifact(stages[0]["path"])
+    # the split leaves 19 or 20 train photos: 2 ranks x 4 a batch -> 2 steps in the epoch (drop last)
+    assert pretrain.info["metrics"]["steps"] == 2
+    assert first.stdout.count("Compared with") == 1  # rank 0 speaks for the run
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads((tmp_path / "runs" / "pipeline.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["cached", "cached", "cached"]

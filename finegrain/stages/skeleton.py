@@ -105,6 +105,7 @@ def stage_run(stage: str, cfg: StageConfig, *, allow_unseen_classes: bool = Fals
     training = isinstance(cfg, TrainConfig)
     device = resolve_device(cfg.device)
     run: StageRun | None = None
+    owns_group = training and not dist.is_initialized()  # under `finegrain run` the pipeline owns it
     try:
         if training and dist.init_from_env(device.type) and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank())
@@ -119,7 +120,8 @@ def stage_run(stage: str, cfg: StageConfig, *, allow_unseen_classes: bool = Fals
     finally:
         if run is not None and run.tracker is not None:
             run.tracker.finish()
-        dist.cleanup()
+        if owns_group:
+            dist.cleanup()
 
 
 def prepare_out_dir(cfg: StageConfig, stage: str, *, training: bool) -> Path:
