@@ -18,8 +18,12 @@ ones (labelled "no species"), written once to a float16 file. At each size an ex
 memory-mapped, queried) each run in a fresh process: kNN top-1 (k 20), recall@10 of IVF-PQ against
 exact, build and search seconds, peak RSS of the whole process.
 
+`extraction`: evaluate's feature extraction end to end (image cache, eval views, 2 DataLoader
+workers, channels_last) against the same model's forward pass on an in-memory batch, 128 and 224 px.
+
 Usage: python benchmarks/bench_eval.py [cost] [--sizes 1000 10000 100000] [--dim 512] [--queries 5000] [--linear-cs 1.0]
        python benchmarks/bench_eval.py index [--distractors 10000 100000 1000000]
+       python benchmarks/bench_eval.py extraction [--extraction-sizes 128 224]
 """
 
 from __future__ import annotations
@@ -225,9 +229,55 @@ def index_study(args) -> None:
     print(f"wrote {args.out}")
 
 
+# --- feature extraction against the in-memory forward pass ------------------------------------------------
+
+def extraction_study(args) -> None:
+    """evaluate's extraction (FeatureStore: the image cache, eval views, DataLoader workers, channels_last) against
+    the same model's forward pass on a batch already in memory, at each --extraction-sizes, on cub50 train photos."""
+    import statistics
+    import torch
+
+    from finegrain.config import EvaluateConfig
+    from finegrain.data.manifest import Manifest
+    from finegrain.eval.store import FeatureStore, Subject
+
+    torch.set_num_threads(args.threads)
+    rows = Manifest.load(REPO / "data_manifests" / "cub50.csv").rows("train")
+    rows = Manifest(rows.table.iloc[:args.extraction_images].reset_index(drop=True), rows.root)
+    out = []
+    for size in args.extraction_sizes:
+        cfg = EvaluateConfig(manifest="unused", out="unused", backbone="tf_efficientnet_lite0", image_size=size,
+                             flip_tta=False, batch_size=128, workers=2, cache_dir=str(Path(args.work) / "image_cache"))
+        subject = Subject(cfg)
+        store = FeatureStore(cfg, subject, torch.device("cpu"), Path(args.work) / "features_unused")
+        store.folder = Path(args.work) / f"extraction_{size}_{time.time_ns()}"  # never a cache hit
+        store.features(rows, "warmup")  # builds the image cache, warms the workers' code paths
+        store.seconds = 0.0
+        store.features(rows, "timed")
+        e2e = len(rows) / store.seconds
+        x = torch.randn(128, 3, size, size).contiguous(memory_format=torch.channels_last)
+        times = []
+        with torch.no_grad():
+            for _ in range(5):
+                start = time.perf_counter()
+                subject.model(x)
+                times.append(time.perf_counter() - start)
+        compute = 128 / statistics.median(times[1:])
+        out.append({"image_size": size, "e2e_img_per_s": round(e2e, 1), "compute_img_per_s": round(compute, 1),
+                    "e2e_over_compute": round(e2e / compute, 3)})
+        print(f"{size} px: extraction {e2e:.1f} img/s end to end, {compute:.1f} in memory: {e2e / compute:.3f}", flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {args.threads} threads",
+              "images": len(rows), "backbone": "tf_efficientnet_lite0 (offline ImageNet weights)", "rows": out,
+              "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", nargs="?", default="cost", choices=["cost", "index"])
+    parser.add_argument("study", nargs="?", default="cost", choices=["cost", "index", "extraction"])
+    parser.add_argument("--extraction-sizes", type=int, nargs="+", default=[128, 224])
+    parser.add_argument("--extraction-images", type=int, default=512)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=5000)
@@ -242,9 +292,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results file (default results/eval_scaling.json or "
                                                     "results/index_scaling.json)")
     args = parser.parse_args()
-    name = "eval_scaling.json" if args.study == "cost" else "index_scaling.json"
+    name = {"cost": "eval_scaling.json", "index": "index_scaling.json", "extraction": "extraction.json"}[args.study]
     args.out = args.out or str(REPO / "benchmarks" / "results" / name)
-    (cost_study if args.study == "cost" else index_study)(args)
+    {"cost": cost_study, "index": index_study, "extraction": extraction_study}[args.study](args)
 
 
 if __name__ == "__main__":
