@@ -22,7 +22,7 @@ from finegrain.config import INDEX_KINDS
 
 FLAT_MAX_ROWS = 200_000   # auto: exact below (200k x 1280 float32 is 1 GB)
 NPROBE = 128              # inverted lists visited per query (of about sqrt(N))
-RERANK = 20               # ivfpq: k x RERANK candidates re-ranked on exact cosine
+RERANK = 50               # ivfpq: k x RERANK candidates re-ranked on exact cosine (PQ misranks the deeper ones)
 RERANK_BYTES = 1 << 27    # ivfpq: candidate rows gathered per query chunk (128 MB of float32)
 TRAIN_PER_LIST = 40       # fewest training rows per inverted list (faiss warns below 39)
 SAMPLE_PER_LIST = 64      # training rows drawn per inverted list
@@ -47,13 +47,24 @@ def unit_rows(x) -> np.ndarray:
 
 
 def read_unit_rows(reference, which) -> np.ndarray:
-    """unit_rows(reference[which]); the pages of a memory-mapped reference are handed back after the read, so a
-    pass over a file larger than memory keeps only one chunk resident."""
-    rows = unit_rows(reference[which])
+    """unit_rows(reference[which]) for a slice or sorted row numbers. From a memory map, rows are read ADD_CHUNK
+    at a time and the pages handed back after each block (the kernel's read-ahead would otherwise bring most
+    of the file in for a scattered sample), so resident memory stays at one block."""
     mapping = getattr(reference, "_mmap", None)  # numpy.memmap's mmap object (set on it and on its slices)
-    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return unit_rows(reference[which])
+    if isinstance(which, slice):
+        rows = unit_rows(reference[which])
         mapping.madvise(mmap.MADV_DONTNEED)
-    return rows
+        return rows
+    which = np.asarray(which)
+    out = np.empty((len(which), reference.shape[1]), np.float32)
+    for start in range(0, len(reference), ADD_CHUNK):
+        inside = np.flatnonzero((which >= start) & (which < start + ADD_CHUNK))
+        if len(inside):
+            out[inside] = unit_rows(reference[start:start + ADD_CHUNK][which[inside] - start])
+            mapping.madvise(mmap.MADV_DONTNEED)
+    return out
 
 
 def pq_subquantizers(dim: int) -> int:
