@@ -42,6 +42,9 @@ def test_a_shard_folder_reads_back_the_rows_and_photos_of_its_manifest(birds, tm
         assert min(got.pixels.shape[:2]) == 32
         diff = np.abs(got.pixels.astype(int) - resize_shorter(source.pixels, 32).astype(int)).mean()
         assert diff < 6, diff  # JPEG at quality 95 of the same resized pixels
+    kept = write_shards(birds, tmp_path / "as_is", max_side=512)  # 64 px photos: their own bytes, nothing lost
+    assert kept["bad_records"] == 0
+    assert (Manifest.load(tmp_path / "as_is").decode(1).pixels == birds.decode(1).pixels).all()
     test_rows = sharded.rows("test")
     assert test_rows.shards == sharded.shards and test_rows.decode(0).pixels.shape == sharded.decode(
         int(np.flatnonzero(sharded.table["split"] == "test")[0])).pixels.shape

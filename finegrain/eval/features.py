@@ -48,11 +48,15 @@ def extract_features(
     Args:
         embed: (B, 3, S, S) -> (B, D) features (the caller puts the model in eval mode).
         dataset: items (views, label, index) with one view (a ManifestDataset with an eval view).
+        workers: DataLoader processes; 0 on CPU when the dataset reads the decoded-image cache.
         progress: a description to show a progress bar with, or None.
 
     Returns:
         features (N, D) float32 on CPU in dataset order, labels (N,) int64 (-1 = unlabeled).
     """
+    if device.type == "cpu" and getattr(dataset, "cache", None) is not None:
+        # decoded pixels need only a resize and crop: worker processes would take CPU from the forward pass
+        workers = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
     iterator = loader
