@@ -32,10 +32,13 @@ def _with_thumbnails(table, wandb):
     from PIL import Image
 
     def thumb(path):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((96, 96))
-            return wandb.Image(im, caption=str(path))
+        if hasattr(path, "read"):  # a shard record (data/shards.ShardPhoto): no file to open
+            im = Image.fromarray(path.read(min_side=96).pixels)
+        else:
+            with Image.open(path) as opened:
+                im = opened.convert("RGB")
+        im.thumbnail((96, 96))
+        return wandb.Image(im, caption=str(path))
 
     return table.assign(photo=[thumb(p) for p in table["photo"]])
 

@@ -119,3 +119,16 @@ def test_two_process_torchrun_with_two_workers_each_trains_on_shards(birds, tmp_
     # 24 train photos, 2 ranks x 4 a batch: 3 steps an epoch, 2 epochs (as on the JPEG folder)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert sum('"train/loss"' in x for x in lines) == 6
+
+
+def test_report_photos_of_a_shard_set_come_from_its_records(birds, tmp_path):
+    from finegrain.config import EvaluateConfig
+    from finegrain.stages.evaluate import run_evaluate
+
+    write_shards(birds, tmp_path / "shards", max_side=48)
+    cfg = EvaluateConfig(manifest=str(tmp_path / "shards"), out=str(tmp_path / "e"), backbone="test_efficientnet",
+                         weights="none", image_size=32, workers=0, wandb="disabled", cache_dir=str(tmp_path / "c"),
+                         embedding_map=False, report_examples=1)
+    page = (run_evaluate(cfg).path / "report" / "index.html").read_text()
+    assert page.count("data:image/jpeg;base64,") >= len(birds.class_names)  # one correct photo a species at least
+    assert "unreadable" not in page

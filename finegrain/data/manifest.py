@@ -254,8 +254,13 @@ class Manifest:
         record = int(self.table["shard_index"].iat[i])
         return read_record(self.shards, record, min_side=min_side, name=f"shard record {record} ({rel})")
 
-    def abspath(self, rel: str) -> Path:
-        """Absolute path of a manifest path (no check that it exists or stays under root)."""
+    def abspath(self, rel: str):
+        """Absolute path of a manifest path (no check that it exists or stays under root). For a shard manifest, a
+        ShardPhoto: the same text, and `read()` decodes its record (thumbnails in reports use it)."""
+        if self.shards is not None:
+            from finegrain.data.shards import ShardPhoto
+
+            return ShardPhoto(str(self.root / rel), self, rel)
         return self.root / rel
 
     # --- files -------------------------------------------------------------------------------

@@ -128,6 +128,22 @@ def write_shards(manifest, out: str | os.PathLike, *, max_side: int = 512, shard
     return info
 
 
+class ShardPhoto(str):
+    """A shard manifest's photo: its path as text (what reports and tables show) that reads its record, since
+    no file is there. `read(min_side)` -> DecodedImage; raises BadImageError."""
+
+    def __new__(cls, text: str, manifest, rel: str):
+        photo = super().__new__(cls, text)
+        photo.manifest, photo.rel = manifest, rel
+        return photo
+
+    def read(self, min_side: int | None = None) -> DecodedImage:
+        rows = np.flatnonzero(self.manifest.table["path"].to_numpy() == self.rel)
+        if not len(rows):
+            raise BadImageError(self.rel, "not a row of the shard manifest")
+        return self.manifest.decode(int(rows[0]), min_side=min_side)
+
+
 _OPEN: dict[str, object] = {}  # location -> litdata StreamingDataset, one per process (DataLoader workers too)
 _LOCK = threading.Lock()       # decoding threads share it; only the record read is serialised, not the decode
 

@@ -52,7 +52,8 @@ def confident_mistakes(photos: Photos, top: int = 12) -> pd.DataFrame:
     """The `top` wrong predictions the classifier was surest of: photo, true, predicted, confidence."""
     wrong = np.nonzero(photos.y_pred != photos.y_true)[0]
     order = wrong[np.argsort(-photos.confidence[wrong], kind="stable")][:top]
-    return pd.DataFrame({"photo": [photos.query_paths[i] for i in order],
+    # dtype object keeps each photo as given (a shard record's ShardPhoto; pandas would make it plain text)
+    return pd.DataFrame({"photo": pd.Series([photos.query_paths[i] for i in order], dtype=object),
                          "true": [photos.classes[photos.y_true[i]] for i in order],
                          "predicted": [photos.classes[photos.y_pred[i]] for i in order],
                          "confidence": photos.confidence[order].astype(float)})
@@ -60,12 +61,14 @@ def confident_mistakes(photos: Photos, top: int = 12) -> pd.DataFrame:
 
 def correct_examples(photos: Photos, per_class: int) -> pd.DataFrame:
     """Up to `per_class` correctly predicted query photos of each class, most confident first."""
-    rows = []
+    picked, species = [], []
     for c, name in enumerate(photos.classes):
         right = np.nonzero((photos.y_true == c) & (photos.y_pred == c))[0]
-        for i in right[np.argsort(-photos.confidence[right], kind="stable")][:per_class]:
-            rows.append({"photo": photos.query_paths[i], "species": name, "confidence": float(photos.confidence[i])})
-    return pd.DataFrame(rows, columns=["photo", "species", "confidence"])
+        chosen = right[np.argsort(-photos.confidence[right], kind="stable")][:per_class]
+        picked += list(chosen)
+        species += [name] * len(chosen)
+    return pd.DataFrame({"photo": pd.Series([photos.query_paths[i] for i in picked], dtype=object),
+                         "species": species, "confidence": photos.confidence[picked].astype(float)})
 
 
 def sections_html(photos: Photos, pairs: pd.DataFrame, examples_per_class: int = 0) -> dict[str, str]:

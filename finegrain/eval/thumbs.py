@@ -28,7 +28,8 @@ def thumbnail_data_uri(source: str | os.PathLike, side: int = THUMB_SIDE) -> str
     from finegrain.data.images import decode_image
 
     try:
-        pixels = decode_image(source, min_side=side).pixels
+        read = getattr(source, "read", None)  # a shard record (data/shards.ShardPhoto) rather than a file
+        pixels = (read(min_side=side) if read else decode_image(source, min_side=side)).pixels
     except BadImageError:
         return None
     img = Image.fromarray(pixels)

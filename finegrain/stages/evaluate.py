@@ -108,6 +108,11 @@ def _measure(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, *, op
     return metrics, context, probe, report_data, timings
 
 
+def _photo_refs(rows: Manifest) -> list[str]:
+    """Each row's photo as text for the report: its absolute path, or for shards a ShardPhoto that reads its record."""
+    return [rows.abspath(p) if rows.shards is not None else str(rows.abspath(p)) for p in rows.table["path"]]
+
+
 def _baselines(cfg: EvaluateConfig, run, subject: Subject) -> dict[str, dict]:
     """Name -> (label, headline metrics) of what the artifact is compared with, on the same photos and features
     settings: the frozen starting backbone ("frozen") and, with --compare lineage, each earlier artifact."""
@@ -177,8 +182,8 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
     unseen = all_queries.rows(query_split, sorted(set(all_queries.table["label"]) - set(classes)))
     open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context) if open_set else None
     confidence, predictions = probs.max(1)
-    photos = Photos(classes, [str(queries.abspath(p)) for p in queries.table["path"]], yq.numpy(), predictions.numpy(),
-                    confidence.numpy(), [str(train.abspath(p)) for p in train.table["path"]], ytr.numpy())
+    photos = Photos(classes, _photo_refs(queries), yq.numpy(), predictions.numpy(), confidence.numpy(),
+                    _photo_refs(train), ytr.numpy())
     return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes, photos=photos,
                        predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy(), open_set=open_set)
 
