@@ -36,6 +36,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_throughput.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_eval.py extraction
+	$(BIN)/python benchmarks/bench_eval.py index
+	$(BIN)/python benchmarks/bench_projection.py
 	$(BIN)/python benchmarks/bench_accuracy.py --baselines
 	$(BIN)/python benchmarks/bench_label_fraction.py
 
