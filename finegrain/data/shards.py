@@ -39,11 +39,6 @@ class ShardError(FinegrainError):
     """A shard folder that is incomplete, of another format, or not a shard folder."""
 
 
-def is_shard_folder(location: str | os.PathLike) -> bool:
-    """True when `location` is a local folder with finegrain_shards.json."""
-    return (Path(location) / INFO_FILE).is_file()
-
-
 def shard_info(location: str | os.PathLike) -> dict:
     """finegrain_shards.json of a shard folder, checked: its format and every chunk index.json lists."""
     folder = Path(location)

@@ -59,10 +59,11 @@ def read_unit_rows(reference, which) -> np.ndarray:
         return rows
     which = np.asarray(which)
     out = np.empty((len(which), reference.shape[1]), np.float32)
-    for start in range(0, len(reference), ADD_CHUNK):
-        inside = np.flatnonzero((which >= start) & (which < start + ADD_CHUNK))
-        if len(inside):
-            out[inside] = unit_rows(reference[start:start + ADD_CHUNK][which[inside] - start])
+    bounds = np.searchsorted(which, np.arange(0, len(reference) + ADD_CHUNK, ADD_CHUNK))  # which is sorted
+    for block, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            start = block * ADD_CHUNK
+            out[lo:hi] = unit_rows(reference[start:start + ADD_CHUNK][which[lo:hi] - start])
             mapping.madvise(mmap.MADV_DONTNEED)
     return out
 
