@@ -63,21 +63,25 @@ def out_of_sample_probabilities(source: str, features, labels: np.ndarray, num_c
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Confident learning on out-of-sample probabilities.
+    """Probable label errors from out-of-sample probabilities, with cleanlab's pieces.
 
     Args:
         labels: (N,) given class ids; probs: (N, C) out-of-sample class probabilities.
 
     Returns:
-        flagged (N,) bool (cleanlab's prune-by-noise-rate filter) and quality (N,) in [0, 1]
-        (self-confidence: the probability of the given label; low = suspicious).
+        flagged (N,) bool and quality (N,) in [0, 1] (cleanlab's normalized margin: the given label's
+        probability against the best other one; low = suspicious). The flagged photos are the lowest-quality
+        ones, as many as confident learning's calibrated estimate of the errors (not cleanlab's default
+        prune-by-noise-rate filter: its per-class-pair counts go wrong when errors spread over many pairs).
     """
-    from cleanlab.filter import find_label_issues
+    from cleanlab.count import num_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    flagged = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
-    quality = get_label_quality_scores(labels, probs, method="self_confidence")
-    return np.asarray(flagged, dtype=bool), np.asarray(quality, dtype=np.float64)
+    quality = np.asarray(get_label_quality_scores(labels, probs, method="normalized_margin"), dtype=np.float64)
+    count = min(int(num_label_issues(labels, probs, estimation_method="off_diagonal_calibrated")), len(labels))
+    flagged = np.zeros(len(labels), dtype=bool)
+    flagged[np.argsort(quality, kind="stable")[:count]] = True
+    return flagged, quality
 
 
 def near_duplicates(features, *, relative_threshold: float = 0.13, k: int = 5) -> list[tuple[int, int, float]]:

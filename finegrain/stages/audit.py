@@ -63,7 +63,7 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
 
 
 def _label_findings(cfg: AuditConfig, rows: pd.DataFrame, feats: torch.Tensor, labelled: np.ndarray) -> list[dict]:
-    """Confident learning on the labelled photos: one finding per probable label error."""
+    """Label quality on the labelled photos: one finding per probable label error."""
     idx = np.nonzero(labelled)[0]
     names = sorted(set(rows["label"].astype(str)[labelled]))
     if len(idx) < 3 or len(names) < 2:
@@ -79,7 +79,7 @@ def _label_findings(cfg: AuditConfig, rows: pd.DataFrame, feats: torch.Tensor, l
         suggested = int(probs[j].argmax())
         out.append(_finding("label", rows, idx[j], names[suggested], 1.0 - quality[j],
                             f"looks like {names[suggested]} ({probs[j, suggested]:.0%}); "
-                            f"{names[codes[j]]} gets {quality[j]:.0%}"))
+                            f"{names[codes[j]]} gets {probs[j, codes[j]]:.0%}"))
     return out
 
 
