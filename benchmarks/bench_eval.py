@@ -162,9 +162,7 @@ print(json.dumps(out))
 def cub50_features(work: Path) -> tuple:
     """(train (N, D), train labels, test (Q, D), test labels) of the frozen offline lite0 at 144 px on cub50,
     from a `finegrain evaluate` run in work/frozen (run here when missing)."""
-    from safetensors.torch import load_file
-
-    from _runner import finegrain
+    from _runner import cached_features, finegrain
     from finegrain.data.manifest import Manifest
 
     manifest_path = REPO / "data_manifests" / "cub50.csv"
@@ -175,7 +173,7 @@ def cub50_features(work: Path) -> tuple:
                   "--out", str(run))
     manifest = Manifest.load(manifest_path)
     names = manifest.rows("train").class_names
-    feats = {p.name.split("-")[0]: load_file(p)["features"].numpy() for p in (run / "features").glob("*.safetensors")}
+    feats = {name.split("-")[0]: f for name, f in cached_features(run / "features").items()}
     return (feats["train"], manifest.rows("train").class_codes(names).numpy(),
             feats["test"], manifest.rows("test", names).class_codes(names).numpy())
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+from _runner import cached_features, finegrain  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -89,10 +89,8 @@ def model_artifact(args, runs: Path, model: str, manifest: Path, name: str) -> P
 
 def train_features(features_dir: Path, table: pd.DataFrame) -> np.ndarray:
     """The train rows' features from an audit's cache (every row, in manifest order; one model per folder)."""
-    from safetensors.numpy import load_file
-
-    cached = sorted(features_dir.glob("all-*.safetensors"), key=lambda p: p.stat().st_mtime)
-    return load_file(cached[-1])["features"][(table["split"] == "train").to_numpy()]
+    cached = list(cached_features(features_dir, "all-*").values())
+    return cached[-1][(table["split"] == "train").to_numpy()]
 
 
 def flip_labels(table: pd.DataFrame, kind: str, seed: int, features: np.ndarray | None) -> tuple[pd.DataFrame, set]:

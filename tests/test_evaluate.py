@@ -16,6 +16,7 @@ from finegrain.cli import app
 from finegrain.config import EvaluateConfig, SupconConfig
 from finegrain.data.manifest import Manifest
 from finegrain.errors import FinegrainError
+from finegrain.eval.feature_file import read_rows
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.stages import evaluate as evaluate_stage
 from finegrain.stages.evaluate import METRIC_KEYS, run_evaluate
@@ -51,9 +52,7 @@ def test_bare_backbone_report_and_metrics(birds, tmp_path):
 
 def test_knn_metric_matches_the_cached_features(birds, tmp_path):
     art = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, linear=False, knn_k=5))
-    from safetensors.torch import load_file
-
-    feats = {p.name.split("-")[0]: load_file(p)["features"] for p in (art.path / "features").glob("*.safetensors")}
+    feats = {p.name.split("-")[0]: read_rows(p) for p in (art.path / "features").glob("*.npy")}
     classes = birds.class_names
     codes = lambda split: torch.tensor([classes.index(v) for v in birds.select(split).table["label"]])  # noqa: E731
     scores = knn_scores(feats["train"], codes("train"), feats["test"], num_classes=len(classes), k=5)
@@ -162,14 +161,12 @@ def test_frozen_imagenet_features_recognise_real_birds(cub50, tmp_path):
 
 def test_flip_tta_reaches_the_features(birds, tmp_path):
     """--flip-tta averages each image's features with its mirror image's: other features, other cache files."""
-    from safetensors.torch import load_file
-
     plain = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "plain", embedding_map=False, linear=False,
                               flip_tta=False))
     flipped = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "flip", embedding_map=False, linear=False,
                                 flip_tta=True))
-    a = sorted((plain.path / "features").glob("test-*.safetensors"))
-    b = sorted((flipped.path / "features").glob("test-*.safetensors"))
+    a = sorted((plain.path / "features").glob("test-*.npy"))
+    b = sorted((flipped.path / "features").glob("test-*.npy"))
     assert a and b and a[0].name != b[0].name
-    assert not torch.allclose(load_file(a[0])["features"], load_file(b[0])["features"])
+    assert not torch.allclose(read_rows(a[0]), read_rows(b[0]))
     assert json.loads((flipped.path / "report" / "metrics.json").read_text())["context"]["flip_tta"] is True

@@ -22,6 +22,7 @@ from finegrain.config import ConfigError, EvaluateConfig, SupconConfig
 from finegrain.data.manifest import Manifest
 from finegrain.data.synthetic import ALL_SPECIES, render_bird, sample_nuisance
 from finegrain.errors import FinegrainError
+from finegrain.eval.feature_file import read_rows
 from finegrain.eval.linear import stratified_holdout
 from finegrain.eval.open_set import (LABELS_KEY, REFERENCE_KEY, RIDGE, OpenSetReference, RelativeMahalanobis,
                                      calibrate_threshold, choose_k, fit_open_set, knn_distance_scores,
@@ -311,8 +312,8 @@ def test_evaluate_reports_open_set_metrics_for_unseen_test_classes(open_birds, t
         assert 0.0 <= ctx[f"open_set_auroc_{name}"] <= 1.0 and 0.0 <= ctx[f"open_set_fpr95_{name}"] <= 1.0
     assert ctx["unseen_images"] == 10 and ctx["unseen_classes"] == 1 and ctx["open_set_from"] == "default"
     # the headline score is relative Mahalanobis (a bare backbone), the kNN distance beside it, on the cached features
-    files = (art.path / "features").glob("*.safetensors")
-    cached = [(p.name.rsplit("-", 1)[0], load_file(p)["features"]) for p in files]
+    files = (art.path / "features").glob("*.npy")
+    cached = [(p.name.rsplit("-", 1)[0], read_rows(p)) for p in files]
     feats = {(name, len(f)): f for name, f in cached}  # "test" twice: the known queries (8), retrieval (all 18)
     train_rows = open_birds.rows("train")
     train = feats["train", len(train_rows)]

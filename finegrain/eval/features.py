@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from finegrain.progress import track
 
@@ -32,7 +32,6 @@ def flip_averaged(embed: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return embed_both
 
 
-@torch.no_grad()
 def extract_features(
     embed: Callable[[torch.Tensor], torch.Tensor],
     dataset,
@@ -43,7 +42,31 @@ def extract_features(
     amp_dtype: torch.dtype | None = None,
     progress: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `embed` over a dataset of single views.
+    """Run `embed` over a dataset of single views, in memory (feature_batches's arguments).
+
+    Returns:
+        features (N, D) float32 on CPU in dataset order, labels (N,) int64 (-1 = unlabeled).
+    """
+    feats, labels = [], []
+    for f, y in feature_batches(embed, dataset, device=device, batch_size=batch_size, workers=workers,
+                                amp_dtype=amp_dtype, progress=progress):
+        feats.append(f)
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def feature_batches(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 2,
+    amp_dtype: torch.dtype | None = None,
+    progress: str | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Run `embed` over a dataset of single views, a batch at a time.
 
     Args:
         embed: (B, 3, S, S) -> (B, D) features (the caller puts the model in eval mode).
@@ -51,21 +74,23 @@ def extract_features(
         workers: DataLoader processes; 0 on CPU when the dataset reads the decoded-image cache.
         progress: a description to show a progress bar with, or None.
 
-    Returns:
-        features (N, D) float32 on CPU in dataset order, labels (N,) int64 (-1 = unlabeled).
+    Yields:
+        features (B, D) float32 on CPU in dataset order, labels (B,) int64 (-1 = unlabeled).
     """
-    if device.type == "cpu" and getattr(dataset, "cache", None) is not None:
+    if device.type == "cpu" and getattr(_base(dataset), "cache", None) is not None:
         # decoded pixels need only a resize and crop: worker processes would take CPU from the forward pass
         workers = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    feats, labels = [], []
-    iterator = loader
-    if progress:
-        iterator = track(loader, description=progress)
+    iterator = track(loader, description=progress) if progress else loader
     for views, y, _ in iterator:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             images = views[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             f = embed(images)
-        feats.append(f.float().cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+        yield f.float().cpu(), y
+
+
+def _base(dataset):
+    """The dataset under any torch Subset wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset

@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from finegrain.artifacts import Artifact, load_artifact
 from finegrain.config import FeatureConfig
 from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import BBOX_COLUMNS, Manifest
 from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features, flip_averaged, ready_for_extraction, test_size
-from finegrain.fsutil import atomic_path
+from finegrain.eval import feature_file
+from finegrain.eval.features import feature_batches, flip_averaged, ready_for_extraction, test_size
 from finegrain.models.backbone import build_backbone, create_backbone, data_config
 
 log = logging.getLogger("finegrain")
@@ -58,7 +59,7 @@ def _file_id(weights: str | None):
 
 
 class FeatureStore:
-    """Extracts features of manifest rows once and keeps them in OUT/features/<key>.safetensors."""
+    """Extracts features of manifest rows once and keeps them in OUT/features/<what>-<key>.npy."""
 
     def __init__(self, cfg: FeatureConfig, subject: Subject, device: torch.device, folder: Path,
                  amp_dtype: torch.dtype | None = None):
@@ -77,25 +78,29 @@ class FeatureStore:
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
     def features(self, rows: Manifest, what: str) -> torch.Tensor:
-        """(N, D) float32 features of `rows`, in row order."""
-        from safetensors.torch import load_file, save_file
-
-        path = self.folder / f"{what}-{self.key(rows)}.safetensors"
+        """(N, D) float32 features of `rows`, in row order: a memory map of OUT/features/<what>-<key>.npy, written a
+        batch at a time (an interrupted extraction resumes where it stopped)."""
+        path = self.folder / f"{what}-{self.key(rows)}.npy"
         if path.is_file():
             log.info("features: %s from cache (%s)", what, path.name)
-            return load_file(path)["features"]
+            return feature_file.read_rows(path)
+        if path.with_suffix(".safetensors").is_file():  # a cache written before features went to disk in chunks
+            from safetensors.torch import load_file
+            return load_file(path.with_suffix(".safetensors"))["features"]
         ds = eval_dataset(self.cfg, rows, image_size=self.subject.image_size, mean=self.subject.mean, std=self.subject.std,
                           class_names=rows.class_names, crop_to_bbox=self.cfg.bbox_crop, collective=False)
+        done = feature_file.rows_done(path, len(ds))
+        if done:
+            log.info("features: %s resumes at photo %d of %d", what, done + 1, len(ds))
         start = time.perf_counter()
         embed = flip_averaged(self.subject.model) if self.cfg.flip_tta else self.subject.model
-        feats, _ = extract_features(embed, ds, device=self.device, batch_size=self.cfg.batch_size,
-                                    workers=self.cfg.workers, amp_dtype=self.amp_dtype,
-                                    progress=f"features: {what}")
+        batches = feature_batches(embed, Subset(ds, range(done, len(ds))) if done else ds, device=self.device,
+                                  batch_size=self.cfg.batch_size, workers=self.cfg.workers, amp_dtype=self.amp_dtype,
+                                  progress=f"features: {what}")
+        feature_file.write_rows(path, (f for f, _ in batches), len(ds), done)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        self.extracted += len(feats)
-        log.info("features: %s, %d images in %.1f s (%.0f img/s)", what, len(feats), seconds, len(feats) / max(seconds, 1e-9))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"features": feats.contiguous()}, str(tmp))
-        return feats
+        self.extracted += len(ds) - done
+        log.info("features: %s, %d images in %.1f s (%.0f img/s)", what, len(ds) - done, seconds,
+                 (len(ds) - done) / max(seconds, 1e-9))
+        return feature_file.read_rows(path)
