@@ -92,3 +92,34 @@ def test_knn_and_retrieval_through_ivfpq_match_the_exact_scan(data):
     assert ivfpq["retrieval_queries"] == flat["retrieval_queries"]
     assert abs(ivfpq["recall_at_1"] - flat["recall_at_1"]) <= 0.02
     assert abs(ivfpq["map_at_r"] - flat["map_at_r"]) <= 0.05
+
+
+def test_flat_searches_go_to_the_gpus_when_faiss_has_them(data, monkeypatch):
+    import faiss
+
+    reference, _, queries, _ = data
+    moved = []
+
+    class OnGpu:  # stands in for faiss's GPU index: records that it was asked
+        def __init__(self, index):
+            self.index = index
+            moved.append(index)
+
+        def search(self, q, k):
+            moved.append(k)
+            return self.index.search(q, k)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", OnGpu)
+    monkeypatch.setattr(index_module, "GPU_MAX_K", 5)
+    index = NeighbourIndex.build(reference, "flat")
+    expected = NeighbourIndex.build(reference, "flat")
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    s_cpu, i_cpu = expected.search(queries, 5)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    s, i = index.search(queries, 5)
+    assert moved[0] is index.index and moved[1:] and set(moved[1:]) == {5}  # copied once, searched on the "GPU"
+    assert np.array_equal(i, i_cpu) and np.allclose(s, s_cpu)
+    calls = len(moved)
+    index.search(queries, 6)  # past the GPU's k limit: the CPU index answers
+    assert len(moved) == calls

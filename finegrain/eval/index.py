@@ -5,7 +5,8 @@ Two kinds of faiss index over L2-normalised features:
 - ivfpq: an inverted file over product-quantised codes (`IVF{nlist},PQ{m}`), trained on a sample,
   whose candidates are re-ranked by exact cosine on the reference features (a float16 memory map on
   disk when the index is saved or built from one): memory is the codes (m bytes a row) and the lists.
-`auto` is flat up to FLAT_MAX_ROWS reference rows and ivfpq above.
+`auto` is flat up to FLAT_MAX_ROWS reference rows and ivfpq above. With a GPU build of faiss (faiss-gpu) and a
+visible GPU, flat searches run on the GPUs; ivfpq stays on the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RERANK_BYTES = 1 << 27    # ivfpq: candidate rows gathered per query chunk (128 
 TRAIN_PER_LIST = 40       # fewest training rows per inverted list (faiss warns below 39)
 SAMPLE_PER_LIST = 64      # training rows drawn per inverted list
 ADD_CHUNK = 16_384        # reference rows normalised and added at a time (1280-d: 84 MB as float32)
+GPU_MAX_K = 2048          # faiss's GPU search returns at most this many neighbours
 
 
 def resolve_kind(kind: str, rows: int) -> str:
@@ -80,6 +82,7 @@ class NeighbourIndex:
         """index: a faiss index of the unit reference rows; reference: (N, D) unit rows to re-rank on
         (an array or a memory map; unused by flat)."""
         self.index, self.kind, self.reference = index, kind, reference
+        self._gpu_index = None  # a GPU copy of a flat index, made on the first search that can use it
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -134,7 +137,7 @@ class NeighbourIndex:
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.kind == "flat":
-            return self.index.search(q, k)
+            return self._flat_searcher(k).search(q, k)
         _, cand = self.index.search(q, k * RERANK)
         # faiss's IndexRefineFlat would hold every reference row in memory; here they stay on disk and only
         # each query's candidates are read, so this re-rank is written by hand.
@@ -146,6 +149,16 @@ class NeighbourIndex:
         exact[cand < 0] = -np.inf
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
+
+    def _flat_searcher(self, k: int):
+        """The flat index on every visible GPU when faiss was built with GPU support and k fits, else on the CPU."""
+        import faiss
+
+        if k > GPU_MAX_K or not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() < 1:
+            return self.index
+        if self._gpu_index is None:
+            self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
+        return self._gpu_index
 
     def save(self, folder: Path) -> None:
         """folder/index.faiss and folder/index.json; for ivfpq the reference rows too: the .npy file a memory-mapped
