@@ -32,24 +32,14 @@ def flip_averaged(embed: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return embed_both
 
 
-def extract_features(
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    dataset,
-    *,
-    device: torch.device,
-    batch_size: int = 128,
-    workers: int = 2,
-    amp_dtype: torch.dtype | None = None,
-    progress: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `embed` over a dataset of single views, in memory (feature_batches's arguments).
+def extract_features(embed: Callable[[torch.Tensor], torch.Tensor], dataset, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `embed` over a dataset of single views, in memory (`options`: feature_batches's keywords).
 
     Returns:
         features (N, D) float32 on CPU in dataset order, labels (N,) int64 (-1 = unlabeled).
     """
     feats, labels = [], []
-    for f, y in feature_batches(embed, dataset, device=device, batch_size=batch_size, workers=workers,
-                                amp_dtype=amp_dtype, progress=progress):
+    for f, y in feature_batches(embed, dataset, **options):
         feats.append(f)
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
