@@ -132,3 +132,29 @@ def test_report_photos_of_a_shard_set_come_from_its_records(birds, tmp_path):
     page = (run_evaluate(cfg).path / "report" / "index.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= len(birds.class_names)  # one correct photo a species at least
     assert "unreadable" not in page
+
+
+def test_a_shard_folder_at_a_url_is_fetched_and_streamed_through_litdata(birds, tmp_path, monkeypatch):
+    """`local:/path` takes litdata's download path (the one s3:// and gs:// take) without a network."""
+    from finegrain.data import shards
+
+    monkeypatch.setattr(shards, "META_CACHE", tmp_path / "meta_cache")
+    monkeypatch.delenv("LITDATA_CACHE_DIR", raising=False)
+    write_shards(birds, tmp_path / "shards", max_side=32, shard_bytes="20KB")
+    url = f"local:{tmp_path / 'shards'}"
+    remote, local = Manifest.load(url), Manifest.load(tmp_path / "shards")
+    assert remote.shards == url and remote.table.equals(local.table)
+    assert remote.content_hash == Manifest.load(url).content_hash
+    for i in (0, len(birds) - 1):
+        assert (remote.decode(i).pixels == local.decode(i).pixels).all()
+    assert list((tmp_path / "meta_cache").rglob("chunks/**/chunk-*.bin"))  # records came through litdata's cache
+    args = ["evaluate", "--manifest", url, "-o", str(tmp_path / "e"), "--backbone", "test_efficientnet", "--weights",
+            "none", "--image-size", "32", "--workers", "2", "--wandb", "disabled", "--no-linear", "--compare", "none",
+            "--no-embedding-map", "--cache-dir", str(tmp_path / "cache")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "report" / "metrics.json").read_text())["knn_top1"] >= 0
+    r = CliRunner().invoke(app, [*args[:2], f"local:{tmp_path / 'nowhere'}", *args[3:4], str(tmp_path / "e2"), *args[5:]])
+    assert r.exit_code == 2 and "not a readable shard folder" in r.output and "Traceback" not in r.output
+    with pytest.raises(ShardError, match="local folder"):
+        write_shards(birds, "s3://bucket/birds")

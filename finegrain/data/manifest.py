@@ -316,9 +316,13 @@ class Manifest:
                 (relative to the manifest file first, then the stored absolute path), and for a
                 file with no stored root, the manifest's own folder.
         """
+        from finegrain.data.shards import MANIFEST_FILE, is_remote, local_folder, shard_info
+
+        if is_remote(path):  # a shard folder at a URL: its manifest is fetched, its records streamed
+            shard_info(path)
+            return dataclasses.replace(cls.load(local_folder(path) / MANIFEST_FILE, root=local_folder(path)), shards=path)
         path = Path(path)
         if path.is_dir():
-            from finegrain.data.shards import MANIFEST_FILE, shard_info
 
             shard_info(path)  # a shard folder, complete and of this format, or a ShardError saying what is wrong
             return dataclasses.replace(cls.load(path / MANIFEST_FILE, root=path), shards=str(path.resolve()))

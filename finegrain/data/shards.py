@@ -7,7 +7,10 @@ with its record number in `shard_index`) and `finegrain_shards.json` (format, co
 record carries the photo (JPEG bytes), its original width and height (the frame its box is given
 in), label, split, box and source row. finegrain reads records by number (litdata random access),
 so its own samplers keep deciding the order: exact epochs, ranks and resume are those of the folder
-path. Any location litdata reads (a local folder, s3://, gs://) works for the records.
+path. A shard folder may also be remote, at any location litdata's downloaders read (s3://, gs://,
+azure://, hf://, r2://; `local:/path` reads a local folder through the same download path): its own
+three files are fetched into a folder of META_CACHE and the records streamed into chunks/ there (or
+into LITDATA_CACHE_DIR when set). Write shards locally, then copy them up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +37,50 @@ SHARD_FORMAT = 1          # finegrain_shards.json "format": what this code reads
 INFO_FILE = "finegrain_shards.json"
 MANIFEST_FILE = "manifest.parquet"
 JPEG_QUALITY = 90
+REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "hf://", "r2://", "local:")  # litdata's downloaders
+META_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finegrain" / "shard_folders"
 
 
 class ShardError(FinegrainError):
     """A shard folder that is incomplete, of another format, or not a shard folder."""
 
 
+def is_remote(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL for litdata's downloaders rather than a local folder."""
+    return isinstance(location, str) and location.startswith(REMOTE_PREFIXES)
+
+
+@lru_cache(maxsize=None)
+def local_folder(location: str) -> Path:
+    """A remote shard folder's own files (finegrain_shards.json, index.json, manifest.parquet) fetched into
+    META_CACHE once a process, with litdata's downloader for the URL; a local folder as it is."""
+    if not is_remote(location):
+        return Path(location)
+    from litdata.streaming.downloader import get_downloader
+
+    folder = _cache_folder(location)
+    folder.mkdir(parents=True, exist_ok=True)
+    downloader = get_downloader(location, str(folder), [])
+    for name in (INFO_FILE, "index.json", MANIFEST_FILE):
+        (folder / name).unlink(missing_ok=True)  # fetched again: the remote folder may have been rewritten
+        try:
+            downloader.download_file(f"{location.rstrip('/')}/{name}", str(folder / name))
+        except Exception as e:  # noqa: BLE001 - each cloud client raises its own kind; all mean "cannot read it"
+            if name == INFO_FILE:
+                raise ShardError(f"{location}: not a readable shard folder (no {INFO_FILE}: {e})") from None
+            raise ShardError(f"{location}: incomplete shard folder, cannot read {name} ({e})") from None
+    return folder
+
+
+def _cache_folder(location: str) -> Path:
+    """Where a remote shard folder's own files go; its records go to chunks/ inside unless LITDATA_CACHE_DIR says."""
+    return META_CACHE / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
 def shard_info(location: str | os.PathLike) -> dict:
-    """finegrain_shards.json of a shard folder, checked: its format and every chunk index.json lists."""
-    folder = Path(location)
+    """finegrain_shards.json of a shard folder, checked: its format and, for a local folder, every chunk index.json
+    lists (a remote one's chunks are checked as litdata streams them)."""
+    folder = local_folder(location) if is_remote(location) else Path(location)
     info_path, index_path = folder / INFO_FILE, folder / "index.json"
     if not info_path.is_file():
         raise ShardError(f"{folder}: not a shard folder (no {INFO_FILE}); write one with `finegrain manifest shard`")
@@ -52,7 +91,7 @@ def shard_info(location: str | os.PathLike) -> dict:
     if not index_path.is_file():
         raise ShardError(f"{folder}: incomplete shard folder, index.json is missing")
     chunks = [c["filename"] for c in json.loads(index_path.read_text())["chunks"]]
-    missing = [c for c in chunks if not (folder / c).is_file()]
+    missing = [] if is_remote(location) else [c for c in chunks if not (folder / c).is_file()]
     if missing:
         raise ShardError(f"{folder}: incomplete shard folder, {len(missing)} of {len(chunks)} shard(s) missing, "
                          f"e.g. {missing[0]}")
@@ -96,6 +135,9 @@ def write_shards(manifest, out: str | os.PathLike, *, max_side: int = 512, shard
     """
     from litdata.streaming.writer import BinaryWriter
 
+    if is_remote(str(out)):
+        raise ShardError(f"{out}: shards are written to a local folder; copy them up after (aws s3 sync, gcloud storage "
+                         "rsync, ...)")
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise ShardError(f"{folder}: not empty; shards go to a new or empty folder")
@@ -150,7 +192,8 @@ def read_record(location: str, index: int, *, min_side: int | None = None, name:
             if location not in _OPEN:
                 from litdata import StreamingDataset
 
-                _OPEN[location] = StreamingDataset(location)
+                cache = os.environ.get("LITDATA_CACHE_DIR") or str(_cache_folder(location) / "chunks")
+                _OPEN[location] = StreamingDataset(location, cache_dir=cache if is_remote(location) else None)
             record = _OPEN[location][int(index)]
     except Exception as e:  # noqa: BLE001 - a record litdata cannot read is a bad image, as a bad file is
         raise BadImageError(name, f"unreadable shard record {index} ({e})") from None
