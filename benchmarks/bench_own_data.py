@@ -245,9 +245,10 @@ def probe_top1(args, runs: Path, artifact: Path, chosen: set, tag: str) -> tuple
     manifest = runs / f"{tag}.csv"
     Manifest.from_table(table, clean.root).save(manifest)
     out = runs / f"eval_{tag}"
-    finegrain("evaluate", "--compare", "none", "--from", str(artifact), "--manifest", str(manifest), "--out", str(out), "--cache-dir",
-              str(runs / "cache"), "--features-dir", str(runs / "features"), "--wandb", "disabled",
-              "--no-embedding-map")
+    if not (out / "report" / "metrics.json").is_file():  # a run stopped after this evaluation resumes past it
+        finegrain("evaluate", "--compare", "none", "--from", str(artifact), "--manifest", str(manifest), "--out", str(out),
+                  "--cache-dir", str(runs / "cache"), "--features-dir", str(runs / "features"), "--wandb", "disabled",
+                  "--no-embedding-map")
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     covered = table.loc[table["split"] == "train", "label"].nunique()
     return metrics["linear_top1"], int(covered)
