@@ -31,7 +31,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-# About 2.5 hours on a 2-core CPU; each script prints its table and writes benchmarks/results/*.json.
+# Several hours on a 2-core CPU (bench_own_data.py alone about 2); each script prints its table and writes
+# benchmarks/results/*.json; the long ones resume where they stopped.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_throughput.py
@@ -41,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_projection.py
 	$(BIN)/python benchmarks/bench_accuracy.py --baselines
 	$(BIN)/python benchmarks/bench_label_fraction.py
+	$(BIN)/python benchmarks/bench_own_data.py
+	$(BIN)/python benchmarks/bench_label_rules.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
