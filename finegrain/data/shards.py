@@ -16,6 +16,7 @@ into LITDATA_CACHE_DIR when set). Write shards locally, then copy them up.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -193,7 +194,12 @@ def read_record(location: str, index: int, *, min_side: int | None = None, name:
                 from litdata import StreamingDataset
 
                 cache = os.environ.get("LITDATA_CACHE_DIR") or str(_cache_folder(location) / "chunks")
-                _OPEN[location] = StreamingDataset(location, cache_dir=cache if is_remote(location) else None)
+                options = {"cache_dir": cache if is_remote(location) else None}
+                if "batch_decode" in inspect.signature(StreamingDataset).parameters:
+                    # litdata >= 0.2.74 decodes a window of up to 32 records around each one read, for sequential
+                    # streaming; finegrain reads single records in its samplers' order, where that costs 13x
+                    options["batch_decode"] = 0
+                _OPEN[location] = StreamingDataset(location, **options)
             record = _OPEN[location][int(index)]
     except Exception as e:  # noqa: BLE001 - a record litdata cannot read is a bad image, as a bad file is
         raise BadImageError(name, f"unreadable shard record {index} ({e})") from None
