@@ -320,10 +320,10 @@ class Manifest:
 
         if is_remote(path):  # a shard folder at a URL: its manifest is fetched, its records streamed
             shard_info(path)
-            return dataclasses.replace(cls.load(local_folder(path) / MANIFEST_FILE, root=local_folder(path)), shards=path)
+            folder = local_folder(path)
+            return dataclasses.replace(cls.load(folder / MANIFEST_FILE, root=folder), shards=path)
         path = Path(path)
         if path.is_dir():
-
             shard_info(path)  # a shard folder, complete and of this format, or a ShardError saying what is wrong
             return dataclasses.replace(cls.load(path / MANIFEST_FILE, root=path), shards=str(path.resolve()))
         if not path.is_file():

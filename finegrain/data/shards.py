@@ -81,7 +81,7 @@ def _cache_folder(location: str) -> Path:
 def shard_info(location: str | os.PathLike) -> dict:
     """finegrain_shards.json of a shard folder, checked: its format and, for a local folder, every chunk index.json
     lists (a remote one's chunks are checked as litdata streams them)."""
-    folder = local_folder(location) if is_remote(location) else Path(location)
+    folder = local_folder(str(location))
     info_path, index_path = folder / INFO_FILE, folder / "index.json"
     if not info_path.is_file():
         raise ShardError(f"{folder}: not a shard folder (no {INFO_FILE}); write one with `finegrain manifest shard`")

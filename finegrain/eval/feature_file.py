@@ -50,14 +50,11 @@ def write_rows(path: Path, batches: Iterable[torch.Tensor], total: int, start: i
             out.flush()
             atomic_write_text(progress, str(row))
             flushed = time.monotonic()
-    if out is None:
-        if start < total or total == 0:
-            raise ValueError(f"no features to write to {path}")
-        out = np.load(partial, mmap_mode="r+")
-    if row != total:
+    if row != total or total == 0:
         raise ValueError(f"{path}: {row} of {total} rows written")
-    out.flush()
-    del out
+    if out is not None:  # None: the partial file was complete already (a crash between its last flush and the rename)
+        out.flush()
+        del out
     os.replace(partial, path)
     progress.unlink(missing_ok=True)
 

@@ -98,9 +98,8 @@ class FeatureStore:
                                   batch_size=self.cfg.batch_size, workers=self.cfg.workers, amp_dtype=self.amp_dtype,
                                   progress=f"features: {what}")
         feature_file.write_rows(path, (f for f, _ in batches), len(ds), done)
-        seconds = time.perf_counter() - start
+        seconds, extracted = time.perf_counter() - start, len(ds) - done
         self.seconds += seconds
-        self.extracted += len(ds) - done
-        log.info("features: %s, %d images in %.1f s (%.0f img/s)", what, len(ds) - done, seconds,
-                 (len(ds) - done) / max(seconds, 1e-9))
+        self.extracted += extracted
+        log.info("features: %s, %d images in %.1f s (%.0f img/s)", what, extracted, seconds, extracted / max(seconds, 1e-9))
         return feature_file.read_rows(path)
