@@ -31,7 +31,7 @@ def features(backbone, rows, classes, info, size: int, flip: bool):
     """(N, D) backbone features and (N,) label codes of manifest rows at `size` px, flip-averaged or not."""
     from finegrain.data.dataset import ManifestDataset
     from finegrain.data.views import build_view, make_recipe
-    from finegrain.eval.features import extract_features, flip_averaged
+    from finegrain.features.extract import extract_features, flip_averaged
 
     recipe = make_recipe("eval", image_size=size, mean=info["mean"], std=info["std"])
     ds = ManifestDataset(rows, build_view(recipe), class_names=classes)
@@ -50,7 +50,7 @@ def probe_logits(probe, x: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     from finegrain.artifacts import load_artifact
     from finegrain.data.manifest import Manifest
-    from finegrain.eval.features import test_size
+    from finegrain.features.extract import test_size
     from finegrain.eval.linear import fit_linear_probe
     from finegrain.methods.supervised import projection
     from finegrain.models.backbone import create_backbone

@@ -244,7 +244,8 @@ def extraction_study(args) -> None:
 
     from finegrain.config import EvaluateConfig
     from finegrain.data.manifest import Manifest
-    from finegrain.eval.store import FeatureStore, Subject
+    from finegrain.features.store import FeatureStore
+    from finegrain.features.subject import Subject
 
     torch.set_num_threads(args.threads)
     rows = Manifest.load(REPO / "data_manifests" / "cub50.csv").rows("train")
@@ -272,6 +273,7 @@ def extraction_study(args) -> None:
             for what in (("e2e", "memory") if r % 2 else ("memory", "e2e")):
                 if what == "e2e":
                     store.seconds = 0.0
+                    store.folder = Path(args.work) / f"extraction_{size}_{time.time_ns()}"  # nothing to copy photos from
                     store.features(rows, f"timed{r}")
                     timed[what] = store.seconds
                 else:

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=str(own.REPO / "runs" / "bench_own_data"))
     parser.add_argument("--out", default=str(own.REPO / "benchmarks" / "results" / "label_rules.json"))
     args = parser.parse_args()
-    from finegrain.eval.audit import out_of_sample_probabilities
+    from finegrain.curation.audit import out_of_sample_probabilities
 
     own.FLIP_FRACTION = args.flip_fraction
     runs, out = Path(args.runs_dir), Path(args.out)

@@ -125,7 +125,7 @@ def scores(flagged: set, truth: set) -> dict:
 def label_error_cell(args, runs: Path, model: str, kind: str, seed: int, probs: str, clean_features) -> dict:
     """Audit one noisy manifest; F1 of the label findings and of the argmax baseline on train photos."""
     from finegrain.data.manifest import Manifest
-    from finegrain.eval.audit import out_of_sample_probabilities
+    from finegrain.curation.audit import out_of_sample_probabilities
 
     clean = Manifest.load(MANIFEST)
     noisy, truth = flip_labels(clean.table.reset_index(drop=True), kind, seed, clean_features)

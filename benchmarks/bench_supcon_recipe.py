@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
 
 def eval_options(train_size: int) -> tuple[list[str], dict[str, list[str]]]:
     """The plain evaluation (at the training size, no flip) and EVAL_VARIANTS (FixRes size, flip TTA, both)."""
-    from finegrain.eval.features import test_size
+    from finegrain.features.extract import test_size
 
     size, test = str(train_size), str(test_size(train_size))
     return ["--image-size", size, "--no-flip-tta"], {

@@ -148,7 +148,7 @@ def lightly_rate(images_dir: Path, simclr, args, device) -> float:
 def extraction_rate(captured: dict, device, n: int) -> tuple[float, float]:
     """(end-to-end, in-memory) img/s of backbone feature extraction with eval views at the stage's size."""
     from finegrain.data.manifest import Manifest
-    from finegrain.eval.features import extract_features
+    from finegrain.features.extract import extract_features
     from finegrain.data.dataset import eval_dataset
 
     cfg = captured["cfg"]

@@ -281,8 +281,10 @@ class FeatureConfig(StageConfig):
     bbox_crop: bool = option(False, "Crop images to their bounding boxes (when the manifest has them).")
     flip_tta: bool = option(True, "Average each image's features with its mirror image's (test-time augmentation).")
     batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
-    features_dir: str | None = option(None, "Folder of the features cache, to share it between runs (default "
-                                            "OUT/features). Entries are keyed by model, preprocessing and photos.")
+    features_dir: str | None = option(None, "Folder of the features cache (default $FINEGRAIN_CACHE/features, else "
+                                            "~/.cache/finegrain/features), shared by evaluate, audit and suggest. "
+                                            "Entries are keyed by model weights, preprocessing and photos: a photo is "
+                                            "extracted once per model.")
 
 
 @dataclass

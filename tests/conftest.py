@@ -20,6 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 CUB50 = Path(os.environ.get("FINEGRAIN_CUB50", REPO.parent / "shared" / "data" / "cub50"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """FINEGRAIN_CACHE (the decoded-image cache a test names no --cache-dir for, and the shared features cache)
+    in a folder of this session, never the user's ~/.cache/finegrain; subprocesses inherit it."""
+    before = os.environ.get("FINEGRAIN_CACHE")
+    os.environ["FINEGRAIN_CACHE"] = str(tmp_path_factory.mktemp("finegrain_cache"))
+    yield
+    if before is None:
+        os.environ.pop("FINEGRAIN_CACHE", None)
+    else:
+        os.environ["FINEGRAIN_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def cub50() -> Path:
     """The real 50-species CUB subset; tests using it skip when it is absent."""

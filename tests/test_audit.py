@@ -15,11 +15,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finegrain.cli import app
-from finegrain.config import AuditConfig, ConfigError, SupconConfig
+from finegrain.config import AuditConfig, ConfigError, EvaluateConfig, SupconConfig
+from finegrain.curation.audit import (cross_validated_probabilities, knn_probabilities, label_issues, near_duplicates,
+                                      out_of_sample_probabilities, outlier_scores)
 from finegrain.data.manifest import Manifest
-from finegrain.eval.audit import (cross_validated_probabilities, knn_probabilities, label_issues, near_duplicates,
-                                  out_of_sample_probabilities, outlier_scores)
 from finegrain.eval.index import nearest
+from finegrain.features import store as store_module
+from finegrain.features.cache import default_folder
+from finegrain.features.feature_file import read_rows
+from finegrain.stages.audit import run_audit
+from finegrain.stages.evaluate import run_evaluate
 from finegrain.stages.supcon import run_supcon
 
 
@@ -141,6 +146,36 @@ def test_audit_writes_a_ranked_csv_and_a_page_with_photos_then_relabel_applies_c
     assert res.exit_code == 0, res.output
     kept = Manifest.load(fixed).table
     assert len(kept) == len(table) - 1 and dup["path"].iloc[0] not in set(kept["path"])
+
+
+def test_audit_after_evaluate_of_the_same_artifact_extracts_no_photo_again(audited, tmp_path, monkeypatch):
+    """The features cache is shared by default: evaluate reads every photo of the manifest (train and test), so
+    audit, in another output folder, copies them all; the copied rows are the features a fresh extraction gives."""
+    artifact, manifest, table = audited
+    monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path / "finegrain_cache"))  # this test's own shared cache
+    shared = dict(manifest=str(manifest), from_artifact=str(artifact), workers=0, wandb="disabled",
+                  cache_dir=str(tmp_path / "cache"))
+    run_evaluate(EvaluateConfig(out=str(tmp_path / "eval"), embedding_map=False, compare="none", **shared))
+    forwarded = []  # photos that went through the model, per extraction
+    real = store_module.feature_batches
+
+    def counted(*args, **kwargs):
+        for feats, labels in real(*args, **kwargs):
+            forwarded.append(len(feats))
+            yield feats, labels
+
+    monkeypatch.setattr(store_module, "feature_batches", counted)
+    found = run_audit(AuditConfig(out=str(tmp_path / "audit"), **shared))
+    assert sum(forwarded) == 0 and not (tmp_path / "audit" / "features").exists()
+    cached = sorted(default_folder().glob("all-*.npy"))
+    assert default_folder() == tmp_path / "finegrain_cache" / "features"
+    assert len(cached) == 1 and read_rows(cached[0]).shape[0] == len(table)
+
+    fresh = run_audit(AuditConfig(out=str(tmp_path / "fresh"), features_dir=str(tmp_path / "fresh_features"), **shared))
+    assert sum(forwarded) == len(table)  # another folder: every photo extracted
+    extracted = read_rows(next((tmp_path / "fresh_features").glob("all-*.npy")))
+    assert torch.allclose(read_rows(cached[0]), extracted, atol=1e-5)
+    pd.testing.assert_frame_equal(found, fresh)
 
 
 def test_relabel_applies_a_label_finding_and_refuses_bad_input(birds, tmp_path):

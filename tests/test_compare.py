@@ -67,7 +67,7 @@ def test_a_lineage_whose_earlier_artifact_is_gone_compares_with_what_is_left(cha
 
 
 def _photos(birds):
-    from finegrain.eval.report_photos import Photos
+    from finegrain.report.photo_sections import Photos
 
     train, test = birds.rows("train"), birds.rows("test")
     classes = birds.class_names
@@ -81,8 +81,8 @@ def _photos(birds):
 
 
 def test_the_photo_sections_show_the_surest_mistakes_and_the_confused_species(birds):
-    from finegrain.eval.report import confused_pairs
-    from finegrain.eval.report_photos import confident_mistakes, correct_examples, sections_html
+    from finegrain.report.tables import confused_pairs
+    from finegrain.report.photo_sections import confident_mistakes, correct_examples, sections_html
 
     photos = _photos(birds)
     mistakes = confident_mistakes(photos)

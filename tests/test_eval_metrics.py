@@ -334,7 +334,7 @@ def test_probe_rejects_bad_labels():
 
 
 def test_flip_averaged_features_are_the_mean_over_the_mirror_image():
-    from finegrain.eval.features import flip_averaged
+    from finegrain.features.extract import flip_averaged
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())

@@ -16,7 +16,7 @@ from finegrain.cli import app
 from finegrain.config import EvaluateConfig, SupconConfig
 from finegrain.data.manifest import Manifest
 from finegrain.errors import FinegrainError
-from finegrain.eval.feature_file import read_rows
+from finegrain.features.feature_file import read_rows
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.stages import evaluate as evaluate_stage
 from finegrain.stages.evaluate import METRIC_KEYS, run_evaluate
@@ -51,7 +51,8 @@ def test_bare_backbone_report_and_metrics(birds, tmp_path):
 
 
 def test_knn_metric_matches_the_cached_features(birds, tmp_path):
-    art = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, linear=False, knn_k=5))
+    art = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, linear=False, knn_k=5,
+                            features_dir=str(tmp_path / "eval" / "features")))
     feats = {p.name.split("-")[0]: read_rows(p) for p in (art.path / "features").glob("*.npy")}
     classes = birds.class_names
     codes = lambda split: torch.tensor([classes.index(v) for v in birds.select(split).table["label"]])  # noqa: E731
@@ -62,7 +63,8 @@ def test_knn_metric_matches_the_cached_features(birds, tmp_path):
 
 def test_the_ivfpq_index_runs_knn_and_retrieval_and_agrees_with_flat_when_it_sees_every_photo(birds, tmp_path):
     # a few hundred photos: every inverted list is probed and every candidate re-ranked, so the search is exact
-    flat = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, linear=False, embedding_map=False, index="flat"))
+    flat = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, linear=False, embedding_map=False, index="flat",
+                             features_dir=str(tmp_path / "eval" / "features")))
     ivfpq = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, name="eval_ivfpq", linear=False,
                               embedding_map=False, index="ivfpq", features_dir=str(flat.path / "features")))
     context = json.loads((ivfpq.path / "report" / "metrics.json").read_text())["context"]
@@ -162,9 +164,9 @@ def test_frozen_imagenet_features_recognise_real_birds(cub50, tmp_path):
 def test_flip_tta_reaches_the_features(birds, tmp_path):
     """--flip-tta averages each image's features with its mirror image's: other features, other cache files."""
     plain = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "plain", embedding_map=False, linear=False,
-                              flip_tta=False))
+                              flip_tta=False, features_dir=str(tmp_path / "plain" / "features")))
     flipped = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "flip", embedding_map=False, linear=False,
-                                flip_tta=True))
+                                flip_tta=True, features_dir=str(tmp_path / "flip" / "features")))
     a = sorted((plain.path / "features").glob("test-*.npy"))
     b = sorted((flipped.path / "features").glob("test-*.npy"))
     assert a and b and a[0].name != b[0].name

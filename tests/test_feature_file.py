@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from finegrain.config import EvaluateConfig
-from finegrain.eval import feature_file, store as store_module
-from finegrain.eval.feature_file import read_rows, rows_done, write_rows
-from finegrain.eval.store import FeatureStore, Subject
+from finegrain.features import feature_file, store as store_module
+from finegrain.features.feature_file import read_rows, rows_done, write_rows
+from finegrain.features.store import FeatureStore
+from finegrain.features.subject import Subject
 
 
 class Killed(Exception):
@@ -73,3 +74,20 @@ def test_feature_store_resumes_an_interrupted_extraction(birds, tmp_path, monkey
     resumed = again.features(birds, "all")
     assert again.extracted == len(birds) - 12 and resumed.shape == whole.shape
     assert torch.allclose(resumed, whole, atol=1e-5)
+
+
+def test_photos_another_set_holds_are_copied_and_only_the_others_extracted(birds, tmp_path):
+    cfg = EvaluateConfig(manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / "e"), weights="none",
+                         backbone="test_efficientnet", image_size=32, workers=0, wandb="disabled", batch_size=5,
+                         cache_dir=str(tmp_path / "cache"))
+    subject = Subject(cfg)
+    whole = FeatureStore(cfg, subject, torch.device("cpu"), tmp_path / "fresh").features(birds, "all")
+    store = FeatureStore(cfg, subject, torch.device("cpu"), tmp_path / "shared")
+    test = store.features(birds.rows("test"), "test")
+    assert store.extracted == len(test)
+    mixed = store.features(birds, "all")  # test rows copied, train rows extracted, interleaved in manifest order
+    assert store.extracted == len(birds) and torch.allclose(mixed, whole, atol=1e-5)
+    again = FeatureStore(cfg, subject, torch.device("cpu"), tmp_path / "shared")
+    train = torch.tensor((birds.table["split"] == "train").to_numpy())
+    assert torch.allclose(again.features(birds.rows("train"), "train"), whole[train], atol=1e-5)
+    assert again.extracted == 0  # a subset of a set already there: copied

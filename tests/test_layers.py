@@ -1,7 +1,11 @@
 """The layers of shared/ARCHITECTURE.md hold: every `finegrain` import (function-level ones too) points down.
 
-    cli.py, __main__  ->  pipeline.py  ->  stages/  ->  engine/, eval/, methods/, tracking.py, artifacts.py
+    cli.py, __main__  ->  pipeline.py  ->  stages/  ->  engine/, eval/, curation/, report/, features/, methods/,
+                                                        tracking.py, artifacts.py, lineage.py
                       ->  models/, losses/, data/  ->  config.py, registry.py, dist.py, errors.py, fsutil.py
+
+eval/ (measurement), curation/ and report/ share features/; none of them imports engine/, and features/
+imports none of them.
 """
 
 from __future__ import annotations
@@ -17,14 +21,19 @@ PACKAGE = Path(finegrain.__file__).parent
 LEVELS = {
     "errors": 0, "fsutil": 0, "progress": 0, "dist": 0, "registry": 0, "config": 0, "__init__": 0,
     "models": 1, "losses": 1, "data": 1,
-    "engine": 2, "eval": 2, "methods": 2, "tracking": 2, "artifacts": 2,
+    "engine": 2, "eval": 2, "curation": 2, "report": 2, "features": 2, "methods": 2, "tracking": 2, "artifacts": 2,
+    "lineage": 2,
     "stages": 3,
     "pipeline": 4,
     "cli": 5, "__main__": 5,
 }
 # Pairs on the same or a lower level that must still not meet (importer part -> imported part).
 FORBIDDEN = {("data", "models"), ("models", "data"), ("eval", "engine"), ("engine", "methods"), ("engine", "eval"),
-             ("methods", "engine"), ("methods", "eval"), ("methods", "data")}
+             ("methods", "engine"), ("methods", "eval"), ("methods", "data"),
+             ("curation", "engine"), ("report", "engine"), ("features", "engine"),
+             ("features", "eval"), ("features", "curation"), ("features", "report"),
+             ("eval", "curation"), ("eval", "report"), ("report", "eval"), ("report", "curation"),
+             ("curation", "report")}
 LOSSES_MAY_IMPORT = {"losses", "dist", "errors"}
 
 

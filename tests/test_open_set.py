@@ -22,7 +22,7 @@ from finegrain.config import ConfigError, EvaluateConfig, SupconConfig
 from finegrain.data.manifest import Manifest
 from finegrain.data.synthetic import ALL_SPECIES, render_bird, sample_nuisance
 from finegrain.errors import FinegrainError
-from finegrain.eval.feature_file import read_rows
+from finegrain.features.feature_file import read_rows
 from finegrain.eval.linear import stratified_holdout
 from finegrain.eval.open_set import (LABELS_KEY, REFERENCE_KEY, RIDGE, OpenSetReference, RelativeMahalanobis,
                                      calibrate_threshold, choose_k, fit_open_set, knn_distance_scores,
@@ -303,7 +303,8 @@ def test_supcon_without_val_calibrates_on_a_train_hold_out(birds, tmp_path):
 def test_evaluate_reports_open_set_metrics_for_unseen_test_classes(open_birds, tmp_path):
     cfg = dict(backbone="test_efficientnet", weights="none", image_size=32, workers=0, wandb="disabled",
                cache_dir=str(tmp_path / "cache"), embedding_map=False)
-    art = run_evaluate(EvaluateConfig(manifest=str(open_birds.root / "all.csv"), out=str(tmp_path / "e"), **cfg))
+    art = run_evaluate(EvaluateConfig(manifest=str(open_birds.root / "all.csv"), out=str(tmp_path / "e"),
+                                      features_dir=str(tmp_path / "e" / "features"), **cfg))
     report = json.loads((art.path / "report" / "metrics.json").read_text())
     ctx = report["context"]
     for key in ("open_set_auroc", "open_set_fpr95"):

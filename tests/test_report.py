@@ -10,16 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finegrain.eval.report import (
-    _worst_classes,
-    confused_pairs,
-    embedding_map,
-    per_class_accuracy,
-    plot_confusion_matrix,
-    plot_embedding_map,
-    plot_per_class_accuracy,
-    write_html_report,
-)
+from finegrain.report.embedding_map import embedding_map, plot_embedding_map
+from finegrain.report.evaluation_page import write_html_report
+from finegrain.report.plots import _worst_classes, plot_confusion_matrix, plot_per_class_accuracy
+from finegrain.report.tables import confused_pairs, per_class_accuracy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

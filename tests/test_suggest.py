@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from finegrain.cli import app
 from finegrain.config import SuggestConfig, SupconConfig
+from finegrain.curation.suggest import STRATEGIES, auto_strategy, suggest
 from finegrain.data.manifest import Manifest
 from finegrain.data.split import keep_label_fraction
 from finegrain.data.synthetic import make_demo_dataset
 from finegrain.errors import FinegrainError
-from finegrain.eval.active import STRATEGIES, auto_strategy, suggest
 from finegrain.eval.linear import fit_linear_probe
-from finegrain.eval.store import FeatureStore
-from finegrain.eval.thumbs import Tile, write_contact_sheet
+from finegrain.features.store import FeatureStore
+from finegrain.report.contact_sheet import Tile, write_contact_sheet
 from finegrain.stages.suggest import run_suggest
 from finegrain.stages.supcon import run_supcon
 

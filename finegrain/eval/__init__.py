@@ -1,1 +1,1 @@
-"""Evaluation: feature extraction, kNN, linear probe, retrieval metrics, plots and report."""
+"""Measurement: the neighbour index, kNN, linear probe, retrieval metrics, open-set scores, the kNN monitor."""

@@ -9,7 +9,7 @@ import torch
 from finegrain import dist
 from finegrain.data.dataset import eval_dataset
 from finegrain.data.manifest import Manifest
-from finegrain.eval.features import extract_features
+from finegrain.features.extract import extract_features
 from finegrain.eval.knn import knn_scores, topk_accuracy
 
 

@@ -38,8 +38,8 @@ def embed_views(backbone: nn.Module, views) -> torch.Tensor:
     """Pooled features of V views, one backbone pass per view: [(B, 3, S, S)] * V -> (V * B, D), view-major.
 
     The same rows as `backbone(torch.cat(views))`, but BatchNorm (in train mode) normalises each view
-    on its own, as lightly and most SimCLR reimplementations do, and on CPU V passes of B images were
-    measured 1.2x faster than one pass of V * B (benchmarks/README.md).
+    on its own, as lightly and most SimCLR reimplementations do (on CPU also the faster of the two:
+    benchmarks/README.md).
     """
     return torch.cat([backbone(v) for v in views])
 

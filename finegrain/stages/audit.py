@@ -1,29 +1,29 @@
 """`finegrain audit`: the photos of a collection worth a second look, ranked, with a page of thumbnails.
 
-From an artifact's embeddings of every manifest photo (cached as evaluate caches them):
-probable label errors (confident learning on out-of-sample probabilities of the labelled photos),
-near-duplicates (within and across splits, labelled or not) and outliers. Writes OUT/audit.csv and
-OUT/audit.html; `finegrain manifest relabel` applies the findings a person accepts.
+From an artifact's embeddings of every manifest photo (from the shared features cache, so photos an
+evaluate of the same artifact read are not read again): probable label errors (confident learning on
+out-of-sample probabilities of the labelled photos), near-duplicates (within and across splits,
+labelled or not) and outliers. Writes OUT/audit.csv and OUT/audit.html (report/audit_page.py);
+`finegrain manifest relabel` applies the findings a person accepts.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from finegrain.config import AuditConfig
-from finegrain.eval import audit
-from finegrain.eval.audit import SUMMARY_FILE
-from finegrain.eval.store import FeatureStore, Subject
-from finegrain.eval.thumbs import figure
+from finegrain.curation import audit
+from finegrain.curation.audit import SUMMARY_FILE
+from finegrain.features.store import FeatureStore
+from finegrain.features.subject import Subject
 from finegrain.fsutil import atomic_write_text
+from finegrain.report.audit_page import write_audit_page
 from finegrain.stages.skeleton import stage_run
 
 log = logging.getLogger("finegrain")
@@ -36,7 +36,7 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
     """Audit the manifest's photos with the artifact's embeddings; write audit.csv and audit.html; return the findings."""
     with stage_run("audit", cfg, allow_unseen_classes=True) as run:
         subject = Subject(cfg)
-        store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
+        store = FeatureStore(cfg, subject, run.device, amp_dtype=run.amp_dtype)
         rows = run.manifest.table.reset_index(drop=True)
         feats = store.features(run.manifest, "all")
         start = time.perf_counter()
@@ -47,7 +47,8 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
         table = _ranked(findings)
         seconds = time.perf_counter() - start
         atomic_write_text(run.out / "audit.csv", table.to_csv(index=False))
-        _write_html(run.out / "audit.html", cfg, table, run.manifest, rows, typical, subject.source)
+        write_audit_page(run.out / "audit.html", table, run.manifest, typical, source=subject.source,
+                         manifest_name=str(cfg.manifest), max_shown=cfg.max_flagged)
         counts = {issue: int((table["issue"] == issue).sum()) for issue in ISSUE_ORDER}
         atomic_write_text(run.out / SUMMARY_FILE, json.dumps({
             "artifact": subject.source, "manifest": str(cfg.manifest), "photos": len(rows), "flagged": counts,
@@ -129,33 +130,3 @@ def _typical_photos(rows: pd.DataFrame, feats: torch.Tensor, labelled: np.ndarra
         order = torch.argsort(x[members] @ centre, descending=True)[:n].numpy()
         out[name] = [int(members[k]) for k in order]
     return out
-
-
-def _write_html(path: Path, cfg: AuditConfig, table: pd.DataFrame, manifest, rows: pd.DataFrame, typical: dict,
-                source: str) -> None:
-    """audit.html: each flagged photo beside typical photos of its given and suggested species; offline, inline JPEGs.
-
-    rows: the manifest's table, indexed 0..N-1 as the findings' `row`."""
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>finegrain audit</title>"
-             f"<style>{_CSS}</style></head><body><h1>finegrain audit</h1>",
-             f"<p>{html.escape(source)} on {html.escape(str(cfg.manifest))}: {len(rows)} photos, "
-             f"{len(table)} findings (audit.csv lists them all; this page shows the first {cfg.max_flagged}).</p>"]
-    for f in table.head(cfg.max_flagged).itertuples(index=False):
-        cells = [figure(manifest.abspath(f.path), f"#{f.rank} {f.given_label or f.split}")]
-        if f.other_path:
-            cells.append(figure(manifest.abspath(f.other_path), "its twin"))
-        shown = {"label": [("given", f.given_label), ("suggested", f.suggested_label)],
-                 "outlier": [("given", f.given_label)] if f.given_label else []}.get(f.issue, [])
-        for what, label in shown:
-            cells += [figure(manifest.abspath(rows.at[i, "path"]), f"{what}: {label}")
-                      for i in typical.get(label, []) if i != f.row]
-        parts.append(f"<section><h2>#{f.rank} {html.escape(f.issue)}: {html.escape(f.path)}</h2>"
-                     f"<p>{html.escape(f.reason)}</p><div class='row'>{''.join(cells)}</div></section>")
-    parts.append("</body></html>")
-    atomic_write_text(path, "\n".join(parts))
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}section{border-top:1px solid #ddd;"
-        "padding:.5em 0}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;text-align:center;font-size:12px}"
-        "figcaption{max-width:110px;overflow-wrap:anywhere}.missing{background:#eee;color:#777;display:flex;"
-        "align-items:center;justify-content:center}h2{font-size:15px;margin:.3em 0}")

@@ -13,10 +13,11 @@ features averaged with the mirror image's) or a bare backbone on a manifest. Pro
   relative Mahalanobis distance, of the distance to the k-th nearest train photo (k as the artifact
   stores it, else choose_k(DEFAULT_K)), and of the linear probe's max-softmax and max-logit
   baselines; the headline is the score the artifact's predict uses.
-Features are cached in OUT/features/, keyed by model, image size, crop and rows, so re-running
-(other k, other probe) does not extract again. Writes OUT/report/ (metrics.json, per_class.csv,
-confused_pairs.csv, open_set.csv when there are unseen classes, PNG plots, index.html) and an
-artifact whose weights are the linear probe.
+Features come from the shared features cache (features/cache.py; --features-dir to choose it), keyed
+by the model's weights, preprocessing and photos, so re-running (other k, other probe) or auditing the
+same artifact does not extract again. Writes OUT/report/ (report/evaluation.py: metrics.json,
+per_class.csv, confused_pairs.csv, open_set.csv when there are unseen classes, PNG plots, index.html)
+and an artifact whose weights are the linear probe.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -34,24 +34,24 @@ import torch
 from finegrain.artifacts import Artifact
 from finegrain.config import EvaluateConfig
 from finegrain.data.manifest import Manifest
+from finegrain.curation.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.errors import FinegrainError
-from finegrain.eval.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.eval.index import resolve_kind
 from finegrain.eval.knn import knn_scores, topk_accuracy
-from finegrain.eval.lineage import ancestors, starting_weights
-from finegrain.eval.report_photos import Photos, confident_mistakes, sections_html
 from finegrain.eval.open_set import (DEFAULT_K, RelativeMahalanobis, choose_k, knn_distance_scores, max_logit_scores,
                                      max_softmax_scores, open_set_metrics)
 from finegrain.eval.retrieval import retrieval_metrics
-from finegrain.eval.store import FeatureStore, Subject
-from finegrain.fsutil import atomic_write_text
+from finegrain.features.store import FeatureStore
+from finegrain.features.subject import Subject
+from finegrain.lineage import ancestors, starting_weights
+from finegrain.report.evaluation import COMPARED, ReportOptions, write_evaluation_report
+from finegrain.report.photo_sections import Photos
 from finegrain.stages.skeleton import stage_run
 
 log = logging.getLogger("finegrain")
 
 METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
                "recall_at_8", "map_at_r")
-COMPARED = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")  # the metrics the comparison shows
 OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the artifact's open-set score; None without unseen classes
 
 
@@ -60,7 +60,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     with stage_run("evaluate", cfg, allow_unseen_classes=True) as run:
         subject = Subject(cfg)
         audit = _audit_summary(cfg.audit) if cfg.audit else None  # read before any photo is
-        store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
+        store = FeatureStore(cfg, subject, run.device, amp_dtype=run.amp_dtype)
         metrics, context, probe, report_data, timings = _measure(cfg, run.manifest, store)
         context["manifest_hash"] = run.manifest.content_hash
         report_data["audit"] = audit
@@ -70,7 +70,8 @@ def run_evaluate(cfg: EvaluateConfig) -> Artifact:
         if subject.artifact is not None:
             run.parent = subject.artifact.lineage()
         run.track()
-        tables, images = _write_report(run.out / "report", cfg, metrics, context, report_data)
+        options = ReportOptions(embedding_map=cfg.embedding_map, seed=cfg.seed, examples_per_class=cfg.report_examples)
+        tables, images = write_evaluation_report(run.out / "report", metrics, context, report_data, options)
         if run.tracker is not None:
             run.tracker.log_report(tables, {name: run.out / "report" / file for name, file in images.items()})
         state = {}
@@ -141,7 +142,7 @@ def _headline_of(cfg: EvaluateConfig, run, label: str) -> dict | None:
         log.warning("compare: cannot build %s (%s); left out of the comparison", label, e)
         return None
     log.info("compare: %s", label)
-    store = FeatureStore(cfg, subject, run.device, run.out / "features", run.amp_dtype)
+    store = FeatureStore(cfg, subject, run.device, amp_dtype=run.amp_dtype)
     metrics = _measure(cfg, run.manifest, store, open_set=False)[0]
     return {"label": label, **{k: metrics.get(k) for k in COMPARED}}
 
@@ -237,79 +238,6 @@ def _linear_probe(store, manifest, classes, ftr, ytr, fq, yq, query_split, cfg):
     return probe, selected_on, scores, topk_accuracy(scores, yq), seconds
 
 
-def _write_report(folder: Path, cfg: EvaluateConfig, metrics: dict, context: dict, data: dict):
-    """metrics.json, per-class and confusion tables (CSV), plots (PNG) and index.html in `folder`."""
-    from finegrain.eval import report
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tables, images, links, photos = {}, {}, {}, {}
-    chance = 1.0 / len(data["classes"]) if data.get("classes") else None
-    comparison = _comparison(metrics, data.get("baselines") or {}, chance, context)
-    if data.get("y_true") is not None:
-        y, p, classes = data["y_true"], data["y_pred"], data["classes"]
-        per_class = report.per_class_accuracy(y, p, classes)
-        pairs = report.confused_pairs(y, p, classes)
-        for name, df in (("per_class", per_class), ("confused_pairs", pairs)):
-            atomic_write_text(folder / f"{name}.csv", df.to_csv(index=False))
-            tables[name] = df
-        report.plot_confusion_matrix(y, p, classes, folder / "confusion_matrix.png")
-        report.plot_per_class_accuracy(per_class, folder / "per_class_accuracy.png")
-        images["confusion_matrix"] = "confusion_matrix.png"
-        images["per_class_accuracy"] = "per_class_accuracy.png"
-        if cfg.embedding_map and len(y) >= 5:
-            xy, idx = report.embedding_map(data["features"], seed=cfg.seed)
-            report.plot_embedding_map(xy, y[idx], classes, folder / "embedding_map.png",
-                                      title=f"t-SNE of {context['query_split']} embeddings")
-            images["embedding_map"] = "embedding_map.png"
-        context["per_class_predicted_by"] = data["predicted_by"]
-        photos = sections_html(data["photos"], pairs, cfg.report_examples)
-    if data.get("open_set") is not None:
-        table, scores = data["open_set"]
-        atomic_write_text(folder / "open_set.csv", table.to_csv(index=False))
-        tables["open_set"] = table
-        report.plot_open_set_roc({k: (a.numpy(), b.numpy()) for k, (a, b) in scores.items()}, folder / "open_set_roc.png")
-        images["open_set_roc"] = "open_set_roc.png"
-    if data.get("audit") is not None:
-        tables["audit"], page = data["audit"]
-        context["audit"] = Path(os.path.relpath(page, folder.resolve())).as_posix()
-        links["Audit: the flagged photos beside typical photos of their species"] = context["audit"]
-    headline = {k: v for k, v in metrics.items() if v is not None}
-    scripts = {**metrics, "chance": chance, "baselines": {k: {m: v[m] for m in COMPARED}
-                                                          for k, v in (data.get("baselines") or {}).items()}}
-    atomic_write_text(folder / "metrics.json", json.dumps({**scripts, "context": context}, indent=2, default=str) + "\n")
-    report.write_html_report(folder, title=f"finegrain evaluation: {context['evaluated']}", metrics=headline,
-                             context=context, tables=_report_tables(tables), images=images, links=links,
-                             comparison=comparison, notes=_notes(chance, context), photos=photos)
-    if data.get("photos") is not None:
-        tables["confident_mistakes"] = confident_mistakes(data["photos"])  # W&B shows its photo column as images
-    if comparison is not None:
-        tables["compared_with"] = comparison
-    return tables, images
-
-
-def _notes(chance: float | None, context: dict) -> dict[str, str]:
-    """Metric key -> chance level and photo counts, shown beside the headline accuracies."""
-    if chance is None:
-        return {}
-    photos = f"{context.get('query_images')} {context.get('query_split')} photos of {context.get('classes')} species"
-    out = {f"{kind}_top{k}": f"chance {min(1.0, k * chance):.1%}; {photos}" for kind in ("knn", "linear") for k in (1, 5)}
-    if context.get("retrieval_queries"):
-        out.update({f"recall_at_{k}": f"{context['retrieval_queries']} {context['retrieval_split']} photos as queries"
-                    for k in (1, 2, 4, 8)})
-    return out
-
-
-def _comparison(metrics: dict, baselines: dict, chance: float | None, context: dict) -> pd.DataFrame | None:
-    """The "Compared with" table: chance, each baseline, then this subject (rows), COMPARED metrics (columns)."""
-    if chance is None:
-        return None
-    rows = [{"compared with": f"chance (1 of {context.get('classes')} species)", "knn_top1": chance,
-             "linear_top1": chance}]
-    rows += [{"compared with": b["label"], **{k: b.get(k) for k in COMPARED}} for b in baselines.values()]
-    rows.append({"compared with": f"this: {context['evaluated']}", **{k: metrics.get(k) for k in COMPARED}})
-    return pd.DataFrame(rows, columns=["compared with", *COMPARED])
-
-
 def _audit_summary(audit_dir: str) -> tuple[pd.DataFrame, Path]:
     """The flagged counts of a `finegrain audit` folder (issue, photos) and the absolute path of its page."""
     summary_file = Path(audit_dir) / AUDIT_SUMMARY_FILE
@@ -320,11 +248,3 @@ def _audit_summary(audit_dir: str) -> tuple[pd.DataFrame, Path]:
                              "pass the folder `finegrain audit` wrote") from None
     counts = pd.DataFrame([{"issue": issue, "photos": int(n)} for issue, n in summary.get("flagged", {}).items()])
     return counts, (Path(audit_dir) / "audit.html").resolve()
-
-
-def _report_tables(tables: dict) -> dict:
-    """The report's sections: section title -> table, for the tables present."""
-    titles = {"audit": "Audit (finegrain audit): photos flagged for a second look, listed in the audit page",
-              "confused_pairs": "Most confused species", "per_class": "Per-class accuracy",
-              "open_set": "Unknown species (query classes not in train): AUROC and FPR at 95% TPR of each score"}
-    return {title: tables[name] for name, title in titles.items() if name in tables}

@@ -75,7 +75,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     """
     from finegrain.data.dataset import ManifestDataset
     from finegrain.data.views import build_view, make_recipe
-    from finegrain.eval.features import extract_features, flip_averaged, ready_for_extraction
+    from finegrain.features.extract import extract_features, flip_averaged, ready_for_extraction
     from finegrain.models.backbone import create_backbone
 
     artifact = load_artifact(artifact_dir)

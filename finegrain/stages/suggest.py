@@ -1,16 +1,16 @@
 """`finegrain suggest`: which unlabelled photos of a manifest to label next, from an artifact's features.
 
 Candidates are the manifest's 'unlabeled' rows, labelled photos its train rows. Features are the
-artifact's L2-normalised embeddings (eval/store.py), cached in --features-dir under a key that
-ignores labels and splits, so labelling a few photos between rounds does not extract again. The
-choosing is eval/active.py's. Writes OUT.csv (rank, image_id, path, reason, score, represents,
-best_guess, best_guess_prob) and the contact sheet OUT.html beside it. No artifact is written.
+artifact's L2-normalised embeddings (features/store.py), from the shared features cache (or
+--features-dir) under a key that ignores labels and splits, so labelling a few photos between rounds,
+or an audit of the same artifact before, leaves nothing to extract. The choosing is
+curation/suggest.py's. Writes OUT.csv (rank, image_id, path, reason, score, represents, best_guess,
+best_guess_prob) and the contact sheet OUT.html beside it (report/contact_sheet.py). No artifact is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from pathlib import Path
 
@@ -19,14 +19,15 @@ import pandas as pd
 import torch
 
 from finegrain.config import SuggestConfig
+from finegrain.curation.suggest import Picks, auto_strategy, suggest
 from finegrain.data.manifest import Manifest
 from finegrain.data.validate import load_checked_manifest
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
-from finegrain.eval.active import Picks, auto_strategy, suggest
-from finegrain.eval.store import FeatureStore, Subject
-from finegrain.eval.thumbs import Tile, write_contact_sheet
+from finegrain.features.store import FeatureStore
+from finegrain.features.subject import Subject
 from finegrain.fsutil import atomic_write_text
+from finegrain.report.contact_sheet import Tile, write_contact_sheet
 
 log = logging.getLogger("finegrain")
 
@@ -77,7 +78,7 @@ def _features(cfg: SuggestConfig, subject: Subject, device, manifest: Manifest, 
     """
     both = pd.concat([pool_rows.table, train_rows.table]).sort_values("path", kind="stable")
     photos = dataclasses.replace(manifest, table=both.assign(label="", split="unlabeled").reset_index(drop=True))
-    store = FeatureStore(cfg, subject, device, Path(cfg.out).parent / "features", resolve_amp(cfg.amp, device))
+    store = FeatureStore(cfg, subject, device, amp_dtype=resolve_amp(cfg.amp, device))
     feats = store.features(photos, "photos")
     feats = torch.nn.functional.normalize(feats.float(), dim=1).numpy()
     position = {p: i for i, p in enumerate(photos.table["path"])}

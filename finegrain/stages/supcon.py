@@ -25,7 +25,7 @@ from finegrain.data.dataset import TRAINING_BAD_IMAGE_POLICY, ManifestDataset, e
 from finegrain.data.manifest import Manifest
 from finegrain.data.views import build_view, make_recipe
 from finegrain.errors import FinegrainError
-from finegrain.eval.features import extract_features, flip_averaged, test_size
+from finegrain.features.extract import extract_features, flip_averaged, test_size
 from finegrain.engine.sampler import WithUnlabelled
 from finegrain.eval.linear import LinearProbe, fit_linear_probe
 from finegrain.eval.open_set import OpenSetReference, fit_open_set

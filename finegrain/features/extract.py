@@ -1,4 +1,4 @@
-"""Batched feature extraction, shared by evaluate, predict and the training-time kNN monitor."""
+"""Batched feature extraction, shared by evaluate, audit, suggest, predict and the training-time kNN monitor."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The photos of an evaluation report: confused species side by side, confident mistakes, examples.
 
 People would rather look than read: each section is a list of rows of small inline thumbnails
-(eval/thumbs.py, about 96 px JPEGs inside the page), so a 200-species report stays a few MB.
+(report/thumbnails.py, about 96 px JPEGs inside the page), so a 200-species report stays a few MB.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 
-from finegrain.eval.thumbs import figure
+from finegrain.report.pages import environment
+from finegrain.report.thumbnails import thumbnail
 
 TYPICAL = 3  # train photos shown per species
 
@@ -39,7 +41,7 @@ class Photos:
 
 
 def confused_species(photos: Photos, pairs: pd.DataFrame, top: int = 6) -> pd.DataFrame:
-    """One row per most-confused pair (of `report.confused_pairs`): the two species, the count, and
+    """One row per most-confused pair (of `report.tables.confused_pairs`): the two species, the count, and
     `left` / `right`, lists of train photos of each."""
     index = {name: i for i, name in enumerate(photos.classes)}
     rows = [{"true": r.true, "predicted": r.predicted, "count": int(r.count),
@@ -71,29 +73,23 @@ def correct_examples(photos: Photos, per_class: int) -> pd.DataFrame:
                          "species": species, "confidence": photos.confidence[picked].astype(float)})
 
 
-def sections_html(photos: Photos, pairs: pd.DataFrame, examples_per_class: int = 0) -> dict[str, str]:
-    """Section title -> HTML of the photo sections (empty sections left out)."""
+def sections_html(photos: Photos, pairs: pd.DataFrame, examples_per_class: int = 0) -> dict[str, Markup]:
+    """Section title -> HTML of the photo sections (empty sections left out), from templates/photos.html."""
+    macros = environment().get_template("photos.html").module
     out = {}
     confused = confused_species(photos, pairs)
     if len(confused):
-        out["Most confused species (train photos of each, side by side)"] = "".join(
-            f"<div class='pair'><p>{int(r.count)} {_esc(r.true)} photo(s) called {_esc(r.predicted)}</p>"
-            f"<div class='row'>{''.join(figure(p, r.true) for p in r.left)}<span class='vs'>vs</span>"
-            f"{''.join(figure(p, r.predicted) for p in r.right)}</div></div>"
-            for r in confused.itertuples(index=False))
+        shown = [{"count": r.count, "true": r.true, "predicted": r.predicted,
+                  "left": [thumbnail(p, r.true) for p in r.left], "right": [thumbnail(p, r.predicted) for p in r.right]}
+                 for r in confused.itertuples(index=False)]
+        out["Most confused species (train photos of each, side by side)"] = macros.confused_pairs(shown)
     mistakes = confident_mistakes(photos)
     if len(mistakes):
-        out["Confident mistakes (the wrong predictions the classifier was surest of)"] = "<div class='row'>" + "".join(
-            figure(r.photo, f"true: {r.true}; predicted: {r.predicted} ({r.confidence:.0%})")
-            for r in mistakes.itertuples(index=False)) + "</div>"
+        out["Confident mistakes (the wrong predictions the classifier was surest of)"] = macros.row(
+            [thumbnail(r.photo, f"true: {r.true}; predicted: {r.predicted} ({r.confidence:.0%})")
+             for r in mistakes.itertuples(index=False)])
     examples = correct_examples(photos, examples_per_class) if examples_per_class else pd.DataFrame()
     if len(examples):
-        out["Correct predictions, by species"] = "<div class='row'>" + "".join(
-            figure(r.photo, f"{r.species} ({r.confidence:.0%})") for r in examples.itertuples(index=False)) + "</div>"
-    return out
-
-
-def _esc(text) -> str:
-    import html
-
-    return html.escape(str(text), quote=True)
+        out["Correct predictions, by species"] = macros.row(
+            [thumbnail(r.photo, f"{r.species} ({r.confidence:.0%})") for r in examples.itertuples(index=False)])
+    return {title: Markup(block) for title, block in out.items()}

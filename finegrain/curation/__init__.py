@@ -1,0 +1,1 @@
+"""Curating a photo collection from its embeddings: audit (label errors, twins, outliers), suggest (what to label)."""
