@@ -217,7 +217,7 @@ class SupconConfig(TrainConfig):
                                     "thresholded to accept 95% of known-species val photos (or of a train hold-out).")
     open_set_score: str = option("relative_mahalanobis", "The unknown-species score: relative_mahalanobis (Ren et al. "
                                  "2021: distance to the nearest species' mean minus the distance to all photos' "
-                                 "mean, best on cub50) or knn_distance (to the --open-set-k-th nearest train photo, "
+                                 "mean) or knn_distance (to the --open-set-k-th nearest train photo, "
                                  "Sun et al. 2022).", choices=OPEN_SET_SCORES)
     open_set_k: int = option(5, "Which nearest train photo's distance is the knn_distance score; capped at the "
                                 "median train photos per species.", check=at_least(1))
@@ -321,7 +321,7 @@ class AuditConfig(FeatureConfig):
     out: str = option("", "Output folder (audit.csv, audit.html, the features cache).", flag="--out")
     label_probs: str = option("ensemble", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
                                        "neighbours on the embeddings), linear (a 5-fold cross-validated probe) or "
-                                       "ensemble (their mean: the most label errors found on cub50).",
+                                       "ensemble (their mean).",
                               choices=AUDIT_PROBABILITIES)
     knn_k: int = option(20, "Neighbours that vote for a photo's species (label_probs knn).", check=at_least(1))
     knn_t: float = option(0.07, "Temperature of the neighbours' votes on cosine similarity.", check=POSITIVE)

@@ -45,7 +45,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
         lr = lr_for(cfg, method_cls.base_lr)
         if cfg.lr is None and weights_source != "none" and layers == "all":
             log.warning("lr %.3g is %s's base rate for training from scratch; training every layer of loaded weights "
-                        "at it can wreck them (on cub50, simclr at 0.075 fell to chance kNN accuracy): consider "
+                        "at it can wreck them: consider "
                         "--lr 0.005, or leave --train-layers at its default (bn)", lr, cfg.method)
         log.info("pretrain: %s %s on %d images at %dpx, batch %d, lr %.3g, BatchNorm %s, backbone layers %s (%d tensors "
                  "train), device %s", cfg.method, cfg.backbone, len(train), cfg.image_size, cfg.batch_size, lr,
@@ -64,8 +64,8 @@ def defaults_for_weights(cfg: PretrainConfig, weights_source: str) -> tuple[str,
     """(view recipe, train layers): as given, else chosen for the starting weights.
 
     From loaded weights (ImageNet, an artifact): colour-keeping views and BatchNorm-only training,
-    which kept the cub50 kNN monitor within 1 point of its start (benchmarks/README.md) where training
-    every layer at the method's rate lost most of it. From random weights: SimCLR views, every layer.
+    which keep the starting features (benchmarks/README.md has the measurement) where training
+    every layer at the method's rate lost most of them. From random weights: SimCLR views, every layer.
     """
     loaded = weights_source != "none"
     views = cfg.views or ("color_safe" if loaded else "simclr")
