@@ -430,7 +430,7 @@ def _register_stages() -> None:
     """)
     _stage_command("evaluate", EvaluateConfig, _run_evaluate, """Evaluate an artifact or a bare backbone: kNN, linear probe, retrieval, per-class results, plots.
 
-    Features are extracted with the artifact's own image size and normalisation and cached in --out, so re-running is quick. Writes report/index.html, report/metrics.json, per-class CSV and PNG plots.
+    Features are extracted with the artifact's own image size and normalisation and cached in a folder shared with audit and suggest (--features-dir), so re-running is quick. Writes report/index.html, report/metrics.json, per-class CSV and PNG plots.
 
     Example: finegrain evaluate --manifest data_manifests/cub50.csv --from runs/supcon --out runs/eval
 

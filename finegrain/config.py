@@ -291,7 +291,7 @@ class FeatureConfig(StageConfig):
 class EvaluateConfig(FeatureConfig):
     """`finegrain evaluate`: kNN, linear probe, retrieval and a report, for an artifact or a bare backbone."""
 
-    out: str = option("", "Output folder for the evaluation (report/, features cache, metrics).", flag="--out")
+    out: str = option("", "Output folder for the evaluation (report/, metrics).", flag="--out")
     backbone: str = option("tf_efficientnet_lite0", "timm backbone to evaluate when no --from is given.")
     from_artifact: str | None = option(None, "Artifact folder to evaluate (a pretrain or supcon run).", flag="--from")
     knn_k: int = option(20, "kNN neighbours (k).", check=at_least(1))
@@ -318,7 +318,7 @@ class EvaluateConfig(FeatureConfig):
 class AuditConfig(FeatureConfig):
     """`finegrain audit`: photos whose label, twin or oddity deserves a second look, from an artifact's embeddings."""
 
-    out: str = option("", "Output folder (audit.csv, audit.html, the features cache).", flag="--out")
+    out: str = option("", "Output folder (audit.csv, audit.html).", flag="--out")
     label_probs: str = option("ensemble", "Out-of-sample class probabilities for confident learning: knn (leave-one-out "
                                        "neighbours on the embeddings), linear (a 5-fold cross-validated probe) or "
                                        "ensemble (their mean).",

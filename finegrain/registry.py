@@ -8,8 +8,11 @@ method is its own file plus a config field; nothing here or in a stage changes.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
+from pathlib import Path
 
 from finegrain.errors import FinegrainError
 
@@ -20,10 +23,13 @@ class Registry:
     Args:
         kind: what an entry is, for messages ("pretrain method").
         home: the module whose import registers the built-in entries.
+        declared_as: this registry's name in `home`'s `@NAME.register("entry")` decorators: `names()` and
+            `describe()` then read the entries from `home`'s source instead of importing it (help text
+            needs no torch); `get()` imports it.
     """
 
-    def __init__(self, kind: str, home: str):
-        self.kind, self.home = kind, home
+    def __init__(self, kind: str, home: str, declared_as: str | None = None):
+        self.kind, self.home, self.declared_as = kind, home, declared_as
         self._entries: dict[str, object] = {}
         self._descriptions: dict[str, str] = {}
         self._loaded = False
@@ -57,9 +63,8 @@ class Registry:
             importlib.import_module(self.home)
 
     def names(self) -> list[str]:
-        """Registered names, in registration order."""
-        self._load()
-        return list(self._entries)
+        """Registered names, in registration order (declared ones first while `home` is not imported)."""
+        return list(self._catalogue())
 
     def get(self, name: str):
         """The entry registered as `name`; FinegrainError listing the choices otherwise."""
@@ -70,10 +75,51 @@ class Registry:
 
     def describe(self) -> str:
         """'name: description; ...' for help text."""
-        return "; ".join(f"{n}: {self._descriptions[n]}" if self._descriptions[n] else n for n in self.names())
+        return "; ".join(f"{n}: {d}" if d else n for n, d in self._catalogue().items())
+
+    def _catalogue(self) -> dict[str, str]:
+        """name -> description: declared in `home`'s source (not imported yet) plus what is registered."""
+        if self.declared_as is None or self._loaded:
+            self._load()
+            return dict(self._descriptions)
+        return {**declared_entries(self.home, self.declared_as), **self._descriptions}
 
 
-PRETRAIN_METHODS = Registry("pretrain method", home="finegrain.methods")
-SUPCON_LOSSES = Registry("supcon loss", home="finegrain.methods")
+def declared_entries(home: str, registry_name: str) -> dict[str, str]:
+    """name -> first docstring line of each class or function decorated `@registry_name.register("name")`
+    in the module or package `home`, read with `ast` (nothing is imported but `home`'s parent packages).
+
+    A package's modules are read in the order its `__init__.py` first names them (the order its import
+    registers them in), then by file name.
+    """
+    spec = importlib.util.find_spec(home)
+    if spec.submodule_search_locations:
+        init = Path(spec.origin).read_text()
+        files = sorted(Path(p) for d in spec.submodule_search_locations for p in Path(d).glob("*.py"))
+        files.sort(key=lambda f: init.find(f.stem) if f.stem in init else len(init))
+    else:
+        files = [Path(spec.origin)]
+    found: dict[str, str] = {}
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            for decorator in getattr(node, "decorator_list", ()):
+                name = _registered_name(decorator, registry_name)
+                if name is not None:
+                    found[name] = (ast.get_docstring(node) or "").split("\n", 1)[0].rstrip(".")
+    return found
+
+
+def _registered_name(decorator: ast.expr, registry_name: str) -> str | None:
+    """"x" for a decorator `registry_name.register("x")`, else None."""
+    if (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
+            and decorator.func.attr == "register" and isinstance(decorator.func.value, ast.Name)
+            and decorator.func.value.id == registry_name and decorator.args
+            and isinstance(decorator.args[0], ast.Constant)):
+        return decorator.args[0].value
+    return None
+
+
+PRETRAIN_METHODS = Registry("pretrain method", home="finegrain.methods", declared_as="PRETRAIN_METHODS")
+SUPCON_LOSSES = Registry("supcon loss", home="finegrain.methods", declared_as="SUPCON_LOSSES")
 VIEW_RECIPES = Registry("view recipe", home="finegrain.data.views")
-SAMPLERS = Registry("sampler", home="finegrain.engine.sampler")
+SAMPLERS = Registry("sampler", home="finegrain.engine.sampler", declared_as="SAMPLERS")

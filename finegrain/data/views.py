@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import finegrain  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported)
-import albumentations as A  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
-
-from finegrain.errors import FinegrainError  # noqa: E402
-from finegrain.registry import VIEW_RECIPES  # noqa: E402
+from finegrain.errors import FinegrainError
+from finegrain.registry import VIEW_RECIPES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,6 +110,10 @@ class View:
     """
 
     def __init__(self, recipe: ViewRecipe, seed: int | None = None):
+        # imported here: the recipes (and `--views` help) are read without albumentations and torch
+        import albumentations as A
+        from albumentations.pytorch import ToTensorV2
+
         self.recipe = recipe
         s = recipe.image_size
         tail = [
