@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from finegrain.errors import FinegrainError
+from finegrain.stages import STAGES
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -363,25 +364,19 @@ def _stage_command(name: str, config_cls, run, doc: str, arguments: dict[str, st
 
 
 def _run_pretrain(config) -> None:
-    from finegrain.stages.pretrain import run_pretrain
-
-    artifact = run_pretrain(config)
+    artifact = STAGES["pretrain"].run(config)
     if artifact is not None:
         out.print(f"artifact: {artifact.path}")
 
 
 def _run_supcon(config) -> None:
-    from finegrain.stages.supcon import run_supcon
-
-    artifact = run_supcon(config)
+    artifact = STAGES["supcon"].run(config)
     if artifact is not None:
         out.print(f"artifact: {artifact.path}")
 
 
 def _run_evaluate(config) -> None:
-    from finegrain.stages.evaluate import run_evaluate
-
-    artifact = run_evaluate(config)
+    artifact = STAGES["evaluate"].run(config)
     if artifact is not None:
         metrics = artifact.info["metrics"]
         keys = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r", "open_set_auroc")
@@ -390,27 +385,22 @@ def _run_evaluate(config) -> None:
 
 
 def _run_audit(config) -> None:
-    from finegrain.stages.audit import run_audit
-
-    table = run_audit(config)
+    table = STAGES["audit"].run(config)
     counts = table["issue"].value_counts().to_dict()
     out.print(f"wrote {Path(config.out) / 'audit.csv'} and audit.html: {counts.get('label', 0)} probable label errors, "
               f"{counts.get('duplicate', 0)} near-duplicates, {counts.get('outlier', 0)} outliers")
 
 
 def _run_suggest(config) -> None:
-    from finegrain.stages.suggest import run_suggest
-
-    table = run_suggest(config)
+    table = STAGES["suggest"].run(config)
     html = Path(config.out).with_suffix(".html")
     out.print(f"wrote {config.out}: {len(table)} photos to label next, in order; contact sheet {html}")
 
 
 def _register_stages() -> None:
-    from finegrain.config import AuditConfig, EvaluateConfig, PretrainConfig, SuggestConfig, SupconConfig
     from finegrain.registry import PRETRAIN_METHODS, SUPCON_LOSSES
 
-    _stage_command("pretrain", PretrainConfig, _run_pretrain, f"""Self-supervised pretraining of any timm backbone (--method: {", ".join(PRETRAIN_METHODS.names())}).
+    _stage_command("pretrain", STAGES["pretrain"].config, _run_pretrain, f"""Self-supervised pretraining of any timm backbone (--method: {", ".join(PRETRAIN_METHODS.names())}).
 
     Labels are ignored: every train and unlabeled image is used. Writes an artifact folder that `supcon` and `evaluate` start from. Scale out with torchrun.
 
@@ -418,7 +408,7 @@ def _register_stages() -> None:
 
     Example (2 GPUs): torchrun --nproc_per_node 2 -m finegrain pretrain --manifest M --out runs/p
     """)
-    _stage_command("supcon", SupconConfig, _run_supcon, f"""Supervised fine-tuning on the labelled train images (--loss: {", ".join(SUPCON_LOSSES.names())}).
+    _stage_command("supcon", STAGES["supcon"].config, _run_supcon, f"""Supervised fine-tuning on the labelled train images (--loss: {", ".join(SUPCON_LOSSES.names())}).
 
     Starts from a pretrain artifact (--from) or backbone weights. Defaults are a gentle recipe for small fine-grained sets: frozen BatchNorm, backbone at 0.1x the head's rate, one head-only epoch, crop + flip views, 16 x 4 class-balanced batches. Afterwards a linear classifier is fitted on the embedding, so `finegrain predict` can name species.
 
@@ -428,7 +418,7 @@ def _register_stages() -> None:
 
     Example (few labels, many unlabeled photos; a teacher that keeps the ImageNet features, then its student): finegrain supcon --manifest M --out runs/probe --backbone-lr-scale 0 --max-steps 20 && finegrain supcon --manifest M --out runs/student --teacher runs/probe
     """)
-    _stage_command("evaluate", EvaluateConfig, _run_evaluate, """Evaluate an artifact or a bare backbone: kNN, linear probe, retrieval, per-class results, plots.
+    _stage_command("evaluate", STAGES["evaluate"].config, _run_evaluate, """Evaluate an artifact or a bare backbone: kNN, linear probe, retrieval, per-class results, plots.
 
     Features are extracted with the artifact's own image size and normalisation and cached in a folder shared with audit and suggest (--features-dir), so re-running is quick. Writes report/index.html, report/metrics.json, per-class CSV and PNG plots.
 
@@ -438,7 +428,7 @@ def _register_stages() -> None:
 
     Example (with the audit's flagged counts and a link to its page in the report): finegrain evaluate --manifest M --from runs/supcon --out runs/eval --audit runs/audit
     """)
-    _stage_command("audit", AuditConfig, _run_audit, """Photos worth a second look: probable label errors, near-duplicates and outliers, from an artifact's embeddings.
+    _stage_command("audit", STAGES["audit"].config, _run_audit, """Photos worth a second look: probable label errors, near-duplicates and outliers, from an artifact's embeddings.
 
     Label errors come from confident learning (cleanlab) on out-of-sample class probabilities of the labelled photos (a cross-validated linear probe, or --label-probs knn); near-duplicates and outliers are checked across every photo, labelled or not. Writes OUT/audit.csv (ranked: rank, issue, path, split, given and suggested label, score, reason) and OUT/audit.html (each photo beside typical photos of its given and suggested species). Nothing is changed: apply what you agree with using `finegrain manifest relabel`.
 
@@ -448,7 +438,7 @@ def _register_stages() -> None:
 
     The evaluate report shows the flagged counts and links to audit.html with `finegrain evaluate ... --audit runs/audit`.
     """, arguments={"from_artifact": "ARTIFACT_DIR"})
-    _stage_command("suggest", SuggestConfig, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
+    _stage_command("suggest", STAGES["suggest"].config, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
 
     Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir). With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.
 

@@ -44,16 +44,16 @@ import yaml
 
 from finegrain import dist
 from finegrain.artifacts import ARTIFACT_FILE, load_artifact
-from finegrain.config import EvaluateConfig, PretrainConfig, SupconConfig, config_from_dict
+from finegrain.config import config_from_dict
 from finegrain.engine.checkpoint import CHECKPOINT_FILE
 from finegrain.errors import FinegrainError
 from finegrain.fsutil import atomic_write_text
+from finegrain.stages import PIPELINE_STAGES
 
 log = logging.getLogger("finegrain")
 
-# distill: a second supcon whose teacher is the artifact before it (supcon --teacher); its student
-# starts from the backbone weights, as in Su et al.'s self-training.
-STAGES = {"pretrain": PretrainConfig, "supcon": SupconConfig, "distill": SupconConfig, "evaluate": EvaluateConfig}
+# The stages a pipeline names (finegrain.stages.PIPELINE_STAGES): name -> config class.
+STAGES = {name: stage.config for name, stage in PIPELINE_STAGES.items()}
 TOP_KEYS = {"name", "runs_dir", "data", "defaults", "stages", "description", "next"}
 # Fields that change where or how fast a stage runs, not what it computes: left out of the cache key.
 NOT_IN_KEY = {"out", "resume", "device", "workers", "cache_images", "cache_dir", "compile", "channels_last",
@@ -216,11 +216,8 @@ def run_pipeline(spec: dict, *, force=(), runner=None) -> list[StageResult]:
     runner: stage name -> run function (tests may wrap them); default the real stages.
     """
     from finegrain.engine.device import resolve_device
-    from finegrain.stages.evaluate import run_evaluate
-    from finegrain.stages.pretrain import run_pretrain
-    from finegrain.stages.supcon import run_supcon
 
-    runner = runner or {"pretrain": run_pretrain, "supcon": run_supcon, "distill": run_supcon, "evaluate": run_evaluate}
+    runner = runner or {name: stage.run for name, stage in PIPELINE_STAGES.items()}
     bad = set(force) - set(STAGES)
     if bad:
         raise FinegrainError(f"--force names unknown stage(s) {', '.join(sorted(bad))}")
