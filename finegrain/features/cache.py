@@ -69,6 +69,12 @@ class CachedPhotos:
         self._owner = np.concatenate(owner) if owner else np.zeros(0, np.int64)
         self._row = np.concatenate(row) if row else np.zeros(0, np.int64)
         self._order = np.argsort(self._ids, kind="stable")
+        self._maps: dict[int, torch.Tensor] = {}  # file index -> its memory map, opened once
+
+    def _rows(self, f: int) -> torch.Tensor:
+        if f not in self._maps:
+            self._maps[f] = feature_file.read_rows(self.files[f])
+        return self._maps[f]
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each id, (file index into self.files or -1 when no file holds it, its row there); both (N,) int64."""
@@ -82,7 +88,7 @@ class CachedPhotos:
 
     def gather(self, files: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """(len(rows), D) float32 rows, row i from files[i] (all >= 0)."""
-        parts = {int(f): feature_file.read_rows(self.files[int(f)]) for f in np.unique(files)}
+        parts = {int(f): self._rows(int(f)) for f in np.unique(files)}
         dim = next(iter(parts.values())).shape[1]
         out = torch.empty(len(rows), dim)
         for f, features in parts.items():
