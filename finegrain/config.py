@@ -3,8 +3,13 @@
 Every field carries its help text (the CLI's option help) and, where it has one, its check: a range,
 fixed choices or a registry of names. Building a config converts each value to its declared type
 (pipeline YAML gives '1e-3' as a string) or stops with a ConfigError naming the key, before any file
-is read. Fields marked `method_option` belong to some methods or losses only: setting one that the
-chosen method does not read is refused, not silently ignored.
+is read.
+
+A method's or loss's own options (SupCon's temperature, MoCo's queue size) live in its file, as the
+`Options` dataclass of its class (a `MethodOptions`). `with_method_options` gives the stage config one
+flat field per option some method declares (so flags and pipeline keys stay flat), default None: the
+chosen method's own default. `config.method_options()` builds the chosen method's Options from them;
+setting one that the chosen method does not read is refused, not silently ignored.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from finegrain.errors import FinegrainError
 from finegrain.registry import PRETRAIN_METHODS, SAMPLERS, SUPCON_LOSSES, VIEW_RECIPES, Registry
@@ -49,9 +56,14 @@ FRACTION_BELOW_1 = Check(lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None = None, choices=None,
-           method_option: bool = False, flag: str | None = None, default_factory=dataclasses.MISSING):
-    """A config field with its CLI help, its check, and its choices (a tuple or a Registry)."""
-    metadata = {"help": help, "check": check, "choices": choices, "method_option": method_option, "flag": flag}
+           method_option: bool = False, flag: str | None = None, default_factory=dataclasses.MISSING,
+           metavar: str | None = None):
+    """A config field with its CLI help, its check, and its choices (a tuple or a Registry).
+
+    flag: the CLI flag (default --field-name; for a bool, given flags are used as they are, e.g. "--json").
+    metavar: what the help shows for the value (default: its type)."""
+    metadata = {"help": help, "check": check, "choices": choices, "method_option": method_option, "flag": flag,
+                "metavar": metavar}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -67,10 +79,75 @@ UNLABELED_MODES = ("none", "pseudo")
 TRAIN_LAYERS = ("all", "bn", "last")
 OPEN_SET_SCORES = ("relative_mahalanobis", "knn_distance")  # eval/open_set.py's SCORES (config imports no torch)
 AUDIT_PROBABILITIES = ("ensemble", "linear", "knn")
+DEVICE = Check(lambda v: v in DEVICES or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N")
+
+
+# --- a method's own options ----------------------------------------------------------------------
+
+@dataclass
+class MethodOptions:
+    """Base of a method's (or loss's) `Options` dataclass: fields made with `option()`, checked when built."""
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+_OPTION_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def with_method_options(registry: Registry):
+    """Class decorator: the config class plus one flat field per option that some entry of `registry`
+    declares (default None: the chosen entry's own default), with help naming who reads it and its default.
+
+    The options are read from the entries' source while `registry` is not loaded, so help needs no torch.
+    """
+
+    def add(cls):
+        readers: dict[str, dict[str, object]] = {}  # option -> {entry: OptionSpec}
+        for entry, specs in registry.options().items():
+            for name, spec in specs.items():
+                readers.setdefault(name, {})[entry] = spec
+        fields = []
+        for name, by_entry in readers.items():
+            types = {spec.type for spec in by_entry.values()}
+            if len(types) != 1 or next(iter(types)) not in _OPTION_TYPES:
+                raise TypeError(f"{registry.kind} option {name!r}: one of {', '.join(_OPTION_TYPES)} for every "
+                                f"entry that declares it, got {sorted(types)}")
+            hint = _OPTION_TYPES[types.pop()] | None
+            fields.append((name, hint, option(None, _readers_help(by_entry), method_option=True)))
+        namespace = {"__doc__": cls.__doc__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,), namespace=namespace)
+
+    return add
+
+
+def _readers_help(by_entry: dict) -> str:
+    """'simclr: NT-Xent temperature (default 0.5). moco: ...' with entries of the same help and default merged."""
+    groups: dict[tuple[str, object], list[str]] = {}
+    for entry, spec in by_entry.items():
+        groups.setdefault((spec.help.rstrip("."), spec.default), []).append(entry)
+    return " ".join(f"{', '.join(entries)}: {text} (default {default})." for (text, default), entries in groups.items())
 
 
 @dataclass
-class StageConfig:
+class CommandConfig:
+    """A command's options, checked when built: each field is converted to its type and checked (range,
+    choices), then `check()` checks across fields. Every command's options are such a dataclass."""
+
+    def __post_init__(self):
+        check_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (subclasses extend)."""
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field (for YAML, W&B and artifact.json)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StageConfig(CommandConfig):
     """What every stage takes: data, backbone, output folder, device, tracking."""
 
     manifest: str = option("", "Manifest file (.csv/.parquet) of the images.")
@@ -80,8 +157,7 @@ class StageConfig:
     weights: str | None = option(None, "Backbone weights: a .safetensors/.pth state dict, 'builtin' (offline ImageNet "
                                        "weights), or 'none'. Default: builtin when the backbone has them.")
     pretrained: bool = option(False, "Download timm hub weights (needs internet).")
-    device: str = option("auto", "auto, cpu or cuda (cuda:N for one GPU).",
-                         check=Check(lambda v: v in DEVICES or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"))
+    device: str = option("auto", "auto, cpu or cuda (cuda:N for one GPU).", check=DEVICE)
     amp: str = option("auto", "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.", choices=AMP_MODES)
     seed: int = option(0, "Random seed (data order, augmentations, initialisation).")
     workers: int = option(2, "DataLoader worker processes.", check=at_least(0))
@@ -95,17 +171,6 @@ class StageConfig:
     wandb_project: str = option("finegrain", "W&B project.")
     wandb_entity: str | None = option(None, "W&B entity (user or team).")
     wandb_tags: list[str] = option(help="W&B tag (repeat for several).", flag="--wandb-tag", default_factory=list)
-
-    def __post_init__(self):
-        check_fields(self)
-        self.check()
-
-    def check(self) -> None:
-        """Checks across fields (subclasses extend)."""
-
-    def to_dict(self) -> dict:
-        """Plain dict of every field (for YAML, W&B and artifact.json)."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -142,16 +207,12 @@ class TrainConfig(StageConfig):
                                           "train or kNN accuracy falls to chance; the last good checkpoint is kept.")
 
 
+@with_method_options(PRETRAIN_METHODS)
 @dataclass
 class PretrainConfig(TrainConfig):
     """`finegrain pretrain`: self-supervised pretraining (labels ignored)."""
 
     method: str = option("simclr", "Self-supervised method:", choices=PRETRAIN_METHODS)
-    temperature: float | None = option(None, "Contrastive temperature (default: the method's, 0.5 simclr, 0.2 moco).",
-                                       check=POSITIVE, method_option=True)
-    proj_dim: int = option(128, "Projection head output size.", check=at_least(1), method_option=True)
-    proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
-                              method_option=True)
     views: str | None = option(None, "View recipe (default: color_safe from loaded weights, simclr from random "
                                      "ones):", choices=VIEW_RECIPES)
     train_layers: str | None = option(None, "Which backbone weights train: all; bn (BatchNorm affine parameters only, "
@@ -159,17 +220,19 @@ class PretrainConfig(TrainConfig):
                                             "stay as loaded); last (the last stage and what follows it). "
                                             "Default: bn from loaded weights (they keep their features), all from "
                                             "random ones.", choices=TRAIN_LAYERS)
-    queue_size: int = option(4096, "MoCo: negatives kept in the queue.", check=at_least(1), method_option=True)
-    hard_negative_beta: float = option(0.0, "simclr/moco: weight negatives by exp(beta x cosine similarity), harder "
-                                            "ones more (Robinson et al. 2021); 0 is the plain loss.",
-                                       check=at_least(0), method_option=True)
-    moco_momentum: float = option(0.99, "MoCo and BYOL: starting EMA momentum of the key/target network (rises to 1 "
-                                        "on a cosine).", check=between(0, 1), method_option=True)
 
     def check(self) -> None:
-        refuse_unused_options(self, PRETRAIN_METHODS.get(self.method), f"--method {self.method}")
+        self.method_options()
+
+    def method_options(self) -> MethodOptions:
+        """The chosen method's own options (its `Options`), from this config's flat fields."""
+        return chosen_options(self, PRETRAIN_METHODS, self.method, f"--method {self.method}")
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), **dataclasses.asdict(self.method_options())}
 
 
+@with_method_options(SUPCON_LOSSES)
 @dataclass
 class SupconConfig(TrainConfig):
     """`finegrain supcon`: supervised (contrastive) fine-tuning on the labelled train images.
@@ -185,22 +248,6 @@ class SupconConfig(TrainConfig):
     from_artifact: str | None = option(None, "Artifact folder to start from (a pretrain or supcon run); its backbone "
                                              "name and weights are used.", flag="--from")
     loss: str = option("supcon_ce", "Training objective:", choices=SUPCON_LOSSES)
-    temperature: float = option(0.1, "SupCon temperature.", check=POSITIVE, method_option=True)
-    margin: float = option(0.2, "Triplet margin (on L2-normalised embeddings).", check=at_least(0), method_option=True)
-    neg_margin: float = option(0.5, "Contrastive loss: distance (L2 on the unit sphere, 0-2) beyond which "
-                                    "different-class pairs cost nothing.", check=Check(lambda v: 0 < v <= 2,
-                                                                                       "above 0 and at most 2"),
-                               method_option=True)
-    label_smoothing: float = option(0.1, "Cross-entropy label smoothing (ce, supcon_ce).", check=FRACTION_BELOW_1,
-                                    method_option=True)
-    ce_weight: float = option(1.0, "supcon_ce: weight of the cross-entropy term beside SupCon.", check=at_least(0),
-                              method_option=True)
-    ce_temperature: float = option(0.05, "ce, supcon_ce: the classifier's logits are cosine similarities divided by "
-                                         "this (NormSoftmax): stable at any feature scale.", check=POSITIVE,
-                                   method_option=True)
-    proj_dim: int = option(128, "Projection head output size.", check=at_least(1), method_option=True)
-    proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0),
-                              method_option=True)
     views: str = option("supcon", "View recipe:", choices=VIEW_RECIPES)
     n_views: int = option(2, "Augmented views of each image per batch.", check=at_least(1))
     sampler: str = option("pk", "Batch sampler:", choices=SAMPLERS)
@@ -249,12 +296,18 @@ class SupconConfig(TrainConfig):
                             check=between(0, 1))
 
     def check(self) -> None:
-        refuse_unused_options(self, SUPCON_LOSSES.get(self.loss), f"--loss {self.loss}")
+        self.method_options()
         self._check_unlabeled()
         if self.sampler == "pk" and self.batch_size % self.classes_per_batch:
             raise ConfigError("batch_size", f"{self.batch_size} must be a multiple of classes_per_batch "
                                             f"{self.classes_per_batch} (P x K batches)")
 
+    def method_options(self) -> MethodOptions:
+        """The chosen loss's own options (its `Options`), from this config's flat fields."""
+        return chosen_options(self, SUPCON_LOSSES, self.loss, f"--loss {self.loss}")
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), **dataclasses.asdict(self.method_options())}
 
     def _check_unlabeled(self) -> None:
         """--unlabeled pseudo and --teacher need a loss with a classifier and exclude each other."""
@@ -401,7 +454,7 @@ def check_fields(config) -> None:
 
 
 def _convert(key: str, value, hint):
-    """`value` as the type `hint` (int, float, bool, str, list[str], X | None), or ConfigError."""
+    """`value` as the type `hint` (int, float, bool, str, Path, list[X], X | None), or ConfigError."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
@@ -433,6 +486,9 @@ def _convert(key: str, value, hint):
                 number = math.nan
             if math.isfinite(number):
                 return number
+    elif hint is Path:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -441,22 +497,27 @@ def _convert(key: str, value, hint):
 
 
 def _type_name(hint) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {bool: "true or false", int: "a whole number", float: "a number", Path: "a path"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
 
 
-def method_options(config_cls) -> list[str]:
-    """The fields of `config_cls` that only some methods (or losses) read."""
+def method_option_names(config_cls) -> list[str]:
+    """The flat fields of `config_cls` that only some methods (or losses) read."""
     return [f.name for f in dataclasses.fields(config_cls) if f.metadata.get("method_option")]
 
 
-def refuse_unused_options(config, method, chosen: str) -> None:
-    """ConfigError if a method option is set (differs from its default) but `method.options` does not list it."""
-    used = set(getattr(method, "options", ()))
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    for name in method_options(type(config)):
-        if name not in used and getattr(config, name) != defaults[name]:
-            uses = ", ".join(sorted(used)) or "none of them"
-            raise ConfigError(name, f"{chosen} does not use this option (it uses: {uses}); remove it")
+def chosen_options(config, registry: Registry, name: str, chosen: str) -> MethodOptions:
+    """The Options of `registry`'s entry `name`, from `config`'s flat fields that are set (not None).
+
+    ConfigError naming the key if a set field is one the entry does not read, or out of its range.
+    """
+    options_cls = getattr(registry.get(name), "Options", MethodOptions)
+    own = [f.name for f in dataclasses.fields(options_cls)]
+    for key in method_option_names(type(config)):
+        if key not in own and getattr(config, key) is not None:
+            raise ConfigError(key, f"{chosen} does not use this option (it uses: {', '.join(own) or 'none'}); "
+                                   "remove it")
+    return options_cls(**{key: getattr(config, key) for key in own if getattr(config, key, None) is not None})
 
 
 def config_from_dict(cls, values: dict, where: str = ""):
@@ -476,3 +537,58 @@ def config_from_dict(cls, values: dict, where: str = ""):
         return cls(**values)
     except ConfigError as e:
         raise ConfigError(prefix + e.key, str(e).split(": ", 1)[1]) from None
+
+
+# --- the other commands' options -------------------------------------------------------------------
+
+ON_OFF = Check(lambda v: v in ("on", "off"), "on or off")
+
+
+@dataclass
+class PredictConfig(CommandConfig):
+    """`finegrain predict`: name the species in photos with a supcon artifact's classifier."""
+
+    artifact: Path = option(help="A supcon artifact (it holds a classifier).")
+    images: list[Path] = option(help="Photos, or folders searched recursively.")
+    top_k: int = option(5, "Species to list per photo.", check=at_least(1))
+    out: Path | None = option(None, "CSV to write (default: print a table).", flag="--out")
+    device: str = option("auto", "auto, cpu or cuda.", check=DEVICE)
+    batch_size: int = option(64, "Images per batch.", check=at_least(1))
+    workers: int = option(2, "DataLoader worker processes.", check=at_least(0))
+    flip_tta: bool | None = option(None, "Average each photo's features with its mirror image's (default: as the "
+                                         "classifier was fitted).")
+    open_set: str | None = option(None, "Name photos unlike every trained species 'unknown' (default: on when the "
+                                        "artifact stores a calibration, as supcon artifacts do; off for older ones).",
+                                  check=ON_OFF, metavar="on|off")
+
+    def check(self) -> None:
+        if not self.images:
+            raise ConfigError("images", "give at least one photo or folder")
+
+    @property
+    def open_set_scoring(self) -> bool | None:
+        """--open-set as run_predict takes it: None (as the artifact stores), True or False."""
+        return None if self.open_set is None else self.open_set == "on"
+
+
+@dataclass
+class RunConfig(CommandConfig):
+    """`finegrain run`: run a pipeline file, with overrides."""
+
+    pipeline: Path = option(help="Pipeline file (see pipelines/).")
+    overrides: list[str] = option(help="Override an option: stage.key=value, defaults.key=value, data.split.seed=1 "
+                                       "(repeatable).", flag="--set", default_factory=list)
+    force: list[str] = option(help="Rerun this stage even if cached (repeatable).", default_factory=list)
+
+
+@dataclass
+class RunsConfig(CommandConfig):
+    """`finegrain runs`: the artifacts under a folder as lineage trees."""
+
+    folder: Path = option(Path("runs"), "Folder to search for artifacts.")
+    as_json: bool = option(False, "Print the tree as JSON (for scripts).", flag="--json")
+
+
+@dataclass
+class BackbonesConfig(CommandConfig):
+    """`finegrain backbones`: no options."""

@@ -3,18 +3,29 @@
 Each registry is declared here, at the bottom of the package, so configs can check a name when they
 are built; its entries register themselves in their home package (`@PRETRAIN_METHODS.register("simclr")`
 in finegrain/methods/), which is imported the first time the registry is asked for a name. So adding a
-method is its own file plus a config field; nothing here or in a stage changes.
+method is its own file (its options in it, as the `Options` dataclass of its class); nothing here, in
+the config or in a stage changes.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import inspect
 from pathlib import Path
+from typing import NamedTuple
 
 from finegrain.errors import FinegrainError
+
+
+class OptionSpec(NamedTuple):
+    """One option an entry declares in its `Options` dataclass: its type ("float"), default and help."""
+
+    type: str
+    default: object
+    help: str
 
 
 class Registry:
@@ -77,6 +88,15 @@ class Registry:
         """'name: description; ...' for help text."""
         return "; ".join(f"{n}: {d}" if d else n for n, d in self._catalogue().items())
 
+    def options(self) -> dict[str, dict[str, OptionSpec]]:
+        """name -> {option: OptionSpec} of every entry's `Options` (read from `home`'s source until loaded)."""
+        declared = {}
+        if self.declared_as is None or self._loaded:
+            self._load()
+        else:
+            declared = declared_options(self.home, self.declared_as)
+        return {**declared, **{name: live_options(entry) for name, entry in self._entries.items()}}
+
     def _catalogue(self) -> dict[str, str]:
         """name -> description: declared in `home`'s source (not imported yet) plus what is registered."""
         if self.declared_as is None or self._loaded:
@@ -85,13 +105,17 @@ class Registry:
         return {**declared_entries(self.home, self.declared_as), **self._descriptions}
 
 
-def declared_entries(home: str, registry_name: str) -> dict[str, str]:
-    """name -> first docstring line of each class or function decorated `@registry_name.register("name")`
-    in the module or package `home`, read with `ast` (nothing is imported but `home`'s parent packages).
+def live_options(entry) -> dict[str, OptionSpec]:
+    """option -> OptionSpec of `entry.Options` (a dataclass; none if the entry has no Options)."""
+    options = getattr(entry, "Options", None)
+    if options is None:
+        return {}
+    return {f.name: OptionSpec(str(f.type), f.default, f.metadata.get("help", "")) for f in dataclasses.fields(options)}
 
-    A package's modules are read in the order its `__init__.py` first names them (the order its import
-    registers them in), then by file name.
-    """
+
+def _source_trees(home: str) -> list[ast.Module]:
+    """The parsed files of the module or package `home`, a package's in the order its `__init__.py` first
+    names them (the order its import registers them in), then by file name."""
     spec = importlib.util.find_spec(home)
     if spec.submodule_search_locations:
         init = Path(spec.origin).read_text()
@@ -99,14 +123,65 @@ def declared_entries(home: str, registry_name: str) -> dict[str, str]:
         files.sort(key=lambda f: init.find(f.stem) if f.stem in init else len(init))
     else:
         files = [Path(spec.origin)]
-    found: dict[str, str] = {}
-    for file in files:
-        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+    return [ast.parse(file.read_text(), str(file)) for file in files]
+
+
+def _registered_classes(home: str, registry_name: str):
+    """(name, ast node) of each class or function decorated `@registry_name.register("name")` in `home`."""
+    for tree in _source_trees(home):
+        for node in ast.walk(tree):
             for decorator in getattr(node, "decorator_list", ()):
                 name = _registered_name(decorator, registry_name)
                 if name is not None:
-                    found[name] = (ast.get_docstring(node) or "").split("\n", 1)[0].rstrip(".")
-    return found
+                    yield name, node
+
+
+def declared_entries(home: str, registry_name: str) -> dict[str, str]:
+    """name -> first docstring line of each entry registered in `home`'s source, read with `ast` (nothing is
+    imported but `home`'s parent packages)."""
+    return {name: (ast.get_docstring(node) or "").split("\n", 1)[0].rstrip(".")
+            for name, node in _registered_classes(home, registry_name)}
+
+
+def declared_options(home: str, registry_name: str) -> dict[str, dict[str, OptionSpec]]:
+    """name -> {option: OptionSpec} of each entry registered in `home`'s source, read with `ast`.
+
+    An entry's options are the fields of the `Options` class in its body (or `Options = SomeOptions`),
+    else its base classes' in `home`; an Options class inherits the fields of its bases defined at the top
+    of a file in `home`. Fields are `name: type = option(default, "help", ...)` with literal values.
+    """
+    classes = {node.name: node for tree in _source_trees(home) for node in tree.body if isinstance(node, ast.ClassDef)}
+    return {name: _option_fields(_options_class(node, classes), classes)
+            for name, node in _registered_classes(home, registry_name)}
+
+
+def _options_class(node, classes: dict) -> ast.ClassDef | None:
+    """The `Options` class of class `node` (in its body, or inherited from a base class in `classes`)."""
+    for stmt in getattr(node, "body", ()):
+        if isinstance(stmt, ast.ClassDef) and stmt.name == "Options":
+            return stmt
+        if (isinstance(stmt, ast.Assign) and [ast.unparse(t) for t in stmt.targets] == ["Options"]
+                and isinstance(stmt.value, ast.Name)):
+            return classes.get(stmt.value.id)
+    for base in getattr(node, "bases", ()):
+        found = _options_class(classes.get(ast.unparse(base)), classes)
+        if found is not None:
+            return found
+    return None
+
+
+def _option_fields(node: ast.ClassDef | None, classes: dict) -> dict[str, OptionSpec]:
+    """The option fields of Options class `node`, its bases' first (in dataclass order)."""
+    if node is None:
+        return {}
+    fields: dict[str, OptionSpec] = {}
+    for base in reversed(node.bases):
+        fields.update(_option_fields(classes.get(ast.unparse(base)), classes))
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.value, ast.Call) and stmt.value.args:
+            args = [ast.literal_eval(a) for a in stmt.value.args[:2]]
+            fields[stmt.target.id] = OptionSpec(ast.unparse(stmt.annotation), args[0], args[1] if len(args) > 1 else "")
+    return fields
 
 
 def _registered_name(decorator: ast.expr, registry_name: str) -> str | None:

@@ -138,7 +138,7 @@ def test_helpers_without_process_group(monkeypatch):
     assert torch.equal(gathered, t) and not gathered.requires_grad
     # NT-Xent with gather=True is the plain single-process loss
     z = torch.randn(3, 4)
-    assert torch.equal(nt_xent(t, z), nt_xent(t, z, gather=False))
+    assert torch.equal(nt_xent(t, z, 0.5), nt_xent(t, z, 0.5, gather=False))
 
 
 def test_child_failure_fails_the_parent(tmp_path):

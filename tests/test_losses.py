@@ -150,7 +150,7 @@ def test_nt_xent_rejects_bad_input():
     with pytest.raises(ValueError, match="temperature"):
         nt_xent(torch.randn(2, 3), torch.randn(2, 3), 0.0)
     with pytest.raises(ValueError, match=r"\(B, D\)"):
-        nt_xent(torch.randn(2, 3), torch.randn(3, 3))
+        nt_xent(torch.randn(2, 3), torch.randn(3, 3), 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +206,11 @@ def test_info_nce_no_gradient_into_keys_or_queue():
     q = torch.randn(4, 8, requires_grad=True)
     k = torch.randn(4, 8, requires_grad=True)
     queue = torch.randn(10, 8, requires_grad=True)
-    info_nce(q, k, queue).backward()
+    info_nce(q, k, queue, 0.2).backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert k.grad is None and queue.grad is None
     q.grad = None
-    info_nce(q, k, None).backward()
+    info_nce(q, k, None, 0.2).backward()
     assert q.grad.abs().sum() > 0 and k.grad is None
 
 

@@ -368,13 +368,13 @@ def test_contrastive_equals_pml_values_and_gradients(n, dim, seed, pattern, marg
     assert torch.allclose(loop_in.grad, ref_in.grad, rtol=1e-6, atol=1e-9)
 
 
-def test_contrastive_default_margins_are_pml_0_and_0_5():
+def test_contrastive_is_pml_at_margins_0_and_0_5():
     from pytorch_metric_learning.losses import ContrastiveLoss
 
     torch.manual_seed(5)
     z, labels = torch.randn(10, 2, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     ref = ContrastiveLoss(pos_margin=0.0, neg_margin=0.5)(z, labels)
-    assert contrastive(z, labels).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert contrastive(z, labels, 0.0, 0.5).item() == pytest.approx(ref.item(), rel=1e-5)
     assert ref.item() != pytest.approx(ContrastiveLoss()(z, labels).item())  # PML's own default is 1
 
 
@@ -401,7 +401,7 @@ def test_contrastive_identical_embeddings_have_finite_gradients():
 
     same = torch.ones(6, 5, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    loss = contrastive(same, labels)
+    loss = contrastive(same, labels, 0.0, 0.5)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(same.grad).all()
     # every negative pair is at distance 0 (< 0.5): 0.5; positives at distance ~0 add ~1e-6
@@ -411,12 +411,12 @@ def test_contrastive_identical_embeddings_have_finite_gradients():
     z = torch.randn(4, 3)
     dup = torch.cat([z, z[:2]]).requires_grad_()  # rows 4, 5 duplicate rows 0, 1 (same and other class)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = contrastive(dup, torch.tensor([0, 1, 0, 1, 0, 0]))
+        loss = contrastive(dup, torch.tensor([0, 1, 0, 1, 0, 0]), 0.0, 0.5)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(dup.grad).all()
 
     zero = torch.zeros(4, 3, requires_grad=True)
-    loss = contrastive(zero, torch.tensor([0, 0, 1, 1]))
+    loss = contrastive(zero, torch.tensor([0, 0, 1, 1]), 0.0, 0.5)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(zero.grad).all()
 
@@ -442,7 +442,7 @@ def test_contrastive_margins_satisfied_gives_zero_with_gradient():
 
 def test_contrastive_single_row_and_no_pairs():
     x = torch.randn(1, 4, requires_grad=True)
-    loss = contrastive(x, torch.tensor([3]))
+    loss = contrastive(x, torch.tensor([3]), 0.0, 0.5)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
 
@@ -450,22 +450,22 @@ def test_contrastive_single_row_and_no_pairs():
 def test_contrastive_scale_and_permutation_invariant():
     torch.manual_seed(7)
     z, labels = torch.randn(12, 4), torch.randint(0, 3, (12,))
-    base = contrastive(z, labels)
-    assert torch.allclose(contrastive(z * (torch.rand(12, 1) * 50 + 0.1), labels), base, atol=1e-5)
+    base = contrastive(z, labels, 0.0, 0.5)
+    assert torch.allclose(contrastive(z * (torch.rand(12, 1) * 50 + 0.1), labels, 0.0, 0.5), base, atol=1e-5)
     perm = torch.randperm(12)
-    assert torch.allclose(contrastive(z[perm], labels[perm]), base, atol=1e-6)
+    assert torch.allclose(contrastive(z[perm], labels[perm], 0.0, 0.5), base, atol=1e-6)
 
 
 def test_contrastive_rejects_bad_input_and_is_registered():
     z = torch.randn(4, 3)
     with pytest.raises(ValueError, match="pos_margin"):
-        contrastive(z, torch.tensor([0, 0, 1, 1]), pos_margin=-0.1)
+        contrastive(z, torch.tensor([0, 0, 1, 1]), pos_margin=-0.1, neg_margin=0.5)
     with pytest.raises(ValueError, match="neg_margin"):
-        contrastive(z, torch.tensor([0, 0, 1, 1]), neg_margin=float("nan"))
+        contrastive(z, torch.tensor([0, 0, 1, 1]), pos_margin=0.0, neg_margin=float("nan"))
     with pytest.raises(ValueError, match="labels"):
-        contrastive(z, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        contrastive(z, torch.tensor([0.0, 0.0, 1.0, 1.0]), 0.0, 0.5)
     with pytest.raises(ValueError, match="labels"):
-        contrastive(z, torch.tensor([0, 1]))
+        contrastive(z, torch.tensor([0, 1]), 0.0, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,13 +216,13 @@ def test_supcon_rejects_bad_input():
     with pytest.raises(ValueError, match="temperature"):
         supcon(z, labels, 0.0)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
-        supcon(torch.randn(4), labels)
+        supcon(torch.randn(4), labels, 0.1)
     with pytest.raises(ValueError, match=r"\(N,\)"):
-        supcon(z, labels[:3])
+        supcon(z, labels[:3], 0.1)
     with pytest.raises(ValueError, match=r"\(N,\)"):
-        supcon(z, labels[None])
+        supcon(z, labels[None], 0.1)
     with pytest.raises(ValueError, match="integer"):
-        supcon(z, labels.float())
+        supcon(z, labels.float(), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,11 +367,11 @@ def test_triplet_rejects_bad_input():
     with pytest.raises(ValueError, match="margin"):
         batch_hard_triplet(z, labels, -0.1)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
-        batch_hard_triplet(z[None], labels)
+        batch_hard_triplet(z[None], labels, 0.2)
     with pytest.raises(ValueError, match=r"\(N,\)"):
-        batch_hard_triplet(z, labels[:2])
+        batch_hard_triplet(z, labels[:2], 0.2)
     with pytest.raises(ValueError, match="integer"):
-        batch_hard_triplet(z, labels.bool())
+        batch_hard_triplet(z, labels.bool(), 0.2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,20 +1,29 @@
-"""A new method added through the registry alone runs end to end: a method, a loss and a config field, no stage edited.
+"""A new method added through the registry alone runs end to end: a method with its options and a loss, no
+config, stage or command-line code edited.
 
-The three pieces a contributor writes live in this file: `centroid_loss` (would be losses/centroid.py),
-`Centroid` (would be methods/centroid.py) and `CentroidConfig.pull` (would be one field of PretrainConfig).
+In-process: `centroid_loss` (would be losses/centroid.py) and `Centroid` (would be methods/centroid.py) live
+in this file, with a config subclass for the option. Through the command line: the same two files written
+into a copy of the package give `finegrain pretrain --method centroid --pull X`.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from finegrain.artifacts import load_artifact
 from finegrain.config import POSITIVE, ConfigError, EvaluateConfig, PretrainConfig, option
 from finegrain.methods import BackboneMethod, embed_views
+from finegrain.methods.base import ProjectionOptions
 from finegrain.models.heads import ProjectionHead
 from finegrain.registry import PRETRAIN_METHODS
 from finegrain.stages.evaluate import run_evaluate
@@ -30,22 +39,27 @@ def centroid_loss(z1: torch.Tensor, z2: torch.Tensor, pull: float) -> torch.Tens
 class Centroid(BackboneMethod):
     """A toy method for this test: pair pull plus centroid push."""
 
-    options = ("proj_dim", "pull")
+    @dataclass
+    class Options(ProjectionOptions):
+        pull: float = option(1.0, "Weight of the pair term.", check=POSITIVE)
+
     base_lr = 0.05
 
-    def __init__(self, backbone, *, proj_dim: int = 128, pull: float = 1.0, freeze_bn: bool = False):
-        super().__init__(backbone, freeze_bn=freeze_bn)
-        self.head = ProjectionHead(backbone.num_features, backbone.num_features, proj_dim)
-        self.pull = pull
+    def __init__(self, backbone, options: Options | None = None, *, freeze_bn: bool = False):
+        super().__init__(backbone, options, freeze_bn=freeze_bn)
+        self.head = ProjectionHead(backbone.num_features, backbone.num_features, self.options.proj_dim)
 
     def forward(self, views, labels=None):
         z1, z2 = self.head(embed_views(self.backbone, views[:2])).chunk(2)
-        return centroid_loss(z1, z2, self.pull), {}
+        return centroid_loss(z1, z2, self.options.pull), {}
 
 
 @dataclass
 class CentroidConfig(PretrainConfig):
-    pull: float = option(1.0, "Centroid: weight of the pair term.", check=POSITIVE, method_option=True)
+    """PretrainConfig's fields come from the options the package's methods declare; one registered in a
+    test adds its field here."""
+
+    pull: float | None = option(None, "centroid: weight of the pair term.", method_option=True)
 
 
 @pytest.fixture
@@ -76,3 +90,85 @@ def test_a_method_added_through_the_registry_trains_and_evaluates(birds, tmp_pat
         CentroidConfig(method="simclr", pull=3.0)
     with pytest.raises(ConfigError, match="^queue_size: --method centroid does not use"):
         CentroidConfig(method="centroid", queue_size=16)
+
+
+CENTROID_LOSS = '''
+"""A toy loss: pair pull plus centroid push."""
+
+import torch
+import torch.nn.functional as F
+
+
+def centroid_loss(z1: torch.Tensor, z2: torch.Tensor, pull: float) -> torch.Tensor:
+    """(B, D), (B, D) -> scalar."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    return pull * (z1 - z2).pow(2).sum(1).mean() + torch.cat([z1, z2]).mean(0).pow(2).sum()
+'''
+
+CENTROID_METHOD = '''
+"""A toy method: pair pull plus centroid push."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finegrain.artifacts import load_artifact
+from finegrain.config import POSITIVE, option
+from finegrain.losses.centroid import centroid_loss
+from finegrain.methods.base import BackboneMethod, ProjectionOptions, embed_views
+from finegrain.models.heads import ProjectionHead
+from finegrain.registry import PRETRAIN_METHODS
+
+
+@PRETRAIN_METHODS.register("centroid")
+class Centroid(BackboneMethod):
+    """Centroid: pair pull plus centroid push"""
+
+    @dataclass
+    class Options(ProjectionOptions):
+        pull: float = option(1.0, "Weight of the pair term.", check=POSITIVE)
+
+    def __init__(self, backbone, options: Options | None = None, *, freeze_bn: bool = False):
+        super().__init__(backbone, options, freeze_bn=freeze_bn)
+        self.head = ProjectionHead(backbone.num_features, backbone.num_features, self.options.proj_dim)
+
+    def forward(self, views, labels=None):
+        z1, z2 = self.head(embed_views(self.backbone, views[:2])).chunk(2)
+        return centroid_loss(z1, z2, self.options.pull), {}
+'''
+
+
+def test_a_method_file_adds_its_option_to_the_command_line(birds, tmp_path):
+    """Two new files (method with its option, loss) in the package: `--pull` exists, reaches the method, is
+    checked, and is refused for another method; help lists it without importing torch."""
+    package = Path(__import__("finegrain").__file__).parent
+    copy = tmp_path / "src" / "finegrain"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "losses" / "centroid.py").write_text(textwrap.dedent(CENTROID_LOSS))
+    (copy / "methods" / "centroid.py").write_text(textwrap.dedent(CENTROID_METHOD))
+
+    def finegrain(*args):
+        probe = ("import sys\ntry:\n    import finegrain.cli as c; c.main()\nfinally:\n"
+                 "    print('HEAVY', [m for m in ('torch', 'timm', 'albumentations') if m in sys.modules])")
+        return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(copy.parent),
+                                                 "COLUMNS": "200"})
+
+    help_text = finegrain("pretrain", "--help")
+    assert "--pull" in help_text.stdout and "centroid: Weight of the pair term (default 1.0)" in help_text.stdout
+    assert "HEAVY []" in help_text.stdout, help_text.stdout[-300:]
+
+    common = ["--manifest", str(birds.root / "manifest.csv"), "--backbone", "test_efficientnet", "--weights", "none",
+              "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--cache-dir", str(tmp_path / "cache"),
+              "--batch-size", "8", "--epochs", "1", "--lr", "0.001", "--optimizer", "adamw", "--no-knn-monitor"]
+    run = finegrain("pretrain", *common, "--method", "centroid", "--pull", "2.5", "--proj-dim", "16",
+                    "-o", str(tmp_path / "pre"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = load_artifact(tmp_path / "pre").config()
+    assert config["pull"] == 2.5 and config["proj_dim"] == 16 and config["temperature"] is None
+
+    refused = finegrain("pretrain", *common, "--method", "simclr", "--pull", "2.5", "-o", str(tmp_path / "p2"))
+    assert refused.returncode == 2 and "--pull: --method simclr does not use this option" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "p2").exists()
+    checked = finegrain("pretrain", *common, "--method", "centroid", "--pull", "0", "-o", str(tmp_path / "p3"))
+    assert checked.returncode == 2 and "--pull: must be greater than 0" in checked.stderr

@@ -52,7 +52,7 @@ class _Tiny(torch.nn.Module):
 
 def test_byol_target_gets_no_gradient_and_follows_by_ema():
     torch.manual_seed(0)
-    byol = BYOL(_Tiny(), proj_dim=4, proj_hidden=8, moco_momentum=0.9)
+    byol = BYOL(_Tiny(), BYOL.Options(proj_dim=4, proj_hidden=8, moco_momentum=0.9))
     views = [torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)]
     loss, _ = byol(views)
     loss.backward()
@@ -67,7 +67,7 @@ def test_byol_target_gets_no_gradient_and_follows_by_ema():
 
 
 def test_simsiam_has_no_momentum_network_and_a_bottleneck_predictor():
-    simsiam = SimSiam(_Tiny(), proj_dim=16, proj_hidden=8)
+    simsiam = SimSiam(_Tiny(), SimSiam.Options(proj_dim=16, proj_hidden=8))
     assert simsiam.predictor.hidden_dim == 4 and not hasattr(simsiam, "target_backbone")
     loss, _ = simsiam([torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)])
     assert -1.0 <= loss.item() <= 1.0

@@ -215,7 +215,7 @@ def test_projection_head_batchnorm_follows_each_paper(method, has_bn):
     from finegrain.models.backbone import create_backbone
 
     cfg = PretrainConfig(method=method, proj_dim=8, proj_hidden=16)
-    model = PRETRAIN_METHODS.get(method).from_config(cfg, create_backbone("test_efficientnet"))
+    model = PRETRAIN_METHODS.get(method)(create_backbone("test_efficientnet"), cfg.method_options())
     bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert bool(bns) == has_bn
     if method == "moco":

@@ -106,8 +106,9 @@ def test_soft_target_kl_against_a_plain_reference():
 
 def test_distillation_loss_on_a_tiny_batch_by_hand():
     """supcon_ce with a teacher: supcon(named) + ce_weight x (0.3 x CE(labelled) + 0.7 x KL(all rows))."""
-    method = SUPCON_LOSSES.get("supcon_ce")(create_backbone("test_efficientnet"), num_classes=3, proj_dim=4,
-                                           proj_hidden=8, label_smoothing=0.0)
+    loss = SUPCON_LOSSES.get("supcon_ce")
+    method = loss(create_backbone("test_efficientnet"), loss.Options(proj_dim=4, proj_hidden=8, label_smoothing=0.0),
+                  num_classes=3)
     method.use_teacher(torch.nn.Identity(), distill_weight=0.7, distill_temperature=1.0)
     z = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.6, 0.8, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.8, 0.0, 0.6, 0.0]])
     logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.5, 0.0, 0.0]])
@@ -144,8 +145,9 @@ class _NamesEveryPhoto(torch.nn.Module):
 @pytest.mark.parametrize("pseudo_ce", [False, True])
 def test_pseudo_labels_join_the_cross_entropy_only_when_asked(pseudo_ce):
     torch.manual_seed(0)
-    method = SUPCON_LOSSES.get("supcon_ce")(create_backbone("test_efficientnet"), num_classes=3, proj_dim=4,
-                                           proj_hidden=8, label_smoothing=0.0)
+    loss = SUPCON_LOSSES.get("supcon_ce")
+    method = loss(create_backbone("test_efficientnet"), loss.Options(proj_dim=4, proj_hidden=8, label_smoothing=0.0),
+                  num_classes=3)
     method.use_teacher(_NamesEveryPhoto(), pseudo_ce=pseudo_ce)
     method.eval()
     views, labels = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)], torch.tensor([0, 1, -1, -1])
@@ -155,7 +157,7 @@ def test_pseudo_labels_join_the_cross_entropy_only_when_asked(pseudo_ce):
     named = torch.tensor([0, 1, 2, 2]).repeat(2)
     ce_labels = named if pseudo_ce else labels.repeat(2)
     assert metrics["loss_ce"].item() == pytest.approx(labelled_cross_entropy(logits, ce_labels).item(), rel=1e-5)
-    assert metrics["loss_supcon"].item() == pytest.approx(supcon(z, named).item(), rel=1e-5)
+    assert metrics["loss_supcon"].item() == pytest.approx(supcon(z, named, 0.1).item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +220,8 @@ def test_pseudo_labels_train_and_write_an_artifact(few_labels, tmp_path):
 
 def test_distillation_from_a_teacher_artifact(few_labels, tmp_path):
     teacher = run_supcon(_cfg(few_labels, tmp_path, "teacher"))
-    student = run_supcon(_cfg(few_labels, tmp_path, "student", teacher=str(teacher.path), loss="ce", proj_dim=128,
-                              proj_hidden=0))
+    student = run_supcon(_cfg(few_labels, tmp_path, "student", teacher=str(teacher.path), loss="ce", proj_dim=None,
+                              proj_hidden=None))
     assert student.info["unlabeled"] == "teacher" and student.info["teacher"] == str(teacher.path)
     lines = (student.path / "metrics.jsonl").read_text()
     assert '"train/loss"' in lines

@@ -15,6 +15,7 @@ from finegrain.cli import app
 from finegrain.config import PretrainConfig, SupconConfig
 from finegrain.errors import FinegrainError
 from finegrain.methods import SupervisedMethod
+from finegrain.methods.supervised import SupCon, SupConCE
 from finegrain.registry import SUPCON_LOSSES
 from finegrain.stages.predict import UNKNOWN, run_predict
 from finegrain.stages.pretrain import run_pretrain
@@ -101,7 +102,7 @@ def test_backbone_learning_rate_is_scaled(birds, tmp_path):
     cfg = _cfg(birds, tmp_path, backbone_lr_scale=0.1, weight_decay=1e-4)
     from finegrain.models.backbone import create_backbone
 
-    method = SUPCON_LOSSES.get("supcon")(create_backbone("test_efficientnet"), num_classes=4, proj_dim=8)
+    method = SUPCON_LOSSES.get("supcon")(create_backbone("test_efficientnet"), SupCon.Options(proj_dim=8), num_classes=4)
     groups = _param_groups(method, cfg)
     head = {id(p) for p in method.head.parameters()}
     for g in groups:
@@ -201,9 +202,8 @@ def test_supcon_ce_is_supcon_plus_weighted_cross_entropy():
     from finegrain.models.backbone import create_backbone
 
     torch.manual_seed(0)
-    method = SUPCON_LOSSES.get("supcon_ce")(create_backbone("test_efficientnet"), num_classes=3, proj_dim=16,
-                                            proj_hidden=32, temperature=0.1, label_smoothing=0.1, ce_weight=0.7,
-                                            freeze_bn=True).eval()
+    options = SupConCE.Options(proj_dim=16, proj_hidden=32, temperature=0.1, label_smoothing=0.1, ce_weight=0.7)
+    method = SupConCE(create_backbone("test_efficientnet"), options, num_classes=3, freeze_bn=True).eval()
     views = [torch.randn(6, 3, 32, 32) for _ in range(2)]
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     loss, metrics = method(views, labels)
@@ -227,7 +227,7 @@ def test_ce_temperature_reaches_the_classifier(loss):
     for t in (0.05, 0.5):
         cfg = SupconConfig(loss=loss, ce_temperature=t, batch_size=8, classes_per_batch=4)
         torch.manual_seed(1)
-        method = SUPCON_LOSSES.get(loss).from_config(cfg, create_backbone("test_efficientnet"), num_classes=3).eval()
+        method = SUPCON_LOSSES.get(loss)(create_backbone("test_efficientnet"), cfg.method_options(), num_classes=3).eval()
         features = method.backbone(views[0])
         out = method.head(features)
         logits[t] = method.logits(out)

@@ -23,7 +23,7 @@ def _mean_of_nonzero(terms: Tensor) -> Tensor:
 
 
 def contrastive(
-    z: Tensor, labels: Tensor, pos_margin: float = 0.0, neg_margin: float = 0.5, gather: bool = True
+    z: Tensor, labels: Tensor, pos_margin: float, neg_margin: float, gather: bool = True
 ) -> Tensor:
     """Pairwise contrastive loss on L2-normalised embeddings, with candidates from every rank.
 
@@ -60,8 +60,8 @@ def contrastive(
         labels: (N,) integer class ids.
         pos_margin: m+ >= 0: positive pairs closer than this cost nothing; in units of the distance
             between unit vectors (at most 2).
-        neg_margin: m- >= 0: negative pairs farther apart than this cost nothing; same units. PML's
-            default is 1; 0.5 here. Two orthogonal unit vectors are sqrt(2) apart.
+        neg_margin: m- >= 0: negative pairs farther apart than this cost nothing; same units (PML's
+            default is 1). Two orthogonal unit vectors are sqrt(2) apart.
         gather: use the other ranks' rows as candidates when ``world_size() > 1``. All ranks must
             then have the same N.
 

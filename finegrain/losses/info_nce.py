@@ -14,7 +14,7 @@ from finegrain.losses.nt_xent import check_hard_negative_beta, hard_negative_log
 
 
 def info_nce(
-    q: Tensor, k: Tensor, queue: Tensor | None, temperature: float = 0.2, hard_negative_beta: float = 0.0
+    q: Tensor, k: Tensor, queue: Tensor | None, temperature: float, hard_negative_beta: float = 0.0
 ) -> Tensor:
     """MoCo v2's InfoNCE: each query against its key (positive) and a queue of negatives.
 

@@ -48,7 +48,7 @@ def hard_negative_log_weights(sim: Tensor, negatives: Tensor, beta: float) -> Te
 
 
 def nt_xent(
-    z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = True, hard_negative_beta: float = 0.0
+    z1: Tensor, z2: Tensor, temperature: float, gather: bool = True, hard_negative_beta: float = 0.0
 ) -> Tensor:
     """SimCLR's NT-Xent loss over the two views of a batch, with negatives from every rank.
 

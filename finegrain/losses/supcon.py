@@ -8,7 +8,7 @@ from torch import Tensor
 from finegrain.losses._candidates import _candidate_labels, _positive_mask, normalised_candidates
 
 
-def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, gather: bool = True) -> Tensor:
+def supcon(z: Tensor, labels: Tensor, temperature: float, gather: bool = True) -> Tensor:
     """Supervised contrastive loss (SupCon "L_out"), with candidates from every rank.
 
     Every one of the N local rows is an anchor. Its candidates are all rows of the *global* batch

@@ -13,7 +13,7 @@ from finegrain.losses._candidates import normalised_candidates
 _MIN_SQUARED_DISTANCE = 1e-12
 
 
-def batch_hard_triplet(z: Tensor, labels: Tensor, margin: float = 0.2, gather: bool = True) -> Tensor:
+def batch_hard_triplet(z: Tensor, labels: Tensor, margin: float, gather: bool = True) -> Tensor:
     """Batch-hard triplet loss on L2-normalised embeddings, with candidates from every rank.
 
     Every one of the N local rows is an anchor; its candidates are all rows of the *global* batch

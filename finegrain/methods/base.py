@@ -5,7 +5,9 @@ A method is an nn.Module the engine trains. What the engine calls:
   int (-1 = unlabelled); loss a scalar tensor, metrics a dict of scalar tensors to log;
 - `after_step(step, total_steps)` after each optimizer step (momentum updates, queues);
 - `find_unused_parameters`: DDP must expect parameters outside the graph on some steps.
-What the stages call: `from_config(cfg, backbone, **context)`, `embed(images)`, `artifact_state()`.
+What the stages call: `Method(backbone, cfg.method_options(), **context)`, `embed(images)`, `artifact_state()`.
+A method's own options are the `Options` dataclass in its class (finegrain.config.MethodOptions); the ones
+several methods share are declared here once.
 
 Frozen BatchNorm keeps the loaded running statistics and affine parameters: those layers run in
 eval mode through every `train()` call and their parameters get no gradient (on small sets of
@@ -16,17 +18,42 @@ made after freezing (MoCo's key encoder, BYOL's target) inherit it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from finegrain.config import TRAIN_LAYERS
+from finegrain.config import TRAIN_LAYERS, MethodOptions, at_least, between, option
 
 log = logging.getLogger("finegrain")
 
 # Attributes whose BatchNorm layers are held in eval mode when freeze_bn is on: the backbone and
 # its momentum copies. Looked up by name, so SyncBatchNorm conversion (which swaps the modules) keeps it.
 FROZEN_BN_ROOTS = ("backbone", "key_backbone", "target_backbone")
+
+
+@dataclass
+class ProjectionOptions(MethodOptions):
+    """A projection head on the backbone's pooled features."""
+
+    proj_dim: int = option(128, "Projection head output size.", check=at_least(1))
+    proj_hidden: int = option(0, "Projection head hidden size (0: the backbone's embedding size).", check=at_least(0))
+
+
+@dataclass
+class HardNegativeOptions(MethodOptions):
+    """Hard-negative weighting of a contrastive loss's negatives."""
+
+    hard_negative_beta: float = option(0.0, "Weight negatives by exp(beta x cosine similarity), harder ones more "
+                                            "(Robinson et al. 2021); 0 is the plain loss.", check=at_least(0))
+
+
+@dataclass
+class MomentumOptions(MethodOptions):
+    """A momentum (EMA) copy of the online network."""
+
+    moco_momentum: float = option(0.99, "Starting EMA momentum of the key/target network (rises to 1 on a cosine).",
+                                  check=between(0, 1))
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
@@ -95,32 +122,30 @@ class BackboneMethod(nn.Module):
     """nn.Module holding `self.backbone` (timm, pooled features); subclasses add heads and a forward.
 
     Class attributes a method sets:
-        options: the config fields (method options) its `__init__` takes; others are refused.
+        Options: its own options, a MethodOptions dataclass (flags and pipeline keys of the same names);
+            setting another method's option is refused.
         base_lr: SGD learning rate per 256 images when --lr is not given.
 
     Args:
         backbone: timm model giving pooled features (B, D).
+        options: an `Options` instance (default: every option at its default); kept as `self.options`.
         freeze_bn: freeze the backbone's BatchNorm layers (statistics and affine parameters) as loaded.
     """
 
-    options: tuple[str, ...] = ()
+    Options = MethodOptions
     base_lr: float = 0.05
     find_unused_parameters: bool = False
     accuracy_chance: float | None = None  # chance level of the "accuracy" metric forward() reports, if any
 
-    def __init__(self, backbone: nn.Module, *, freeze_bn: bool = False):
+    def __init__(self, backbone: nn.Module, options: MethodOptions | None = None, *, freeze_bn: bool = False):
         super().__init__()
+        self.options = self.Options() if options is None else options
         self.backbone = backbone
         self.freeze_bn = freeze_bn
         if freeze_bn:
             for bn in batchnorm_layers(backbone):
                 for p in bn.parameters():
                     p.requires_grad_(False)
-
-    @classmethod
-    def from_config(cls, cfg, backbone: nn.Module, **context) -> BackboneMethod:
-        """The method with its `options` read from `cfg`; `context` adds what the stage knows (freeze_bn, ...)."""
-        return cls(backbone, **{name: getattr(cfg, name) for name in cls.options}, **context)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D) pooled backbone features (what evaluation, predict and later stages use)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from finegrain.losses.negative_cosine import negative_cosine
-from finegrain.methods.base import BackboneMethod, embed_views
+from finegrain.methods.base import BackboneMethod, MomentumOptions, ProjectionOptions, embed_views
 from finegrain.models.heads import PredictionHead, ProjectionHead
 from finegrain.models.momentum import cosine_momentum, ema_update, momentum_copy
 from finegrain.registry import PRETRAIN_METHODS
@@ -23,18 +25,19 @@ class BYOL(BackboneMethod):
     shape (proj_dim -> hidden -> proj_dim), as in the paper.
     """
 
-    options = ("proj_dim", "proj_hidden", "moco_momentum")
+    @dataclass
+    class Options(ProjectionOptions, MomentumOptions):
+        pass
+
     base_lr = 0.05  # SGD, per 256 images (BYOL's LARS 0.2 does not carry over to SGD)
 
-    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, moco_momentum: float = 0.99,
-                 freeze_bn: bool = False):
-        super().__init__(backbone, freeze_bn=freeze_bn)
-        dim = backbone.num_features
-        self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
-        self.predictor = PredictionHead(proj_dim, proj_hidden or dim)
+    def __init__(self, backbone: nn.Module, options: Options | None = None, *, freeze_bn: bool = False):
+        super().__init__(backbone, options, freeze_bn=freeze_bn)
+        dim, o = backbone.num_features, self.options
+        self.head = ProjectionHead(dim, o.proj_hidden or dim, o.proj_dim)
+        self.predictor = PredictionHead(o.proj_dim, o.proj_hidden or dim)
         self.target_backbone = momentum_copy(self.backbone)
         self.target_head = momentum_copy(self.head)
-        self.base_momentum = moco_momentum
 
     def forward(self, views, labels=None):
         p1, p2 = self.predictor(self.head(embed_views(self.backbone, views[:2]))).chunk(2)
@@ -45,6 +48,6 @@ class BYOL(BackboneMethod):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA update of the target network."""
-        m = cosine_momentum(step, total_steps, base=self.base_momentum, final=1.0)
+        m = cosine_momentum(step, total_steps, base=self.options.moco_momentum, final=1.0)
         ema_update(self.target_backbone, self.backbone, m)
         ema_update(self.target_head, self.head, m)

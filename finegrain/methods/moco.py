@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from finegrain.config import POSITIVE, at_least, option
 from finegrain.losses.info_nce import info_nce, update_queue
-from finegrain.methods.base import BackboneMethod, embed_views
+from finegrain.methods.base import BackboneMethod, HardNegativeOptions, MomentumOptions, ProjectionOptions, embed_views
 from finegrain.models.heads import ProjectionHead
 from finegrain.models.momentum import cosine_momentum, ema_update, momentum_copy
 from finegrain.registry import PRETRAIN_METHODS
@@ -22,22 +25,20 @@ class MoCo(BackboneMethod):
     head has no BatchNorm, as in MoCo v2.
     """
 
-    options = ("proj_dim", "proj_hidden", "temperature", "queue_size", "moco_momentum", "hard_negative_beta")
-    default_temperature = 0.2
+    @dataclass
+    class Options(ProjectionOptions, MomentumOptions, HardNegativeOptions):
+        temperature: float = option(0.2, "InfoNCE temperature.", check=POSITIVE)
+        queue_size: int = option(4096, "Negatives kept in the queue.", check=at_least(1))
+
     base_lr = 0.06  # SGD, per 256 images (MoCo v2)
 
-    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, temperature: float | None = None,
-                 queue_size: int = 4096, moco_momentum: float = 0.99, hard_negative_beta: float = 0.0,
-                 freeze_bn: bool = False):
-        super().__init__(backbone, freeze_bn=freeze_bn)
-        dim = backbone.num_features
-        self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim, batch_norm=False)
+    def __init__(self, backbone: nn.Module, options: Options | None = None, *, freeze_bn: bool = False):
+        super().__init__(backbone, options, freeze_bn=freeze_bn)
+        dim, o = backbone.num_features, self.options
+        self.head = ProjectionHead(dim, o.proj_hidden or dim, o.proj_dim, batch_norm=False)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_head = momentum_copy(self.head)
-        self.temperature = self.default_temperature if temperature is None else temperature
-        self.base_momentum = moco_momentum
-        self.hard_negative_beta = hard_negative_beta
-        self.register_buffer("queue", nn.functional.normalize(torch.randn(queue_size, proj_dim), dim=1))
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(o.queue_size, o.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: list[torch.Tensor] = []  # keys of this step's micro-batches, enqueued after the step
 
@@ -45,10 +46,8 @@ class MoCo(BackboneMethod):
         q1, q2 = self.head(embed_views(self.backbone, views[:2])).chunk(2)
         with torch.no_grad():
             k1, k2 = self.key_head(embed_views(self.key_backbone, views[:2])).chunk(2)
-        queue = self.queue.clone()
-        beta = self.hard_negative_beta
-        loss = 0.5 * (info_nce(q1, k2, queue, self.temperature, hard_negative_beta=beta)
-                      + info_nce(q2, k1, queue, self.temperature, hard_negative_beta=beta))
+        queue, t, beta = self.queue.clone(), self.options.temperature, self.options.hard_negative_beta
+        loss = 0.5 * (info_nce(q1, k2, queue, t, hard_negative_beta=beta) + info_nce(q2, k1, queue, t, hard_negative_beta=beta))
         if self.training:
             self._pending_keys.append(nn.functional.normalize(torch.cat([k1, k2]).float(), dim=1))
         return loss, {}
@@ -56,7 +55,7 @@ class MoCo(BackboneMethod):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA update of the key encoder; enqueue the step's keys."""
-        m = cosine_momentum(step, total_steps, base=self.base_momentum, final=1.0)
+        m = cosine_momentum(step, total_steps, base=self.options.moco_momentum, final=1.0)
         ema_update(self.key_backbone, self.backbone, m)
         ema_update(self.key_head, self.head, m)
         for keys in self._pending_keys:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from finegrain.losses.negative_cosine import negative_cosine
-from finegrain.methods.base import BackboneMethod, embed_views
+from finegrain.methods.base import BackboneMethod, ProjectionOptions, embed_views
 from finegrain.models.heads import PredictionHead, ProjectionHead
 from finegrain.registry import PRETRAIN_METHODS
 
@@ -21,14 +21,14 @@ class SimSiam(BackboneMethod):
     proj_dim, as the paper's 2048 -> 512 -> 2048).
     """
 
-    options = ("proj_dim", "proj_hidden")
+    Options = ProjectionOptions
     base_lr = 0.05  # SGD, per 256 images (SimSiam)
 
-    def __init__(self, backbone: nn.Module, *, proj_dim: int = 128, proj_hidden: int = 0, freeze_bn: bool = False):
-        super().__init__(backbone, freeze_bn=freeze_bn)
-        dim = backbone.num_features
-        self.head = ProjectionHead(dim, proj_hidden or dim, proj_dim)
-        self.predictor = PredictionHead(proj_dim)
+    def __init__(self, backbone: nn.Module, options: ProjectionOptions | None = None, *, freeze_bn: bool = False):
+        super().__init__(backbone, options, freeze_bn=freeze_bn)
+        dim, o = backbone.num_features, self.options
+        self.head = ProjectionHead(dim, o.proj_hidden or dim, o.proj_dim)
+        self.predictor = PredictionHead(o.proj_dim)
 
     def forward(self, views, labels=None):
         z1, z2 = self.head(embed_views(self.backbone, views[:2])).chunk(2)

@@ -2,20 +2,23 @@
 
 Every objective trains on the same engine, sampler and views, so `--loss` choices compare fairly.
 Adding one is a `SupervisedMethod` subclass registered in SUPCON_LOSSES (here or in its own file in
-this package) that builds its head and says its loss; its options are config fields.
+this package) that builds its head and says its loss; its options are its `Options` dataclass.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from finegrain.config import FRACTION_BELOW_1, POSITIVE, Check, MethodOptions, at_least, option
 from finegrain.losses.contrastive import contrastive
 from finegrain.losses.cross_entropy import labelled_cross_entropy
 from finegrain.losses.distillation import soft_target_kl
 from finegrain.losses.supcon import supcon
 from finegrain.losses.triplet import batch_hard_triplet
-from finegrain.methods.base import BackboneMethod, embed_views
+from finegrain.methods.base import BackboneMethod, ProjectionOptions, embed_views
 from finegrain.models.heads import CosineClassifier, ProjectionHead
 from finegrain.registry import SUPCON_LOSSES
 
@@ -25,8 +28,8 @@ class SupervisedMethod(BackboneMethod):
 
     forward(views, labels): views is a list of V tensors (B, 3, S, S); all V*B views are embedded
     (one backbone pass per view) and `loss(head_out, labels)` sees (V*B, ...) outputs with labels
-    repeated V times. An objective's own options (temperature, margin, ...) are keyword arguments
-    named in `options`, kept as attributes; their class attributes are the defaults.
+    repeated V times. An objective's own options (temperature, margin, ...) are its `Options`, kept as
+    `self.options`.
 
     Unlabelled photos (label -1) in the batch need a teacher (`use_teacher`, objectives with a
     classifier only): an `EmaTeacher` names the confident ones (pseudo-labels: in the metric term,
@@ -37,6 +40,7 @@ class SupervisedMethod(BackboneMethod):
     Args:
         backbone: timm model giving pooled features (B, D).
         head: the objective's head on (B, D) features.
+        options: the objective's `Options` (default: all at their defaults).
         num_classes: classes in the labelled train split.
         freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
         head_warmup_steps: optimizer steps during which only the head trains (backbone run under
@@ -48,19 +52,15 @@ class SupervisedMethod(BackboneMethod):
     has_classifier = False  # objectives with a classifier head (`classifier`) can learn from a teacher
     distill_weight, distill_temperature, pseudo_ce = 0.7, 1.0, False
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, *, num_classes: int, freeze_bn: bool = True,
-                 head_warmup_steps: int = 0, **options):
-        super().__init__(backbone, freeze_bn=freeze_bn)
+    def __init__(self, backbone: nn.Module, head: nn.Module, options: MethodOptions | None = None, *, num_classes: int,
+                 freeze_bn: bool = True, head_warmup_steps: int = 0):
+        super().__init__(backbone, options, freeze_bn=freeze_bn)
         self.head = head
         self.num_classes = num_classes
         self.accuracy_chance = 1.0 / num_classes
         self.head_warmup_steps = head_warmup_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved in checkpoints
         self.teacher: nn.Module | None = None
-        for name, value in options.items():
-            if name not in self.options:
-                raise TypeError(f"{type(self).__name__} takes no option {name!r} (its options: {self.options})")
-            setattr(self, name, value)
 
     def loss(self, out, labels: torch.Tensor) -> torch.Tensor:
         """The objective on the head's output for (V*B,) labels -> scalar."""
@@ -89,7 +89,7 @@ class SupervisedMethod(BackboneMethod):
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None = None):
         """Cross-entropy on the labelled rows of (N, C) logits; with a teacher's soft (N, C) scores, mixed with KL."""
-        ce = labelled_cross_entropy(logits, labels, self.label_smoothing)
+        ce = labelled_cross_entropy(logits, labels, self.options.label_smoothing)
         if soft is None:
             return ce
         kl = soft_target_kl(logits, soft, self.distill_temperature)
@@ -135,65 +135,84 @@ class SupervisedMethod(BackboneMethod):
             self.teacher.update(self.backbone, self.classifier, step)
 
 
-def projection(backbone: nn.Module, proj_dim: int, proj_hidden: int) -> ProjectionHead:
+@dataclass
+class SupConOptions(ProjectionOptions):
+    """SupCon on a projection head."""
+
+    temperature: float = option(0.1, "SupCon temperature.", check=POSITIVE)
+
+
+@dataclass
+class ClassifierOptions(MethodOptions):
+    """Cross-entropy on a cosine classifier."""
+
+    label_smoothing: float = option(0.1, "Cross-entropy label smoothing.", check=FRACTION_BELOW_1)
+    ce_temperature: float = option(0.05, "The classifier's logits are cosine similarities divided by this "
+                                         "(NormSoftmax): stable at any feature scale.", check=POSITIVE)
+
+
+def projection(backbone: nn.Module, options: ProjectionOptions) -> ProjectionHead:
     """(B, D) -> (B, proj_dim) projection MLP sized from the backbone."""
     dim = backbone.num_features
-    return ProjectionHead(dim, proj_hidden or dim, proj_dim)
+    return ProjectionHead(dim, options.proj_hidden or dim, options.proj_dim)
 
 
 class ProjectionObjective(SupervisedMethod):
     """An objective on a projection head: (B, D) -> (B, proj_dim)."""
 
-    options = ("proj_dim", "proj_hidden")
+    Options = ProjectionOptions
 
-    def __init__(self, backbone, *, proj_dim: int = 128, proj_hidden: int = 0, **rest):
-        super().__init__(backbone, projection(backbone, proj_dim, proj_hidden), **rest)
+    def __init__(self, backbone, options: ProjectionOptions | None = None, **context):
+        options = self.Options() if options is None else options
+        super().__init__(backbone, projection(backbone, options), options, **context)
 
 
 @SUPCON_LOSSES.register("supcon")
 class SupCon(ProjectionObjective):
     """SupCon (Khosla et al. 2020): all same-class views in the batch are positives"""
 
-    options = ProjectionObjective.options + ("temperature",)
-    temperature = 0.1
+    Options = SupConOptions
 
     def loss(self, z, labels):
-        return supcon(z, labels, temperature=self.temperature)
+        return supcon(z, labels, temperature=self.options.temperature)
 
 
 @SUPCON_LOSSES.register("triplet")
 class Triplet(ProjectionObjective):
     """batch-hard triplet (Hermans et al. 2017)"""
 
-    options = ProjectionObjective.options + ("margin",)
-    margin = 0.2
+    @dataclass
+    class Options(ProjectionOptions):
+        margin: float = option(0.2, "Triplet margin (on L2-normalised embeddings).", check=at_least(0))
 
     def loss(self, z, labels):
-        return batch_hard_triplet(z, labels, margin=self.margin)
+        return batch_hard_triplet(z, labels, margin=self.options.margin)
 
 
 @SUPCON_LOSSES.register("contrastive")
 class Contrastive(ProjectionObjective):
     """pairwise margin loss (Hadsell et al. 2006): same class pulled together, others pushed past --neg-margin"""
 
-    options = ProjectionObjective.options + ("neg_margin",)
-    neg_margin = 0.5
+    @dataclass
+    class Options(ProjectionOptions):
+        neg_margin: float = option(0.5, "Distance (L2 on the unit sphere, 0-2) beyond which different-class pairs "
+                                        "cost nothing.", check=Check(lambda v: 0 < v <= 2, "above 0 and at most 2"))
 
     def loss(self, z, labels):
-        return contrastive(z, labels, pos_margin=0.0, neg_margin=self.neg_margin)
+        return contrastive(z, labels, pos_margin=0.0, neg_margin=self.options.neg_margin)
 
 
 @SUPCON_LOSSES.register("ce")
 class CrossEntropy(SupervisedMethod):
     """cross-entropy with label smoothing on a cosine classifier (baseline)"""
 
-    options = ("label_smoothing", "ce_temperature")
-    label_smoothing = 0.1
+    Options = ClassifierOptions
     has_classifier = True
 
-    def __init__(self, backbone, *, num_classes: int, ce_temperature: float = 0.05, **rest):
-        head = CosineClassifier(backbone.num_features, num_classes, ce_temperature)
-        super().__init__(backbone, head, num_classes=num_classes, **rest)
+    def __init__(self, backbone, options: ClassifierOptions | None = None, *, num_classes: int, **context):
+        options = self.Options() if options is None else options
+        head = CosineClassifier(backbone.num_features, num_classes, options.ce_temperature)
+        super().__init__(backbone, head, options, num_classes=num_classes, **context)
 
     @property
     def classifier(self) -> nn.Module:
@@ -226,15 +245,17 @@ class ProjectionAndClassifier(nn.Module):
 class SupConCE(SupervisedMethod):
     """SupCon on a projection head + --ce-weight x cross-entropy on a cosine classifier, both on the backbone features"""
 
-    options = ("proj_dim", "proj_hidden", "temperature", "label_smoothing", "ce_weight", "ce_temperature")
-    temperature, label_smoothing, ce_weight = 0.1, 0.1, 1.0
+    @dataclass
+    class Options(SupConOptions, ClassifierOptions):
+        ce_weight: float = option(1.0, "Weight of the cross-entropy term beside SupCon.", check=at_least(0))
+
     has_classifier = True
 
-    def __init__(self, backbone, *, num_classes: int, proj_dim: int = 128, proj_hidden: int = 0,
-                 ce_temperature: float = 0.05, **rest):
-        head = ProjectionAndClassifier(projection(backbone, proj_dim, proj_hidden),
-                                       CosineClassifier(backbone.num_features, num_classes, ce_temperature))
-        super().__init__(backbone, head, num_classes=num_classes, **rest)
+    def __init__(self, backbone, options: Options | None = None, *, num_classes: int, **context):
+        options = self.Options() if options is None else options
+        head = ProjectionAndClassifier(projection(backbone, options),
+                                       CosineClassifier(backbone.num_features, num_classes, options.ce_temperature))
+        super().__init__(backbone, head, options, num_classes=num_classes, **context)
 
     @property
     def classifier(self) -> nn.Module:
@@ -246,8 +267,8 @@ class SupConCE(SupervisedMethod):
     def loss_terms(self, out, labels, soft=None, ce_labels=None):
         z, logits = out
         ce = self.classification_loss(logits, labels if ce_labels is None else ce_labels, soft)
-        con = supcon(z, labels, temperature=self.temperature)
-        return {"loss": con + self.ce_weight * ce, "loss_supcon": con, "loss_ce": ce}
+        con = supcon(z, labels, temperature=self.options.temperature)
+        return {"loss": con + self.options.ce_weight * ce, "loss_supcon": con, "loss_ce": ce}
 
     def logits(self, out):
         return out[1]

@@ -36,7 +36,7 @@ def run_pretrain(cfg: PretrainConfig) -> Artifact | None:
         backbone, weights_source = build_backbone(cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained)
         data_cfg = data_config(backbone)
         method_cls = PRETRAIN_METHODS.get(cfg.method)
-        method = method_cls.from_config(cfg, backbone, freeze_bn=freeze_bn_for(cfg.freeze_bn, weights_source))
+        method = method_cls(backbone, cfg.method_options(), freeze_bn=freeze_bn_for(cfg.freeze_bn, weights_source))
         views, layers = defaults_for_weights(cfg, weights_source)
         trained = train_only(method.backbone, layers)
         recipe = make_recipe(views, image_size=cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"])

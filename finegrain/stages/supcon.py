@@ -51,8 +51,8 @@ def run_supcon(cfg: SupconConfig) -> Artifact | None:
         data_cfg = data_config(backbone)
         teacher = artifact_teacher(cfg, class_names, data_cfg) if cfg.teacher else None
         method_cls = SUPCON_LOSSES.get(cfg.loss)
-        method = method_cls.from_config(cfg, backbone, num_classes=len(class_names),
-                                        freeze_bn=freeze_bn_for(cfg.freeze_bn, weights_source))
+        method = method_cls(backbone, cfg.method_options(), num_classes=len(class_names),
+                            freeze_bn=freeze_bn_for(cfg.freeze_bn, weights_source))
         if cfg.unlabeled == "pseudo":
             teacher = EmaTeacher(method.backbone, method.classifier, momentum=cfg.teacher_momentum,
                                  threshold=cfg.pseudo_threshold)
@@ -98,7 +98,7 @@ def _write(run: StageRun, method: SupervisedMethod, train, class_names, data_cfg
                            "fitted_on": "train", "image_size": test_size(cfg.image_size), "flip_tta": True}
         metrics["classifier_val_top1"] = probe.val_top1
     info = {**model_info(cfg, method.backbone, data_cfg, weights_source), "method": cfg.loss,
-            "projection_dim": cfg.proj_dim if "proj_dim" in method.options else None, "class_names": class_names,
+            "projection_dim": getattr(method.options, "proj_dim", None), "class_names": class_names,
             "classifier": classifier_info, "open_set": open_set.info() if open_set else None,
             "unlabeled": "teacher" if cfg.teacher else cfg.unlabeled, "teacher": str(cfg.teacher) if cfg.teacher else None,
             "wandb_artifact": f"supcon-{cfg.loss}"}
