@@ -8,10 +8,10 @@ into a copy of the package give `finegrain pretrain --method centroid --pull X`.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,49 +92,28 @@ def test_a_method_added_through_the_registry_trains_and_evaluates(birds, tmp_pat
         CentroidConfig(method="centroid", queue_size=16)
 
 
-CENTROID_LOSS = '''
+# The same loss and method as above, as the two files a contributor would add to the package.
+CENTROID_LOSS_HEADER = '''
 """A toy loss: pair pull plus centroid push."""
 
 import torch
 import torch.nn.functional as F
 
-
-def centroid_loss(z1: torch.Tensor, z2: torch.Tensor, pull: float) -> torch.Tensor:
-    """(B, D), (B, D) -> scalar."""
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    return pull * (z1 - z2).pow(2).sum(1).mean() + torch.cat([z1, z2]).mean(0).pow(2).sum()
 '''
 
-CENTROID_METHOD = '''
+CENTROID_METHOD_HEADER = '''
 """A toy method: pair pull plus centroid push."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finegrain.artifacts import load_artifact
 from finegrain.config import POSITIVE, option
 from finegrain.losses.centroid import centroid_loss
 from finegrain.methods.base import BackboneMethod, ProjectionOptions, embed_views
 from finegrain.models.heads import ProjectionHead
 from finegrain.registry import PRETRAIN_METHODS
 
-
-@PRETRAIN_METHODS.register("centroid")
-class Centroid(BackboneMethod):
-    """Centroid: pair pull plus centroid push"""
-
-    @dataclass
-    class Options(ProjectionOptions):
-        pull: float = option(1.0, "Weight of the pair term.", check=POSITIVE)
-
-    def __init__(self, backbone, options: Options | None = None, *, freeze_bn: bool = False):
-        super().__init__(backbone, options, freeze_bn=freeze_bn)
-        self.head = ProjectionHead(backbone.num_features, backbone.num_features, self.options.proj_dim)
-
-    def forward(self, views, labels=None):
-        z1, z2 = self.head(embed_views(self.backbone, views[:2])).chunk(2)
-        return centroid_loss(z1, z2, self.options.pull), {}
 '''
 
 
@@ -144,8 +123,9 @@ def test_a_method_file_adds_its_option_to_the_command_line(birds, tmp_path):
     package = Path(__import__("finegrain").__file__).parent
     copy = tmp_path / "src" / "finegrain"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "losses" / "centroid.py").write_text(textwrap.dedent(CENTROID_LOSS))
-    (copy / "methods" / "centroid.py").write_text(textwrap.dedent(CENTROID_METHOD))
+    (copy / "losses" / "centroid.py").write_text(CENTROID_LOSS_HEADER + inspect.getsource(centroid_loss))
+    (copy / "methods" / "centroid.py").write_text(
+        CENTROID_METHOD_HEADER + '@PRETRAIN_METHODS.register("centroid")\n' + inspect.getsource(Centroid))
 
     def finegrain(*args):
         probe = ("import sys\ntry:\n    import finegrain.cli as c; c.main()\nfinally:\n"
