@@ -8,13 +8,16 @@ takes a named preset and overrides fields; `build_view(recipe)` turns it into a 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 import finegrain  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported)
 from finegrain.errors import FinegrainError
 from finegrain.registry import VIEW_RECIPES
+
+if TYPE_CHECKING:  # numpy is not imported for help text (the registry of recipes is read then)
+    import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,7 +159,7 @@ class View:
             self._boxed.set_random_seed(seed)
 
     def __call__(self, pixels: np.ndarray, bbox=None):
-        has_box = bbox is not None and not np.isnan(bbox[2]) and bbox[2] > 0 and bbox[3] > 0
+        has_box = bbox is not None and not math.isnan(bbox[2]) and bbox[2] > 0 and bbox[3] > 0
         if has_box:
             h, w = pixels.shape[:2]
             x0, y0 = max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))
@@ -166,8 +169,8 @@ class View:
             m = self.recipe.bbox_margin
             mx, my = m * (x1 - x0), m * (y1 - y0)
             xa, ya = int(max(0, x0 - mx)), int(max(0, y0 - my))
-            xb, yb = int(min(w, np.ceil(x1 + mx))), int(min(h, np.ceil(y1 + my)))
-            pixels = np.ascontiguousarray(pixels[ya:yb, xa:xb])
+            xb, yb = int(min(w, math.ceil(x1 + mx))), int(min(h, math.ceil(y1 + my)))
+            pixels = pixels[ya:yb, xa:xb].copy()  # C-contiguous for albumentations
         if has_box and self._boxed is not None:
             out = self._boxed(image=pixels, bboxes=[(x0, y0, x1 - x0, y1 - y0)], bbox_labels=[0])
         else:
