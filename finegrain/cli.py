@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -123,6 +124,26 @@ def _parameter(f, hint, arguments: dict, required) -> inspect.Parameter:
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, info], default=default)
 
 
+_CODE_LINE = re.compile(r"^\s+\S")  # after dedenting: an indented line (an example command) keeps its own line
+
+
+def reflowed(doc: str) -> str:
+    """`doc` dedented, each paragraph one line (blank lines between paragraphs kept), so help wraps at any width.
+
+    An indented line stays a line of its own (examples under "Examples:"); typer shows the rest as written,
+    so a hard line break inside a sentence would show as a broken line."""
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            if lines and not _CODE_LINE.match(line) and not _CODE_LINE.match(lines[-1]):
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
 def _command(group: typer.Typer, name: str, config_cls, run, doc: str, arguments: dict[str, str | None] | None = None,
              required: tuple[str, ...] = ()) -> None:
     """Register command `name` on `group` (the app or a sub-app such as `manifest`): its options are the fields of
@@ -148,7 +169,7 @@ def _command(group: typer.Typer, name: str, config_cls, run, doc: str, arguments
         run(config)
 
     command.__signature__ = inspect.Signature(params)
-    command.__doc__ = doc
+    command.__doc__ = reflowed(doc)
     command.__name__ = name.replace("-", "_")
     command.config_cls = config_cls  # what declared the command (tests check every command has one)
     group.command(name)(user_errors(command))
