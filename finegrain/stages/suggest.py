@@ -37,7 +37,7 @@ def run_suggest(cfg: SuggestConfig) -> pd.DataFrame:
     device = resolve_device(cfg.device)
     subject = Subject(cfg)  # the artifact is read before any photo is
     manifest = load_checked_manifest(cfg.manifest, root=cfg.root, on_bad_image=cfg.on_bad_image,
-                                     allow_unseen_classes=True)
+                                     unseen_classes="quiet")  # a cold start labels no species yet
     pool_rows, train_rows = manifest.rows("unlabeled"), manifest.rows("train")
     if not len(pool_rows):
         raise FinegrainError(f"{cfg.manifest} has no photos in split 'unlabeled': nothing to suggest (photos waiting "
