@@ -349,9 +349,11 @@ def _register_feature_stages() -> None:
     """, arguments={"from_artifact": "ARTIFACT_DIR"}, required=(*_STAGE_REQUIRED, "from_artifact"))
     _command(app, "suggest", STAGES["suggest"].config, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
 
-    Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir). With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.
+    Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir), or before any label (a cold start) by the frozen --backbone's. With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.
 
     Example: finegrain suggest --manifest data_manifests/my_birds.csv --from runs/supcon --budget 50 -o runs/next50.csv
+
+    Example (cold start, no labels yet): finegrain suggest --manifest data_manifests/my_birds.csv --backbone tf_efficientnet_lite0 --budget 50 -o runs/first50.csv
     """, required=_STAGE_REQUIRED)
 
 
