@@ -3,7 +3,9 @@ what predict's unknown_score is as the artifact records it."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 import re
 
 import pytest
@@ -62,3 +64,99 @@ def test_help_reads_as_paragraphs_at_any_width(path, columns):
         gap = re.search(re.escape(above.split()[-1]) + r"([ \t]*)" + re.escape(first_word), doc)  # spaces written
         assert len(above) + max(1, len(gap.group(1)) if gap else 1) + len(first_word) > columns - 1, (
             f"{' '.join(path)} --help at {columns} columns breaks a line early:\n{above}\n{line}")
+
+
+# --- every option a command's help lists is read by the command -------------------------------------------
+
+class _Reads:
+    """Records the fields of `config_cls` instances that code reads once the config is built: not its own checks
+    (__post_init__), not copying or dumping it (dataclasses.asdict/replace, to_dict)."""
+
+    SKIP = {"__post_init__", "to_dict"}
+
+    def __init__(self, monkeypatch, config_cls):
+        self.names, self.seen = {f.name for f in dataclasses.fields(config_cls)}, set()
+        plain = object.__getattribute__
+        reads = self
+
+        def getattribute(obj, name):
+            if name in reads.names and reads._counts(sys._getframe(1)):
+                reads.seen.add(name)
+            return plain(obj, name)
+
+        monkeypatch.setattr(config_cls, "__getattribute__", getattribute)
+
+    @classmethod
+    def _counts(cls, frame) -> bool:
+        if frame.f_code.co_filename in (dataclasses.__file__,) or frame.f_code.co_filename.startswith("<"):
+            return False
+        while frame is not None:
+            if frame.f_code.co_name in cls.SKIP:
+                return False
+            frame = frame.f_back
+        return True
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The synthetic birds (a quarter of the train photos unlabelled) and a tiny supcon artifact on them."""
+    from finegrain.data.split import keep_label_fraction
+    from finegrain.data.synthetic import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("reads")
+    full = make_demo_dataset(root / "data", classes=4, per_class=8, image_size=48, seed=3)
+    keep_label_fraction(full, 0.75, seed=0).save(root / "data" / "few.csv")
+    r = CliRunner().invoke(app, ["supcon", "--manifest", str(root / "data" / "few.csv"), "-o", str(root / "sup"),
+                                 *TINY, "--cache-dir", str(root / "cache")])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+        "--classes-per-batch", "4", "--max-steps", "1", "--workers", "0", "--wandb", "disabled", "--no-knn-monitor",
+        "--proj-dim", "16"]
+
+SUPCON_ONLY = ("--classes-per-batch", "4")
+FEATURES = ["--workers", "0", "--cache-dir", "{root}/cache", "--features-dir", "{root}/features"]
+# Each command's runs: together they take every branch that reads an option (e.g. --teacher's own options).
+RUNS = {
+    "pretrain": [["--manifest", "{root}/data/few.csv", "-o", "{out}/p", *[a for a in TINY if a not in SUPCON_ONLY],
+                  "--cache-dir", "{root}/cache"]],
+    "supcon": [["--manifest", "{root}/data/few.csv", "-o", "{out}/t", *TINY, "--teacher", "{root}/sup"],
+               ["--manifest", "{root}/data/few.csv", "-o", "{out}/u", *TINY, "--unlabeled", "pseudo"],
+               ["--manifest", "{root}/data/few.csv", "-o", "{out}/f", *TINY, "--from", "{root}/sup"]],
+    "audit": [["{root}/sup", "--manifest", "{root}/data/few.csv", "-o", "{out}/a", "--wandb", "disabled", *FEATURES]],
+    "evaluate": [["--manifest", "{root}/data/few.csv", "-o", "{out}/e", "--backbone", "test_efficientnet", "--weights",
+                  "none", "--image-size", "32", "--wandb", "disabled", *FEATURES],
+                 ["--manifest", "{root}/data/few.csv", "-o", "{out}/e2", "--from", "{root}/sup", "--wandb", "disabled",
+                  "--audit", "{out}/a", *FEATURES]],
+    "suggest": [["--manifest", "{root}/data/few.csv", "-o", "{out}/s.csv", "--from", "{root}/sup", "--budget", "2",
+                 *FEATURES],
+                ["--manifest", "{root}/data/few.csv", "-o", "{out}/s2.csv", "--backbone", "test_efficientnet",
+                 "--weights", "none", "--image-size", "32", "--budget", "2", *FEATURES]],
+    "predict": [["{root}/sup", "{root}/data/images", "-o", "{out}/preds.csv", "--workers", "0"]],
+}
+
+
+# Options read only where these runs cannot go, and where they are.
+ONLY_WHEN = {"sync_bn": "torchrun with several CUDA processes (engine/loop.py)"}
+
+
+@pytest.mark.slow
+def test_every_option_a_stage_lists_is_read(trained, tmp_path, monkeypatch):
+    """Run each command that works on photos (runs above); every option its help lists must have been read, except
+    a method's own options (the config refuses one the chosen method does not read, tests/test_config.py)."""
+    from finegrain.config import method_option_names
+
+    unread = {}
+    for name, runs in RUNS.items():
+        config_cls = COMMANDS[(name,)].callback.config_cls
+        reads = _Reads(monkeypatch, config_cls)
+        for args in runs:
+            r = CliRunner().invoke(app, [name, *(a.format(root=trained, out=tmp_path) for a in args)])
+            assert r.exit_code == 0, (name, r.output)
+        monkeypatch.undo()
+        missing = reads.names - reads.seen - set(method_option_names(config_cls)) - set(ONLY_WHEN)
+        if missing:
+            unread[name] = sorted(missing)
+    assert not unread, f"options listed in help that the command never read: {unread}"
