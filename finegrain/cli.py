@@ -460,18 +460,22 @@ def _print_backbones(config: BackbonesConfig) -> None:
     out.print(table)
 
 
+def _open_set_scores() -> str:
+    """The unknown-species scores an artifact may hold, the default (supcon --open-set-score) first."""
+    from finegrain.config import OPEN_SET_SCORE_HELP, SupconConfig
+
+    default = next(f.default for f in dataclasses.fields(SupconConfig) if f.name == "open_set_score")
+    order = [default] + [name for name in OPEN_SET_SCORE_HELP if name != default]
+    return "; ".join(f"{name} ({OPEN_SET_SCORE_HELP[name]}){', the default' if name == default else ''}"
+                     for name in order)
+
+
 def _register_other_commands() -> None:
-    _command(app, "predict", PredictConfig, _predict, """Name the species in new photos with a trained artifact's embedding and classifier.
+    _command(app, "predict", PredictConfig, _predict, f"""Name the species in new photos with a trained artifact's embedding and classifier.
 
-    Writes one row per photo: path, pred_1..pred_K, score_1..score_K (probabilities) and an error
-    for files that cannot be read.
+    Writes one row per photo: path, pred_1..pred_K, score_1..score_K (probabilities) and an error for files that cannot be read. Features are cached (--features-dir), so predicting on the same photos again reads no photo.
 
-    With --open-set on (the default for supcon artifacts that store it), also: unknown_score (distance
-    to the k-th nearest training photo, 0-2; larger = less like any trained species), known (false when
-    unknown_score is past the threshold calibrated to accept 95% of known-species photos) and
-    nearest_species (the classifier's best species). pred_1 is 'unknown' for photos not known; pred_2..
-    and score_1.. stay the classifier's ranking (score_1 is nearest_species' probability). --open-set off
-    writes only the columns above.
+    With --open-set on (the default for supcon artifacts that store it), also: unknown_score (the score the artifact was calibrated with, named under open_set.score in its artifact.json: {_open_set_scores()}; larger = less like any trained species), known (false when unknown_score is past the threshold calibrated to accept 95% of known-species photos) and nearest_species (the classifier's best species). pred_1 is 'unknown' for photos not known; pred_2.. and score_1.. stay the classifier's ranking (score_1 is nearest_species' probability). --open-set off writes only the columns above.
 
     Example: finegrain predict runs/supcon ~/photos/garden --top-k 5 -o preds.csv
     """, arguments={"artifact": "ARTIFACT_DIR", "images": "IMAGE_OR_FOLDER..."})

@@ -77,7 +77,13 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELED_MODES = ("none", "pseudo")
 TRAIN_LAYERS = ("all", "bn", "last")
-OPEN_SET_SCORES = ("relative_mahalanobis", "knn_distance")  # eval/open_set.py's SCORES (config imports no torch)
+# eval/open_set.py's SCORES (config imports no torch): name -> what it measures (supcon's and predict's help)
+OPEN_SET_SCORE_HELP = {
+    "relative_mahalanobis": "Ren et al. 2021: distance to the nearest species' mean minus the distance to all "
+                            "photos' mean",
+    "knn_distance": "distance to the --open-set-k-th nearest train photo, Sun et al. 2022",
+}
+OPEN_SET_SCORES = tuple(OPEN_SET_SCORE_HELP)
 AUDIT_PROBABILITIES = ("ensemble", "linear", "knn")
 DEVICE = Check(lambda v: v in DEVICES or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N")
 
@@ -283,10 +289,8 @@ class SupconConfig(TrainConfig):
                                     "predict), and calibrate its unknown-species score (--open-set-score) on the "
                                     "train features (stored in the artifact, N x D float16, with their labels), "
                                     "thresholded to accept 95% of known-species val photos (or of a train hold-out).")
-    open_set_score: str = option("relative_mahalanobis", "The unknown-species score: relative_mahalanobis (Ren et al. "
-                                 "2021: distance to the nearest species' mean minus the distance to all photos' "
-                                 "mean) or knn_distance (to the --open-set-k-th nearest train photo, "
-                                 "Sun et al. 2022).", choices=OPEN_SET_SCORES)
+    open_set_score: str = option("relative_mahalanobis", "The unknown-species score: " + " or ".join(
+        f"{name} ({what})" for name, what in OPEN_SET_SCORE_HELP.items()) + ".", choices=OPEN_SET_SCORES)
     open_set_k: int = option(5, "Which nearest train photo's distance is the knn_distance score; capped at the "
                                 "median train photos per species.", check=at_least(1))
     unlabeled: str = option("none", "What to do with the manifest's unlabeled photos: none (train on labels only) or "

@@ -160,3 +160,17 @@ def test_every_option_a_stage_lists_is_read(trained, tmp_path, monkeypatch):
         if missing:
             unread[name] = sorted(missing)
     assert not unread, f"options listed in help that the command never read: {unread}"
+
+
+def test_predict_help_names_the_score_a_supcon_artifact_records(trained):
+    """The unknown_score predict documents as the default is the one a supcon artifact made with defaults records;
+    every score an artifact may record is described."""
+    from finegrain.artifacts import load_artifact
+    from finegrain.config import OPEN_SET_SCORES
+
+    recorded = load_artifact(trained / "sup").info["open_set"]["score"]
+    r = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(r.output.split())
+    assert re.search(rf"{recorded} \([^)]*\)[^;]*, the default", text), text
+    assert all(f"{name} (" in text for name in OPEN_SET_SCORES)
+    assert "0-2" not in text  # knn_distance's range, not the default score's
