@@ -365,7 +365,7 @@ def _predict(config: PredictConfig) -> None:
 
     df = run_predict(config.artifact, config.images, top_k=config.top_k, out_csv=config.out, device=config.device,
                      batch_size=config.batch_size, workers=config.workers, flip_tta=config.flip_tta,
-                     open_set=config.open_set_scoring)
+                     open_set=config.open_set_scoring, features_dir=config.features_dir)
     if config.out:
         out.print(f"wrote {config.out}: {len(df)} photos")
         return

@@ -584,6 +584,9 @@ class PredictConfig(CommandConfig):
     open_set: str | None = option(None, "Name photos unlike every trained species 'unknown' (default: on when the "
                                         "artifact stores a calibration, as supcon artifacts do; off for older ones).",
                                   check=ON_OFF, metavar="on|off")
+    features_dir: str | None = option(None, "Folder of the features cache (default $FINEGRAIN_CACHE/features, else "
+                                            "~/.cache/finegrain/features): a photo predicted before (same file, same "
+                                            "artifact) is not read again.")
 
     def check(self) -> None:
         if not self.images:
