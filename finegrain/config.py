@@ -361,7 +361,7 @@ class FeatureConfig(DataConfig):
     flip_tta: bool = option(True, "Average each image's features with its mirror image's (test-time augmentation).")
     batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
     features_dir: str | None = option(None, "Folder of the features cache (default $FINEGRAIN_CACHE/features, else "
-                                            "~/.cache/finegrain/features), shared by evaluate, audit and suggest. "
+                                            "~/.cache/finegrain/features), shared by evaluate, audit, suggest and predict. "
                                             "Entries are keyed by model weights, preprocessing and photos: a photo is "
                                             "extracted once per model.")
 
