@@ -120,9 +120,11 @@ def _feature_store(artifact: Artifact, device: str, batch_size: int, workers: in
     from finegrain.features.subject import Subject
 
     fitted = artifact.info.get("classifier") or {}
-    cfg = FeatureConfig(from_artifact=str(artifact.path), image_size=fitted.get("image_size", artifact.info["image_size"]),
-                        flip_tta=fitted.get("flip_tta", False) if flip_tta is None else flip_tta, batch_size=batch_size,
-                        workers=workers, device=device, features_dir=None if features_dir is None else str(features_dir),
+    cfg = FeatureConfig(from_artifact=str(artifact.path),
+                        image_size=fitted.get("image_size", artifact.info["image_size"]),
+                        flip_tta=fitted.get("flip_tta", False) if flip_tta is None else flip_tta,
+                        batch_size=batch_size, workers=workers, device=device,
+                        features_dir=None if features_dir is None else str(features_dir),
                         cache_images=False, on_bad_image="skip")  # photos are read once: no decoded-image cache
     dev = resolve_device(device)
     return FeatureStore(cfg, Subject(cfg), dev, amp_dtype=resolve_amp("auto", dev), file_stamps=True)
@@ -141,8 +143,8 @@ def _readable(photos: Manifest, store) -> tuple[Manifest, dict[str, str]]:
         log.warning("predict: cannot read %s (%s)", path, reason)
     if len(errors) > 10:
         log.warning("predict: %d more unreadable files (listed in the output)", len(errors) - 10)
-    bad = {p.path for p in report.errors if p.path}
-    return dataclasses.replace(photos, table=photos.table[~photos.table["path"].isin(bad)].reset_index(drop=True)), errors
+    readable = ~photos.table["path"].isin({p.path for p in report.errors if p.path})
+    return dataclasses.replace(photos, table=photos.table[readable].reset_index(drop=True)), errors
 
 
 def _predictions(logits: torch.Tensor, feats: torch.Tensor, classes: list[str], top_k: int,
