@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -123,6 +124,26 @@ def _parameter(f, hint, arguments: dict, required) -> inspect.Parameter:
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, info], default=default)
 
 
+_CODE_LINE = re.compile(r"^\s+\S")  # after dedenting: an indented line (an example command) keeps its own line
+
+
+def reflowed(doc: str) -> str:
+    """`doc` dedented, each paragraph one line (blank lines between paragraphs kept), so help wraps at any width.
+
+    An indented line stays a line of its own (examples under "Examples:"); typer shows the rest as written,
+    so a hard line break inside a sentence would show as a broken line."""
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            if lines and not _CODE_LINE.match(line) and not _CODE_LINE.match(lines[-1]):
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
 def _command(group: typer.Typer, name: str, config_cls, run, doc: str, arguments: dict[str, str | None] | None = None,
              required: tuple[str, ...] = ()) -> None:
     """Register command `name` on `group` (the app or a sub-app such as `manifest`): its options are the fields of
@@ -148,7 +169,7 @@ def _command(group: typer.Typer, name: str, config_cls, run, doc: str, arguments
         run(config)
 
     command.__signature__ = inspect.Signature(params)
-    command.__doc__ = doc
+    command.__doc__ = reflowed(doc)
     command.__name__ = name.replace("-", "_")
     command.config_cls = config_cls  # what declared the command (tests check every command has one)
     group.command(name)(user_errors(command))
@@ -328,9 +349,11 @@ def _register_feature_stages() -> None:
     """, arguments={"from_artifact": "ARTIFACT_DIR"}, required=(*_STAGE_REQUIRED, "from_artifact"))
     _command(app, "suggest", STAGES["suggest"].config, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
 
-    Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir). With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.
+    Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir), or before any label (a cold start) by the frozen --backbone's. With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.
 
     Example: finegrain suggest --manifest data_manifests/my_birds.csv --from runs/supcon --budget 50 -o runs/next50.csv
+
+    Example (cold start, no labels yet): finegrain suggest --manifest data_manifests/my_birds.csv --backbone tf_efficientnet_lite0 --budget 50 -o runs/first50.csv
     """, required=_STAGE_REQUIRED)
 
 
@@ -342,7 +365,7 @@ def _predict(config: PredictConfig) -> None:
 
     df = run_predict(config.artifact, config.images, top_k=config.top_k, out_csv=config.out, device=config.device,
                      batch_size=config.batch_size, workers=config.workers, flip_tta=config.flip_tta,
-                     open_set=config.open_set_scoring)
+                     open_set=config.open_set_scoring, features_dir=config.features_dir)
     if config.out:
         out.print(f"wrote {config.out}: {len(df)} photos")
         return
@@ -437,18 +460,22 @@ def _print_backbones(config: BackbonesConfig) -> None:
     out.print(table)
 
 
+def _open_set_scores() -> str:
+    """The unknown-species scores an artifact may hold, the default (supcon --open-set-score) first."""
+    from finegrain.config import OPEN_SET_SCORE_HELP, SupconConfig
+
+    default = next(f.default for f in dataclasses.fields(SupconConfig) if f.name == "open_set_score")
+    order = [default] + [name for name in OPEN_SET_SCORE_HELP if name != default]
+    return "; ".join(f"{name} ({OPEN_SET_SCORE_HELP[name]}){', the default' if name == default else ''}"
+                     for name in order)
+
+
 def _register_other_commands() -> None:
-    _command(app, "predict", PredictConfig, _predict, """Name the species in new photos with a trained artifact's embedding and classifier.
+    _command(app, "predict", PredictConfig, _predict, f"""Name the species in new photos with a trained artifact's embedding and classifier.
 
-    Writes one row per photo: path, pred_1..pred_K, score_1..score_K (probabilities) and an error
-    for files that cannot be read.
+    Writes one row per photo: path, pred_1..pred_K, score_1..score_K (probabilities) and an error for files that cannot be read. Features are cached (--features-dir), so predicting on the same photos again reads no photo.
 
-    With --open-set on (the default for supcon artifacts that store it), also: unknown_score (distance
-    to the k-th nearest training photo, 0-2; larger = less like any trained species), known (false when
-    unknown_score is past the threshold calibrated to accept 95% of known-species photos) and
-    nearest_species (the classifier's best species). pred_1 is 'unknown' for photos not known; pred_2..
-    and score_1.. stay the classifier's ranking (score_1 is nearest_species' probability). --open-set off
-    writes only the columns above.
+    With --open-set on (the default for supcon artifacts that store it), also: unknown_score (the score the artifact was calibrated with, named under open_set.score in its artifact.json: {_open_set_scores()}; larger = less like any trained species), known (false when unknown_score is past the threshold calibrated to accept 95% of known-species photos) and nearest_species (the classifier's best species). pred_1 is 'unknown' for photos not known; pred_2.. and score_1.. stay the classifier's ranking (score_1 is nearest_species' probability). --open-set off writes only the columns above.
 
     Example: finegrain predict runs/supcon ~/photos/garden --top-k 5 -o preds.csv
     """, arguments={"artifact": "ARTIFACT_DIR", "images": "IMAGE_OR_FOLDER..."})

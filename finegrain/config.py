@@ -77,7 +77,13 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELED_MODES = ("none", "pseudo")
 TRAIN_LAYERS = ("all", "bn", "last")
-OPEN_SET_SCORES = ("relative_mahalanobis", "knn_distance")  # eval/open_set.py's SCORES (config imports no torch)
+# eval/open_set.py's SCORES (config imports no torch): name -> what it measures (supcon's and predict's help)
+OPEN_SET_SCORE_HELP = {
+    "relative_mahalanobis": "Ren et al. 2021: distance to the nearest species' mean minus the distance to all "
+                            "photos' mean",
+    "knn_distance": "distance to the --open-set-k-th nearest train photo, Sun et al. 2022",
+}
+OPEN_SET_SCORES = tuple(OPEN_SET_SCORE_HELP)
 AUDIT_PROBABILITIES = ("ensemble", "linear", "knn")
 DEVICE = Check(lambda v: v in DEVICES or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N")
 
@@ -146,17 +152,16 @@ class CommandConfig:
         return dataclasses.asdict(self)
 
 
+# A command's config holds only the options it reads (tests/test_help.py runs each command and checks). The
+# building blocks below are combined per command: e.g. audit reads an artifact, so it has no --backbone.
+
 @dataclass
-class StageConfig(CommandConfig):
-    """What every stage takes: data, backbone, output folder, device, tracking."""
+class DataConfig(CommandConfig):
+    """What every command that reads a manifest's photos takes: data, output, device, decoding."""
 
     manifest: str = option("", "Manifest file (.csv/.parquet) of the images.")
     out: str = option("", "Output folder for the stage's artifact.", flag="--out")
     root: str | None = option(None, "Dataset root (overrides the one stored in the manifest).")
-    backbone: str = option("tf_efficientnet_lite0", "Any timm model name; `finegrain backbones` lists what works offline.")
-    weights: str | None = option(None, "Backbone weights: a .safetensors/.pth state dict, 'builtin' (offline ImageNet "
-                                       "weights), or 'none'. Default: builtin when the backbone has them.")
-    pretrained: bool = option(False, "Download timm hub weights (needs internet).")
     device: str = option("auto", "auto, cpu or cuda (cuda:N for one GPU).", check=DEVICE)
     amp: str = option("auto", "Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.", choices=AMP_MODES)
     seed: int = option(0, "Random seed (data order, augmentations, initialisation).")
@@ -166,6 +171,22 @@ class StageConfig(CommandConfig):
                                          "$FINEGRAIN_CACHE).")
     on_bad_image: str = option("error", "error: stop before training if a file is bad; skip: leave bad files out.",
                                choices=BAD_IMAGE_POLICIES)
+
+
+@dataclass
+class BackboneOptions:
+    """The backbone a command builds when it reads no artifact (a mixin of config classes)."""
+
+    backbone: str = option("tf_efficientnet_lite0", "Any timm model name; `finegrain backbones` lists what works offline.")
+    weights: str | None = option(None, "Backbone weights: a .safetensors/.pth state dict, 'builtin' (offline ImageNet "
+                                       "weights), or 'none'. Default: builtin when the backbone has them.")
+    pretrained: bool = option(False, "Download timm hub weights (needs internet).")
+
+
+@dataclass
+class TrackingOptions:
+    """Where a stage's run is tracked: Weights & Biases (a mixin of config classes)."""
+
     wandb: str = option("offline", "Weights & Biases mode: offline (default, no account needed), online, disabled.",
                         choices=WANDB_MODES)
     wandb_project: str = option("finegrain", "W&B project.")
@@ -174,7 +195,13 @@ class StageConfig(CommandConfig):
 
 
 @dataclass
-class TrainConfig(StageConfig):
+class StageConfig(TrackingOptions, DataConfig):
+    """What every stage run by stages/skeleton.py's stage_run takes (pretrain, supcon, evaluate, audit): data,
+    device and tracking; the manifest is checked and the run tracked in W&B and metrics.jsonl."""
+
+
+@dataclass
+class TrainConfig(BackboneOptions, StageConfig):
     """Options shared by the training stages (pretrain, supcon). Sizes in pixels.
 
     `lr` is used as given; None means the method's base rate scaled by batch_size / 256.
@@ -262,10 +289,8 @@ class SupconConfig(TrainConfig):
                                     "predict), and calibrate its unknown-species score (--open-set-score) on the "
                                     "train features (stored in the artifact, N x D float16, with their labels), "
                                     "thresholded to accept 95% of known-species val photos (or of a train hold-out).")
-    open_set_score: str = option("relative_mahalanobis", "The unknown-species score: relative_mahalanobis (Ren et al. "
-                                 "2021: distance to the nearest species' mean minus the distance to all photos' "
-                                 "mean) or knn_distance (to the --open-set-k-th nearest train photo, "
-                                 "Sun et al. 2022).", choices=OPEN_SET_SCORES)
+    open_set_score: str = option("relative_mahalanobis", "The unknown-species score: " + " or ".join(
+        f"{name} ({what})" for name, what in OPEN_SET_SCORE_HELP.items()) + ".", choices=OPEN_SET_SCORES)
     open_set_k: int = option(5, "Which nearest train photo's distance is the knn_distance score; capped at the "
                                 "median train photos per species.", check=at_least(1))
     unlabeled: str = option("none", "What to do with the manifest's unlabeled photos: none (train on labels only) or "
@@ -324,10 +349,11 @@ class SupconConfig(TrainConfig):
 
 
 @dataclass
-class FeatureConfig(StageConfig):
+class FeatureConfig(DataConfig):
     """What every command that reads an artifact's (or a bare backbone's) features of manifest photos takes."""
 
-    from_artifact: str | None = option(None, "Artifact folder to read features with (a pretrain or supcon run).",
+    from_artifact: str | None = option(None, "Artifact folder to read features with (a pretrain or supcon run, or an "
+                                             "evaluate folder: the model it evaluated, at its image size).",
                                        flag="--from")
     image_size: int | None = option(None, "Feature image side (default: 1.125 x the artifact's training size, as "
                                           "FixRes advises; 224 without --from).", check=at_least(8))
@@ -335,13 +361,13 @@ class FeatureConfig(StageConfig):
     flip_tta: bool = option(True, "Average each image's features with its mirror image's (test-time augmentation).")
     batch_size: int = option(128, "Images per batch for feature extraction.", check=at_least(1))
     features_dir: str | None = option(None, "Folder of the features cache (default $FINEGRAIN_CACHE/features, else "
-                                            "~/.cache/finegrain/features), shared by evaluate, audit and suggest. "
+                                            "~/.cache/finegrain/features), shared by evaluate, audit, suggest and predict. "
                                             "Entries are keyed by model weights, preprocessing and photos: a photo is "
                                             "extracted once per model.")
 
 
 @dataclass
-class EvaluateConfig(FeatureConfig):
+class EvaluateConfig(BackboneOptions, FeatureConfig, StageConfig):
     """`finegrain evaluate`: kNN, linear probe, retrieval and a report, for an artifact or a bare backbone."""
 
     out: str = option("", "Output folder for the evaluation (report/, metrics).", flag="--out")
@@ -368,7 +394,7 @@ class EvaluateConfig(FeatureConfig):
 
 
 @dataclass
-class AuditConfig(FeatureConfig):
+class AuditConfig(FeatureConfig, StageConfig):
     """`finegrain audit`: photos whose label, twin or oddity deserves a second look, from an artifact's embeddings."""
 
     out: str = option("", "Output folder (audit.csv, audit.html).", flag="--out")
@@ -393,7 +419,7 @@ SUGGEST_STRATEGIES = ("auto", "typiclust", "probcover", "uncertainty")
 
 
 @dataclass
-class SuggestConfig(FeatureConfig):
+class SuggestConfig(BackboneOptions, FeatureConfig):
     """`finegrain suggest`: which unlabelled photos of a manifest to label next, ranked on an artifact's features.
 
     Labelled photos are the manifest's train rows; candidates its 'unlabeled' rows.
@@ -402,8 +428,9 @@ class SuggestConfig(FeatureConfig):
     out: str = option("", "CSV of the photos to label next (rank, path, reason, ...); a contact sheet with "
                           "thumbnails is written beside it with the suffix .html.", flag="--out")
     from_artifact: str | None = option(None, "Artifact folder whose features rank the photos (a pretrain or supcon "
-                                             "run; a supcon artifact's classifier also adds a best guess). Required.",
-                                       flag="--from")
+                                             "run, whose classifier also adds a best guess; or an evaluate folder: "
+                                             "the model it evaluated). Without it, the frozen --backbone: a cold "
+                                             "start, before any label.", flag="--from")
     budget: int = option(20, "How many photos to suggest (at most the number of unlabelled photos).",
                          check=at_least(1))
     strategy: str = option("auto", "How to choose. typiclust: the most typical photo of each of the largest "
@@ -423,9 +450,6 @@ class SuggestConfig(FeatureConfig):
                                   check=at_least(2))
 
     def check(self) -> None:
-        if not self.from_artifact:
-            raise ConfigError("from_artifact", "is required: the artifact folder whose features rank the photos (a "
-                                               "pretrain or supcon run)")
         if not self.out.lower().endswith(".csv"):
             raise ConfigError("out", f"must be a .csv file (the contact sheet goes beside it as .html), got "
                                      f"{self.out!r}")
@@ -560,6 +584,9 @@ class PredictConfig(CommandConfig):
     open_set: str | None = option(None, "Name photos unlike every trained species 'unknown' (default: on when the "
                                         "artifact stores a calibration, as supcon artifacts do; off for older ones).",
                                   check=ON_OFF, metavar="on|off")
+    features_dir: str | None = option(None, "Folder of the features cache (default $FINEGRAIN_CACHE/features, else "
+                                            "~/.cache/finegrain/features): a photo predicted before (same file, same "
+                                            "artifact) is not read again.")
 
     def check(self) -> None:
         if not self.images:

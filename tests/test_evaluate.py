@@ -102,8 +102,10 @@ def test_evaluates_a_supcon_artifact_at_its_test_size_and_records_the_parent(bir
                             embedding_map=False))
     assert art.info["image_size"] == 45 and art.info["parent"]["hash"] == sup.hash  # FixRes: 1.125 x 40
     assert not (art.path / "report" / "embedding_map.png").exists()
-    with pytest.raises(FinegrainError, match="is an evaluation"):
-        run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "again", from_artifact=str(art.path)))
+    # An evaluate folder stands for the model it evaluated, read at the evaluation's image size.
+    again = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "again", from_artifact=str(art.path),
+                              image_size=None, embedding_map=False))
+    assert again.info["parent"]["hash"] == sup.hash and again.info["image_size"] == 45
     with pytest.raises(FinegrainError, match=r"holds a finished artifact \(supcon\)"):
         run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, "sup"))
 

@@ -219,6 +219,33 @@ def test_labelling_a_suggestion_reuses_the_features_and_moves_on(birds_run, tmp_
     assert first["path"][0] not in set(second["path"]) and len(second) == 3
 
 
+def test_cold_start_runs_on_a_bare_backbone_or_its_evaluation_quietly(birds_run, tmp_path):
+    """No train labels at all (test photos labelled to measure later): --backbone alone picks typical photos; an
+    evaluate folder of that backbone as --from picks the same; neither warns about species without train photos."""
+    root, full, _ = birds_run
+    table = full.table.copy()
+    table.loc[table["split"] == "train", ["split", "label"]] = ["unlabeled", ""]
+    Manifest(table, full.root).save(tmp_path / "cold.csv")
+    bare = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32"]
+    common = ["--manifest", str(tmp_path / "cold.csv"), "--budget", "4", "--workers", "0", "--cache-dir",
+              str(root / "cache"), "--features-dir", str(tmp_path / "features")]
+    r = CliRunner().invoke(app, ["suggest", *common, *bare, "-o", str(tmp_path / "cold.csv.out.csv")])
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output and "no train photos" not in r.output, r.output
+    first = pd.read_csv(tmp_path / "cold.csv.out.csv", keep_default_na=False)
+    assert len(first) == 4 and first["reason"].str.contains("typical").all(), first["reason"]
+    assert (first["best_guess"] == "").all()  # a bare backbone has no classifier
+
+    r = CliRunner().invoke(app, ["evaluate", "--manifest", str(tmp_path / "cold.csv"), *bare, "-o",
+                                 str(tmp_path / "eval"), "--workers", "0", "--wandb", "disabled", "--compare", "none",
+                                 "--no-embedding-map", "--cache-dir", str(root / "cache")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["suggest", *common, "--from", str(tmp_path / "eval"), "-o", str(tmp_path / "e.csv")])
+    assert r.exit_code == 0, r.output
+    again = pd.read_csv(tmp_path / "e.csv", keep_default_na=False)
+    assert list(again["path"]) == list(first["path"])  # the same model, the same picks
+
+
 def test_budget_above_the_pool_is_refused_and_the_whole_pool_is_not(birds_run, tmp_path):
     root, _, _ = birds_run
     n = len(Manifest.load(root / "data" / "few.csv").rows("unlabeled"))
@@ -232,7 +259,6 @@ def test_budget_above_the_pool_is_refused_and_the_whole_pool_is_not(birds_run, t
 
 
 @pytest.mark.parametrize("case,message", [
-    ("no_from", "--from: is required"),
     ("missing_artifact", "artifact folder not found"),
     ("no_unlabelled", "no photos in split 'unlabeled'"),
     ("zero_budget", "--budget: must be at least 1"),
@@ -243,7 +269,6 @@ def test_bad_input_is_one_clear_error(birds_run, tmp_path, case, message):
     root, full, _ = birds_run
     few, out = root / "data" / "few.csv", tmp_path / "s.csv"
     args = {
-        "no_from": [a for a in _args(root, few, out) if a not in ("--from", str(root / "sup"))],
         "missing_artifact": _args(root, few, out)[:4] + [str(tmp_path / "nowhere")] + _args(root, few, out)[5:],
         "no_unlabelled": _args(root, root / "data" / "manifest.csv", out),
         "zero_budget": _args(root, few, out, "--budget", 0),

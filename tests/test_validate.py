@@ -10,7 +10,7 @@ from PIL import Image
 
 from finegrain.data.importers import import_cub
 from finegrain.data.manifest import Manifest
-from finegrain.data.validate import check_manifest_or_raise, validate_manifest
+from finegrain.data.validate import check_manifest_or_raise, validate_manifest, warning_lines
 from finegrain.errors import ManifestError
 
 
@@ -81,6 +81,21 @@ def test_check_before_training_skips_or_stops(birds):
     t.loc[t["split"] == "test", "label"] = "only_in_test"
     with pytest.raises(ManifestError, match="no training images"):
         check_manifest_or_raise(Manifest.from_table(t, birds.root), on_bad_image="skip", progress=False)
+    # Stages allow them (left out of training, unknown to evaluate and predict): check_manifest_or_raise as they call it.
+    kept, report = check_manifest_or_raise(Manifest.from_table(t, birds.root), on_bad_image="skip", progress=False,
+                                           allow_unseen_classes=True)
+    assert len(kept) == len(t) - 1 and {p.kind for p in report.warnings} == {"class_without_train"}
+
+
+def test_warnings_of_one_kind_are_one_line(birds):
+    t = birds.table.copy()
+    firsts = t[t["split"] == "train"].groupby("label").head(1).index  # each species keeps one train photo
+    t = t[(t["split"] != "train") | t.index.isin(firsts)].reset_index(drop=True)
+    report = validate_manifest(Manifest.from_table(t, birds.root), decode=False)
+    few = [p for p in report.warnings if p.kind == "few_images"]
+    assert len(few) == 4
+    lines = warning_lines(report.warnings)
+    assert len(lines) == 1 and lines[0].startswith("4 x few images:")
 
 
 def test_real_cub50_passes(cub50):

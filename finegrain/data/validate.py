@@ -222,7 +222,7 @@ def _check_classes(table: pd.DataFrame, allow_unseen: bool, add) -> None:
     if labelled.empty:
         return
     train_counts = labelled[labelled["split"] == "train"]["label"].value_counts()
-    for label in sorted(set(labelled["label"]) - set(train_counts.index)):
+    for label in classes_without_train(table):
         where = sorted(set(labelled.loc[labelled["label"] == label, "split"]))
         add(Problem(
             "warning" if allow_unseen else "error", "class_without_train",
@@ -258,7 +258,8 @@ def check_manifest_or_raise(manifest: Manifest, *, on_bad_image: str = "error", 
     Args:
         on_bad_image: "error" stops on any error; "skip" drops rows whose file is missing or does
             not decode and stops only on other errors.
-        allow_unseen_classes: classes without training images are warnings (evaluation, zero-shot).
+        allow_unseen_classes: classes without training images are warnings (stages: they are left out of
+            training and are unknown species to evaluate and predict).
 
     Raises:
         ManifestError: with the list of blocking problems.
@@ -273,18 +274,60 @@ def check_manifest_or_raise(manifest: Manifest, *, on_bad_image: str = "error", 
     return manifest, report
 
 
+UNSEEN_NOTES = ("warn", "quiet")
+
+
 def load_checked_manifest(path, *, root=None, on_bad_image: str = "error", progress: bool = True,
-                          allow_unseen_classes: bool = False) -> Manifest:
-    """Load a manifest and validate it before any training (bad files dropped with on_bad_image "skip", and named)."""
+                          unseen_classes: str = "warn") -> Manifest:
+    """Load a manifest and validate it before a stage runs (bad files dropped with on_bad_image "skip", and named).
+
+    Species with val/test photos but no train photos are allowed: stages train on the species that have train
+    photos, and evaluate and predict treat the others as unknown (open set). unseen_classes: "warn" says so in one
+    line with their count; "quiet" only at debug level (suggest's cold start, where no species has train photos).
+    """
     if not path:
         raise FinegrainError("--manifest is required")
+    if unseen_classes not in UNSEEN_NOTES:
+        raise ValueError(f"unseen_classes must be one of {UNSEEN_NOTES}, got {unseen_classes!r}")
     manifest = Manifest.load(path, root=root)
     manifest, report = check_manifest_or_raise(manifest, on_bad_image=on_bad_image, progress=progress,
-                                                allow_unseen_classes=allow_unseen_classes)
+                                                allow_unseen_classes=True)
     skipped = [p for p in report.errors if p.path in report.bad_files]
     if skipped:
         log.warning("--on-bad-image skip: leaving out %d file(s):\n  - %s%s", len(skipped),
                     "\n  - ".join(str(p) for p in skipped[:20]), "\n  ..." if len(skipped) > 20 else "")
-    for p in report.warnings[:10]:
-        log.warning("manifest: %s", p)
+    unseen = classes_without_train(manifest.table)
+    if unseen:
+        log.log(logging.WARNING if unseen_classes == "warn" else logging.DEBUG, "manifest: %s", unseen_summary(unseen))
+    for line in warning_lines([p for p in report.warnings if p.kind != "class_without_train"]):
+        log.warning("manifest: %s", line)
     return manifest
+
+
+def classes_without_train(table: pd.DataFrame) -> list[str]:
+    """The labels of labelled rows (val, test) that no train row carries, sorted."""
+    labelled = table[table["label"] != ""]
+    return sorted(set(labelled["label"]) - set(labelled.loc[labelled["split"] == "train", "label"]))
+
+
+def unseen_summary(names: list[str]) -> str:
+    """One line for the classes without train photos: their count, a few names and what stages do with them."""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{len(names)} {'class has' if len(names) == 1 else 'classes have'} val/test photos but no train photos "
+            f"({shown}): training leaves them out; evaluate and predict treat them as unknown species")
+
+
+def warning_lines(warnings: list[Problem], per_kind: int = 3) -> list[str]:
+    """The warnings as lines: a kind found once is shown as it is; a kind found more often is one line with its
+    count and the first `per_kind` (a manifest of 200 species with one photo each gives one line, not 200)."""
+    by_kind: dict[str, list[Problem]] = defaultdict(list)
+    for p in warnings:
+        by_kind[p.kind].append(p)
+    lines = []
+    for kind, found in by_kind.items():
+        if len(found) == 1:
+            lines.append(str(found[0]))
+        else:
+            more = f"; ... ({len(found) - per_kind} more)" if len(found) > per_kind else ""
+            lines.append(f"{len(found)} x {kind.replace('_', ' ')}: " + "; ".join(map(str, found[:per_kind])) + more)
+    return lines

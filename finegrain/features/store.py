@@ -1,6 +1,6 @@
 """Features of manifest photos as a Subject reads them, extracted once per photo and model, and cached.
 
-Shared by `evaluate`, `audit` and `suggest`: the artifact's own normalisation, by default 1.125 x its
+Shared by `evaluate`, `audit`, `suggest` and `predict`: the artifact's own normalisation, by default 1.125 x its
 training size with flip averaging. The cache folder is shared between commands (features/cache.py):
 a set of photos asked for again is read back as it was written; photos another set already holds are
 copied from it, and only the others are extracted.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,10 +35,12 @@ class FeatureStore:
     """Extracts features of manifest rows once and keeps them in FOLDER/<what>-<key>.npy."""
 
     def __init__(self, cfg: FeatureConfig, subject: Subject, device: torch.device, folder: Path | None = None,
-                 amp_dtype: torch.dtype | None = None):
+                 amp_dtype: torch.dtype | None = None, file_stamps: bool = False):
         """folder: where to cache when cfg.features_dir is not set (default: the shared cache folder, see
-        features/cache.py); amp_dtype: autocast dtype or None."""
+        features/cache.py); amp_dtype: autocast dtype or None; file_stamps: a photo is also known by its file's
+        size and modification time (predict: a camera folder may reuse a file name for a new photo)."""
         self.cfg, self.subject, self.device, self.amp_dtype = cfg, subject, device, amp_dtype
+        self.file_stamps = file_stamps
         ready_for_extraction(subject.model, device)
         self.folder = Path(cfg.features_dir) if cfg.features_dir else Path(folder) if folder else default_folder()
         self.seconds = 0.0  # wall time spent extracting (and copying cached rows) in this run
@@ -46,12 +49,24 @@ class FeatureStore:
         self.reading = _digest(parts + (["flip"] if cfg.flip_tta else []))  # the model and its preprocessing
 
     def _photos(self, rows: Manifest):
-        """The columns the features depend on: the path and, when cropping, the box (not labels or splits)."""
-        return rows.table[["path"] + (list(BBOX_COLUMNS) if self.cfg.bbox_crop and rows.has_bboxes else [])]
+        """The columns the features depend on: the path and, when cropping, the box (not labels or splits); with
+        file_stamps, each file's size and modification time (ns)."""
+        photos = rows.table[["path"] + (list(BBOX_COLUMNS) if self.cfg.bbox_crop and rows.has_bboxes else [])]
+        if not self.file_stamps:
+            return photos
+        stats = [os.stat(rows.root / p) for p in photos["path"]]
+        return photos.assign(size=[st.st_size for st in stats], mtime_ns=[st.st_mtime_ns for st in stats])
 
     def key(self, rows: Manifest) -> str:
         """What the features depend on: model, preprocessing and the photos."""
         return _digest([self.reading, str(rows.root), self._photos(rows).to_csv(index=False, float_format="%.4f")])[:24]
+
+    def held(self, rows: Manifest) -> np.ndarray:
+        """(N,) bool: which rows' photos the folder already holds features of (for this model and preprocessing)."""
+        if not self.folder.is_dir():
+            return np.zeros(len(rows), dtype=bool)
+        files, _ = CachedPhotos(self.folder).locate(photo_ids(self._photos(rows), str(rows.root), self.reading))
+        return files >= 0
 
     def features(self, rows: Manifest, what: str) -> torch.Tensor:
         """(N, D) float32 features of `rows`, in row order: a memory map of FOLDER/<what>-<key>.npy, written a

@@ -21,26 +21,46 @@ class Subject:
     """
 
     def __init__(self, cfg: FeatureConfig):
+        """From cfg.from_artifact (a pretrain or supcon artifact, or an evaluate folder: the model it evaluated, at
+        the evaluation's image side) or, without one, the bare cfg.backbone with cfg.weights (a config without
+        backbone options needs from_artifact). cfg.image_size overrides the image side (px)."""
         self.artifact: Artifact | None = None
-        if cfg.from_artifact:
-            self.artifact = load_artifact(cfg.from_artifact)
-            info = self.artifact.info
-            if info.get("stage") == "evaluate":
-                raise FinegrainError(f"{cfg.from_artifact} is an evaluation; pass the pretrain or supcon artifact it evaluated")
-            self.model = create_backbone(info["backbone"], weights=self.artifact.path)
+        image_size, bare = cfg.image_size, None
+        artifact = load_artifact(cfg.from_artifact) if cfg.from_artifact else None
+        if artifact is not None and artifact.info.get("stage") == "evaluate":
+            image_size = image_size or artifact.info["image_size"]
+            artifact, bare = _evaluated(artifact)
+        elif artifact is None:
+            bare = (cfg.backbone, cfg.weights, cfg.pretrained)
+        if artifact is not None:
+            self.artifact, info = artifact, artifact.info
+            self.model = create_backbone(info["backbone"], weights=artifact.path)
             self.name = info["backbone"]
-            self.image_size = cfg.image_size or test_size(info["image_size"])
+            self.image_size = image_size or test_size(info["image_size"])
             self.mean, self.std = info["mean"], info["std"]
-            self.source = f"{info['stage']} artifact {self.artifact.path}"
+            self.source = f"{info['stage']} artifact {artifact.path}"
         else:
-            self.model, weights = build_backbone(cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained)
+            backbone, weights, pretrained = bare
+            self.model, source = build_backbone(backbone, weights=weights, pretrained=pretrained)
             dc = data_config(self.model)
-            self.name = cfg.backbone
-            self.image_size = cfg.image_size or 224
+            self.name, self.image_size = backbone, image_size or 224
             self.mean, self.std = dc["mean"], dc["std"]
-            self.source = f"{cfg.backbone} ({weights} weights)"
+            self.source = f"{backbone} ({source} weights)"
         self.model.eval()
         self.identity = weights_hash(self.name, self.model)
+
+
+def _evaluated(evaluation: Artifact) -> tuple[Artifact | None, tuple | None]:
+    """What an evaluate folder evaluated: (its artifact, None), or (None, (backbone, weights, pretrained)) for a
+    bare backbone."""
+    parent = (evaluation.info.get("parent") or {}).get("path")
+    if parent:
+        return load_artifact(parent), None
+    config = evaluation.config()
+    if not config.get("backbone"):
+        raise FinegrainError(f"{evaluation.path} is an evaluation that records no backbone; pass the artifact it "
+                             "evaluated")
+    return None, (config["backbone"], config.get("weights"), bool(config.get("pretrained")))
 
 
 def weights_hash(name: str, model: torch.nn.Module) -> str:

@@ -34,7 +34,7 @@ ISSUE_ORDER = {"label": 0, "duplicate": 1, "outlier": 2}
 
 def run_audit(cfg: AuditConfig) -> pd.DataFrame:
     """Audit the manifest's photos with the artifact's embeddings; write audit.csv and audit.html; return the findings."""
-    with stage_run("audit", cfg, allow_unseen_classes=True) as run:
+    with stage_run("audit", cfg) as run:
         subject = Subject(cfg)
         store = FeatureStore(cfg, subject, run.device, amp_dtype=run.amp_dtype)
         rows = run.manifest.table.reset_index(drop=True)

@@ -57,7 +57,7 @@ OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the artifact's open-s
 
 def run_evaluate(cfg: EvaluateConfig) -> Artifact:
     """Evaluate as `cfg` says; write OUT/report/ and the evaluation artifact; return it."""
-    with stage_run("evaluate", cfg, allow_unseen_classes=True) as run:
+    with stage_run("evaluate", cfg) as run:
         subject = Subject(cfg)
         audit = _audit_summary(cfg.audit) if cfg.audit else None  # read before any photo is
         store = FeatureStore(cfg, subject, run.device, amp_dtype=run.amp_dtype)

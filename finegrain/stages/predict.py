@@ -6,8 +6,10 @@ named `unknown` (eval/open_set.py: the artifact's unknown-species score, past it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -60,24 +62,23 @@ def open_set_reference(artifact: Artifact, open_set: bool | None) -> OpenSetRefe
 
 
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
-                workers: int = 2, flip_tta: bool | None = None, open_set: bool | None = None) -> pd.DataFrame:
+                workers: int = 2, flip_tta: bool | None = None, open_set: bool | None = None,
+                features_dir=None) -> pd.DataFrame:
     """Predict the top-k classes of each image with the artifact's backbone and linear classifier.
 
     Features are read as the classifier was fitted on them (its image size and flip averaging, stored
-    in the artifact); `flip_tta` True/False overrides the flip averaging.
+    in the artifact); `flip_tta` True/False overrides the flip averaging. They come from the shared
+    features cache (features/store.py; `features_dir`, default the shared folder), so photos predicted
+    before are neither checked nor decoded again.
 
     Returns (and writes to `out_csv` when given) one row per image: path, then pred_1..pred_k and
     score_1..score_k (softmax probabilities in [0, 1]); images that cannot be read get an `error`
     and no predictions. With open-set scoring (`open_set` True, or None and the artifact stores it),
     also nearest_species (the classifier's top species, whose probability is score_1), unknown_score
-    (the artifact's open-set score: larger = less like any trained species) and known (unknown_score <=
-    the stored threshold); pred_1 is then `unknown` for photos not known, pred_2.. stay the classifier's ranking.
+    (the artifact's open-set score, named in artifact.json under open_set.score: larger = less like any
+    trained species) and known (unknown_score <= the stored threshold); pred_1 is then `unknown` for
+    photos not known, pred_2.. stay the classifier's ranking.
     """
-    from finegrain.data.dataset import ManifestDataset
-    from finegrain.data.views import build_view, make_recipe
-    from finegrain.features.extract import extract_features, flip_averaged, ready_for_extraction
-    from finegrain.models.backbone import create_backbone
-
     artifact = load_artifact(artifact_dir)
     info = artifact.info
     head = artifact.state_dict("classifier.")
@@ -91,25 +92,13 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     paths = collect_images(inputs)
     root = Path(os.path.commonpath([p.parent for p in paths]))
     names = [p.relative_to(root).as_posix() for p in paths]
-    table = pd.DataFrame({"image_id": names, "path": names, "label": "", "split": "unlabeled"})
-    manifest, report = check_manifest_or_raise(Manifest(table, root), on_bad_image="skip", progress=False)
-    errors = {str(root / p.path): p.message for p in report.errors if p.path}
-    for path, reason in list(errors.items())[:10]:
-        log.warning("predict: cannot read %s (%s)", path, reason)
-    if len(errors) > 10:
-        log.warning("predict: %d more unreadable files (listed in the output)", len(errors) - 10)
+    photos = Manifest(pd.DataFrame({"image_id": names, "path": names, "label": "", "split": "unlabeled"}), root)
+    store = _feature_store(artifact, device, batch_size, workers, flip_tta, features_dir)
+    manifest, errors = _readable(photos, store)
 
-    dev = resolve_device(device)
-    model = ready_for_extraction(create_backbone(info["backbone"], weights=artifact.path), dev)
     rows = [{"path": str(p), "error": errors.get(str(p), "unreadable")} for p in paths]
     if len(manifest):
-        fitted = info.get("classifier") or {}
-        flip_tta = fitted.get("flip_tta", False) if flip_tta is None else flip_tta
-        recipe = make_recipe("eval", image_size=fitted.get("image_size", info["image_size"]), mean=info["mean"],
-                             std=info["std"])
-        ds = ManifestDataset(manifest, build_view(recipe), class_names=[])
-        feats, _ = extract_features(flip_averaged(model) if flip_tta else model, ds, device=dev, batch_size=batch_size, workers=workers,
-                                    amp_dtype=resolve_amp("auto", dev), progress="predict")
+        feats = store.features(manifest, "predict")
         logits = torch.nn.functional.normalize(feats, dim=1) @ head["weight"].T.float() + head["bias"].float()
         predicted = _predictions(logits, feats, classes, top_k, reference)
         by_path = {str(root / p): {"path": str(root / p), **row} for p, row in zip(manifest.table["path"], predicted)}
@@ -121,6 +110,41 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     if out_csv:
         atomic_write_text(Path(out_csv), df.to_csv(index=False))
     return df
+
+
+def _feature_store(artifact: Artifact, device: str, batch_size: int, workers: int, flip_tta: bool | None,
+                   features_dir):
+    """The features cache of the artifact's backbone read as its classifier was fitted (image size, flip)."""
+    from finegrain.config import FeatureConfig
+    from finegrain.features.store import FeatureStore
+    from finegrain.features.subject import Subject
+
+    fitted = artifact.info.get("classifier") or {}
+    cfg = FeatureConfig(from_artifact=str(artifact.path),
+                        image_size=fitted.get("image_size", artifact.info["image_size"]),
+                        flip_tta=fitted.get("flip_tta", False) if flip_tta is None else flip_tta,
+                        batch_size=batch_size, workers=workers, device=device,
+                        features_dir=None if features_dir is None else str(features_dir),
+                        cache_images=False, on_bad_image="skip")  # photos are read once: no decoded-image cache
+    dev = resolve_device(device)
+    return FeatureStore(cfg, Subject(cfg), dev, amp_dtype=resolve_amp("auto", dev), file_stamps=True)
+
+
+def _readable(photos: Manifest, store) -> tuple[Manifest, dict[str, str]]:
+    """(the photos that can be read, absolute path -> why not for the others). Photos whose features the cache
+    holds were read before; the others are checked (decoded), with a progress bar on a terminal."""
+    held = store.held(photos)
+    new = dataclasses.replace(photos, table=photos.table[~held].reset_index(drop=True))
+    if not len(new):
+        return photos, {}
+    _, report = check_manifest_or_raise(new, on_bad_image="skip", progress=sys.stderr.isatty())
+    errors = {str(photos.root / p.path): p.message for p in report.errors if p.path}
+    for path, reason in list(errors.items())[:10]:
+        log.warning("predict: cannot read %s (%s)", path, reason)
+    if len(errors) > 10:
+        log.warning("predict: %d more unreadable files (listed in the output)", len(errors) - 10)
+    readable = ~photos.table["path"].isin({p.path for p in report.errors if p.path})
+    return dataclasses.replace(photos, table=photos.table[readable].reset_index(drop=True)), errors
 
 
 def _predictions(logits: torch.Tensor, feats: torch.Tensor, classes: list[str], top_k: int,

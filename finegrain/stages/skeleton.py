@@ -96,8 +96,11 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, cfg: StageConfig, *, allow_unseen_classes: bool = False) -> Iterator[StageRun]:
+def stage_run(stage: str, cfg: StageConfig, *, unseen_classes: str = "warn") -> Iterator[StageRun]:
     """Set up a stage (device and seeds, output folder, manifest checked), yield it, and always clean up.
+
+    Species with val/test photos but no train photos are allowed (data/validate.py: load_checked_manifest, whose
+    `unseen_classes` says how loudly): training uses the species that have train photos.
 
     Training stages (a TrainConfig) also join torchrun's process group and refuse to overwrite a
     finished artifact or ignore a checkpoint; evaluate may rewrite its own earlier evaluation.
@@ -114,7 +117,7 @@ def stage_run(stage: str, cfg: StageConfig, *, allow_unseen_classes: bool = Fals
         random.seed(cfg.seed)
         out = prepare_out_dir(cfg, stage, training=training)
         manifest = load_checked_manifest(cfg.manifest, root=cfg.root, on_bad_image=cfg.on_bad_image,
-                                         progress=dist.is_main(), allow_unseen_classes=allow_unseen_classes)
+                                         progress=dist.is_main(), unseen_classes=unseen_classes)
         run = StageRun(stage, cfg, device, out, manifest)
         yield run
     finally:

@@ -1,4 +1,5 @@
-"""`finegrain suggest`: which unlabelled photos of a manifest to label next, from an artifact's features.
+"""`finegrain suggest`: which unlabelled photos of a manifest to label next, from an artifact's features (or, for
+a cold start before any label, a bare backbone's: --backbone without --from).
 
 Candidates are the manifest's 'unlabeled' rows, labelled photos its train rows. Features are the
 artifact's L2-normalised embeddings (features/store.py), from the shared features cache (or
@@ -35,9 +36,10 @@ log = logging.getLogger("finegrain")
 def run_suggest(cfg: SuggestConfig) -> pd.DataFrame:
     """Rank the unlabelled photos as `cfg` says; write cfg.out (CSV) and its .html contact sheet; return the table."""
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # a bare backbone with random weights ('none') is drawn as evaluate draws it
     subject = Subject(cfg)  # the artifact is read before any photo is
     manifest = load_checked_manifest(cfg.manifest, root=cfg.root, on_bad_image=cfg.on_bad_image,
-                                     allow_unseen_classes=True)
+                                     unseen_classes="quiet")  # a cold start labels no species yet
     pool_rows, train_rows = manifest.rows("unlabeled"), manifest.rows("train")
     if not len(pool_rows):
         raise FinegrainError(f"{cfg.manifest} has no photos in split 'unlabeled': nothing to suggest (photos waiting "
@@ -49,7 +51,8 @@ def run_suggest(cfg: SuggestConfig) -> pd.DataFrame:
 
     pool, labelled = _features(cfg, subject, device, manifest, pool_rows, train_rows)
     classes = sorted(set(train_rows.table["label"]))
-    species = max(len(manifest.class_names), len(subject.artifact.info.get("class_names") or []))
+    known = (subject.artifact.info.get("class_names") or []) if subject.artifact is not None else []
+    species = max(len(manifest.class_names), len(known))
     strategy, why = cfg.strategy, "chosen with --strategy"
     if strategy == "auto":
         strategy, why = auto_strategy(len(train_rows), len(classes), species, cfg.cold_start_per_class)
@@ -93,6 +96,8 @@ def _best_guess(subject: Subject, feats: np.ndarray) -> tuple[list[str], np.ndar
     """The artifact classifier's top species and its probability for each (B, D) feature row; None without one."""
     from finegrain.eval.linear import LinearProbe
 
+    if subject.artifact is None:  # a bare backbone (cold start) has no classifier
+        return None
     head, names = subject.artifact.state_dict("classifier."), subject.artifact.info.get("class_names")
     if not head or not names:
         return None

@@ -111,7 +111,8 @@ def training_rows(cfg: SupconConfig, run: StageRun) -> tuple[Manifest, Manifest]
     n_classes = len(set(train.table["label"].astype(str)))
     if n_classes < 2:
         raise FinegrainError(f"{cfg.manifest} needs labelled train images of at least 2 classes for supcon; "
-                             f"found {n_classes}")
+                             f"found {n_classes} (no labels yet? `finegrain suggest --manifest M --backbone NAME -o "
+                             "next.csv` picks the photos to label first)")
     unlabelled = run.manifest.rows("unlabeled")
     if cfg.unlabeled == "none" and not cfg.teacher:
         return train, unlabelled.rows([])
