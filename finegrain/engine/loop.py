@@ -21,11 +21,16 @@ Gradient accumulation under DDP: the micro-steps that do not step the optimizer 
 ``no_sync()``, so gradients are all-reduced once per optimizer step, on its last micro-step.
 
 Non-finite losses: on CPU each micro-step's loss is checked before its backward (a host read costs
-nothing there). On CUDA a read each micro-step would stall the GPU, so the loop keeps the first
+nothing there), and the divergence guard sees every optimizer step's loss. On CUDA a read each micro-step would stall the GPU, so the loop keeps the first
 non-finite loss and the last loss on the device and reads them (`_read_losses`) only on log steps,
 at each epoch end (before the monitor), before every checkpoint and at the end: a divergence raises
 TrainingDiverged there, before any checkpoint is written with the damaged weights. Under DDP the
-flag is summed over ranks at those reads, so every rank stops at the same point.
+flag is summed over ranks at those reads, so every rank stops at the same point. The guard then
+sees the losses of log steps only.
+
+The epoch line reports the epoch's mean loss: the steps' losses are summed on the device and read
+once, at the epoch end. The checkpoint keeps the last step's loss, so a run resumed at its last
+step still reports it.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class TrainingDiverged(FinegrainError):
 
 @dataclass
 class FitResult:
-    """What `fit` returns: the final step, the last logged loss, the last monitor metrics."""
+    """What `fit` returns: the final step, the last step's loss, the last monitor metrics."""
 
     steps: int
     epochs_done: int
@@ -99,6 +104,8 @@ class LoopState:
     first_bad: torch.Tensor | None = None  # deferred reads: the first non-finite loss (finite: none yet)
     checked_step: int = 0  # deferred reads: the step of the last read that found every loss finite
     ema: nn.Module | None = None  # timm ModelEmaV3 of `method` (cfg.ema_decay > 0); its `module` is the average
+    epoch_loss_sum: torch.Tensor | None = None  # this epoch's optimizer-step losses summed on the device
+    epoch_loss_steps: int = 0  # how many steps epoch_loss_sum holds
 
 
 def _progress(enabled: bool):
@@ -173,7 +180,9 @@ def build_optimizer(params, cfg: TrainConfig, base_lr: float, total: int, warmup
 
     optimizer = timm.optim.create_optimizer_v2(
         params, opt=cfg.optimizer, lr=base_lr, weight_decay=cfg.weight_decay, momentum=0.9)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
+    # A cosine of length 1 and one of length 2 give the single step after warm-up the same rate (base_lr);
+    # length 2 keeps timm from warning that the schedule "will have no effect" on one-step runs.
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(2, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
                                   warmup_lr_init=base_lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
     return optimizer, scheduler
 
@@ -191,6 +200,11 @@ def _make_ema(method: nn.Module, cfg: TrainConfig) -> nn.Module | None:
     return ModelEmaV3(method, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
 
 
+def run_device(st: LoopState) -> torch.device:
+    """The device the method's parameters are on."""
+    return next(st.method.parameters()).device
+
+
 def _restore(st: LoopState, out_dir) -> None:
     """Load out_dir's checkpoint (if any) into `st`: weights, optimizer, scaler, position, RNGs."""
     ckpt = load_checkpoint(out_dir)
@@ -205,6 +219,8 @@ def _restore(st: LoopState, out_dir) -> None:
     st.scaler.load_state_dict(ckpt["scaler"])
     st.step, st.epoch, st.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
     st.checked_step = st.step
+    if "last_loss" in ckpt:  # a resume at the last step still knows the final loss
+        st.last_loss = torch.tensor(float(ckpt["last_loss"]), device=run_device(st))
     set_rng_state(ckpt["rng"])
     if ckpt.get("total") != st.total:
         raise FinegrainError(f"the checkpoint was made for {ckpt.get('total')} steps but this run has {st.total}; resume with the same --epochs/--max-steps/--batch-size")
@@ -293,6 +309,9 @@ def _optimizer_step(st: LoopState, loss: torch.Tensor) -> None:
     if st.ema is not None:
         st.ema.update(st.method, step=st.step)
     st.last_loss = loss.detach()
+    value = st.last_loss.float()
+    st.epoch_loss_sum = value if st.epoch_loss_sum is None else st.epoch_loss_sum + value
+    st.epoch_loss_steps += 1
 
 
 def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> None:
@@ -303,6 +322,7 @@ def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> N
     loader = _epoch_loader(dataset, sampler, cfg, run.device, st.epoch)
     st.train_module.train()
     logger.start_epoch()
+    st.epoch_loss_sum, st.epoch_loss_steps = None, 0
     micro = 0
     st.optimizer.zero_grad(set_to_none=True)
     for views, labels, _ in loader:
@@ -328,7 +348,7 @@ def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) 
     While the divergence guard sees a signal over its threshold, no checkpoint is written, so the
     last one on disk predates the trouble.
     """
-    _read_losses(run, st)
+    last_loss = _read_losses(run, st)
     if guard is not None and guard.suspicious:
         if dist.is_main():
             log.warning("step %d: checkpoint held back while the loss looks diverged or stuck", st.step)
@@ -337,7 +357,7 @@ def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) 
         save_checkpoint(run.out_dir, {
             "method": st.method.state_dict(), "optimizer": st.optimizer.state_dict(), "scaler": st.scaler.state_dict(),
             "step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "total": st.total,
-            "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None),
+            "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None), "last_loss": last_loss,
             **({"ema": st.ema.state_dict()} if st.ema is not None else {}),
         })
     dist.barrier()
@@ -356,7 +376,7 @@ class _Logger:
         self.guard = guard
         self.progress, self.task = None, None
         self.t_last, self.n_since = time.perf_counter(), 0
-        self.t_epoch, self.n_epoch, self.last_loss = self.t_last, 0, None
+        self.t_epoch, self.n_epoch = self.t_last, 0
 
     def attach(self, progress, task) -> None:
         self.progress, self.task = progress, task
@@ -365,22 +385,35 @@ class _Logger:
         self.t_last, self.n_since = time.perf_counter(), 0
         self.t_epoch, self.n_epoch = self.t_last, 0
 
-    def end_epoch(self, st: LoopState) -> None:
-        """Without a live bar (output not a terminal): one log line for the epoch just finished."""
+    def end_epoch(self, st: LoopState) -> float | None:
+        """The mean loss of the epoch's steps (None without steps; one host read), also logged to the
+        tracker; without a live bar (output not a terminal) one log line for the epoch just finished."""
+        mean = (st.epoch_loss_sum / st.epoch_loss_steps).item() if st.epoch_loss_steps else None
+        if mean is not None and self.tracker is not None:
+            self.tracker.log({"train/epoch_loss": mean, "epoch": st.epoch}, step=st.step)
         if interactive() or not dist.is_main():
-            return
+            return mean
         seconds = time.perf_counter() - self.t_epoch
         log.info("epoch %d/%d: step %d/%d%s, lr %.2e, %.1f img/s, %.0f s", st.epoch, self.cfg.epochs, st.step, st.total,
-                 f", loss {self.last_loss:.4f}" if self.last_loss is not None else "",
+                 f", mean loss {mean:.4f}" if mean is not None else "",
                  st.optimizer.param_groups[0]["lr"], self.n_epoch / max(seconds, 1e-9), seconds)
+        return mean
 
     def after_step(self, run: _Run, st: LoopState, metrics: dict) -> None:
-        """After each optimizer step; reads the loss on the host only on log steps."""
+        """After each optimizer step: the guard sees the loss (every step on CPU, where the host read is
+        free; log steps only on CUDA); log steps also update the bar and the tracker."""
         self.n_since += self.images_per_step
         self.n_epoch += self.images_per_step
         lr = st.optimizer.param_groups[0]["lr"]
-        if st.step % self.cfg.log_every == 0 or st.step == st.total or st.step == 1:
-            last_loss = self.last_loss = _read_losses(run, st)
+        log_step = st.step % self.cfg.log_every == 0 or st.step == st.total or st.step == 1
+        if not (log_step or (self.guard is not None and run.check_every_step)):
+            self.progress.update(self.task, completed=st.step)
+            return
+        last_loss = _read_losses(run, st)
+        if self.guard is not None:
+            accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
+            _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
+        if log_step:
             now = time.perf_counter()
             ips = self.n_since / max(now - self.t_last, 1e-9)
             self.t_last, self.n_since = now, 0
@@ -388,9 +421,6 @@ class _Logger:
                 self.tracker.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": ips, "epoch": st.epoch,
                                   **{f"train/{k}": float(v) for k, v in metrics.items()}}, step=st.step)
             self.progress.update(self.task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
-            if self.guard is not None:
-                accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
-                _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
         self.progress.update(self.task, completed=st.step)
 
     def monitor(self, run: _Run, st: LoopState, epoch: int) -> dict:
