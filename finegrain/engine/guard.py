@@ -11,7 +11,7 @@ accuracy after every optimizer step on CPU (log steps only on CUDA, where a read
 the kNN monitor at its readings. A "point" below is one such checked step:
 - loss far above its start: the last `window` checked losses are each at least twice the
   start's (and at least 1 above it), the start being the median of the first `window` checked losses;
-- loss stuck: the last `stuck_points` checked losses are equal to 1e-4 (a constant embedding);
+- loss stuck: the last `stuck_points` checked losses are equal to 1e-4 of their size (a constant embedding);
 - train accuracy at chance (objectives with a classifier): the mean of the last `window` values is
   at most 1.5 x chance after a window mean of at least 3 x chance;
 - kNN monitor at chance: top-1 at most 1.5 x chance at an epoch end, after starting at 3 x chance
@@ -25,8 +25,9 @@ from collections import deque
 
 
 def _all_equal(values: list[float]) -> bool:
-    """The values agree to 1e-4 (relative to their size, absolute below 1)."""
-    return max(values) - min(values) <= 1e-4 * max(1.0, abs(values[-1]))
+    """The values agree to 1e-4 of their size (relative: a loss converging towards 0, such as 7e-5 then 6e-5,
+    is not stuck, and with the guard reading every step on CPU it would otherwise look so; all exactly 0 is)."""
+    return max(values) - min(values) <= 1e-4 * max(abs(v) for v in values)
 
 
 class DivergenceGuard:

@@ -65,12 +65,16 @@ class TrainingDiverged(FinegrainError):
 
 @dataclass
 class FitResult:
-    """What `fit` returns: the final step, the last step's loss, the last monitor metrics."""
+    """What `fit` returns: the final step, the last step's loss, the last monitor metrics, and the time
+    the fit took (seconds) and how much of it the kNN monitor's readings took."""
 
     steps: int
     epochs_done: int
     last_loss: float
     monitor: dict
+    seconds: float = 0.0
+    monitor_seconds: float = 0.0
+    monitor_readings: int = 0
 
 
 @dataclass
@@ -377,6 +381,8 @@ class _Logger:
         self.progress, self.task = None, None
         self.t_last, self.n_since = time.perf_counter(), 0
         self.t_epoch, self.n_epoch = self.t_last, 0
+        self.t_fit = self.t_last  # the monitor's share is of the time since here
+        self.monitor_seconds, self.monitor_readings, self.monitor_skipped, self._last_reading = 0.0, 0, 0, 0.0
 
     def attach(self, progress, task) -> None:
         self.progress, self.task = progress, task
@@ -410,9 +416,6 @@ class _Logger:
             self.progress.update(self.task, completed=st.step)
             return
         last_loss = _read_losses(run, st)
-        if self.guard is not None:
-            accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
-            _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
         if log_step:
             now = time.perf_counter()
             ips = self.n_since / max(now - self.t_last, 1e-9)
@@ -421,11 +424,30 @@ class _Logger:
                 self.tracker.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": ips, "epoch": st.epoch,
                                   **{f"train/{k}": float(v) for k, v in metrics.items()}}, step=st.step)
             self.progress.update(self.task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
+        if self.guard is not None:  # after the log line, so the step that stops the run is in metrics.jsonl
+            accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
+            _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
         self.progress.update(self.task, completed=st.step)
 
+    def monitor_due(self, st: LoopState) -> bool:
+        """Whether to take a reading now: always the first and the last one; otherwise only while the
+        monitor, with one more reading as long as its last, stays within cfg.knn_monitor_share of the time."""
+        if self.monitor_readings == 0 or st.step >= st.total or st.epoch >= self.cfg.epochs:
+            return True
+        elapsed = time.perf_counter() - self.t_fit
+        return self.monitor_seconds + self._last_reading <= self.cfg.knn_monitor_share * (elapsed + self._last_reading)
+
     def monitor(self, run: _Run, st: LoopState, epoch: int) -> dict:
-        """Run the monitor (if any) on the method; log its metrics; let the guard judge its kNN top-1."""
-        metrics = self.monitor_fn(st.method, epoch) if self.monitor_fn is not None else {}
+        """Run the monitor (if any, and if due) on the method; log its metrics; let the guard judge its kNN top-1."""
+        metrics = {}
+        if self.monitor_fn is not None and self.monitor_due(st):
+            started = time.perf_counter()
+            metrics = self.monitor_fn(st.method, epoch)
+            self._last_reading = time.perf_counter() - started
+            self.monitor_seconds += self._last_reading
+            self.monitor_readings += 1
+        elif self.monitor_fn is not None:
+            self.monitor_skipped += 1
         if metrics and self.tracker is not None:
             self.tracker.log({f"monitor/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=st.step)
         if metrics and dist.is_main():
@@ -479,7 +501,8 @@ def fit(
             accumulate, amp, channels_last, compile, checkpoint_every, resume, seed, workers.
         base_lr: the learning rate to use (already scaled for the batch size).
         tracker: a finegrain.tracking.Tracker (rank 0) or None.
-        monitor: called as monitor(method, epoch) at each epoch end; returns metrics to log.
+        monitor: called as monitor(method, epoch) at the start and at epoch ends (paced to take at most
+            cfg.knn_monitor_share of the time; the first and last calls always happen); returns metrics to log.
         param_groups: optional optimizer parameter groups (layer-wise rates: a group's "lr_scale"
             multiplies the scheduled rate); default: every parameter of `method` that requires grad.
         sampler: an index sampler with `batch_size`, `batches_per_epoch` and `set_epoch(epoch, start_batch)`
@@ -508,8 +531,15 @@ def fit(
             _run_epoch(run, st, dataset, sampler, logger)
             _read_losses(run, st)  # no monitor on damaged weights
             logger.end_epoch(st)
-            monitor_metrics = logger.monitor(run, st, st.epoch)
+            monitor_metrics = logger.monitor(run, st, st.epoch) or monitor_metrics
             _checkpoint(run, st, guard)
     if st.ema is not None:  # the average is the result; the checkpoint keeps both for a resume
         st.method.load_state_dict(st.ema.module.state_dict())
-    return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics)
+    seconds = time.perf_counter() - logger.t_fit
+    if logger.monitor_readings and dist.is_main():
+        log.info("kNN monitor: %d reading(s) took %.0f s of the run's %.0f s (%.0f%%)%s", logger.monitor_readings,
+                 logger.monitor_seconds, seconds, 100 * logger.monitor_seconds / max(seconds, 1e-9),
+                 f"; {logger.monitor_skipped} epoch end(s) skipped to stay within --knn-monitor-share "
+                 f"{run.cfg.knn_monitor_share:g}" if logger.monitor_skipped else "")
+    return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics,
+                     seconds=seconds, monitor_seconds=logger.monitor_seconds, monitor_readings=logger.monitor_readings)
