@@ -163,7 +163,7 @@ def test_a_distill_stage_learns_from_the_supcon_artifact_on_the_unlabelled_photo
     assert evaluate.info["parent"]["path"] == str(distill.path.resolve())
 
 
-@pytest.mark.parametrize("field, value", [("keep_checkpoint", True)])
+@pytest.mark.parametrize("field, value", [("keep_checkpoint", True), ("knn_monitor_share", 1.0)])
 def test_options_about_disk_and_monitoring_do_not_change_a_stages_cache_key(field, value):
     for name in ("pretrain", "supcon"):
         cfg = STAGES[name]()
