@@ -245,3 +245,10 @@ def test_a_one_step_schedule_raises_no_timm_warning(caplog):
     assert not [r for r in caplog.records if "no effect" in r.getMessage()]
     scheduler.step_update(0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the one step runs at the base rate
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="finegrain"):
+        result = fit(_Tiny(), _Images(), _cfg(resume=True, epochs=1), tmp_path, device=torch.device("cpu"), base_lr=0.01)
+    assert result.steps == 10
+    assert any("no checkpoint in" in r.getMessage() and "from the start" in r.getMessage() for r in caplog.records)

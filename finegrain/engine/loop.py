@@ -212,7 +212,9 @@ def run_device(st: LoopState) -> torch.device:
 def _restore(st: LoopState, out_dir) -> None:
     """Load out_dir's checkpoint (if any) into `st`: weights, optimizer, scaler, position, RNGs."""
     ckpt = load_checkpoint(out_dir)
-    if ckpt is None:
+    if ckpt is None:  # said, not silent: a mistyped --out would otherwise quietly train from scratch
+        if dist.is_main():
+            log.warning("--resume: no checkpoint in %s; training from the start", out_dir)
         return
     st.method.load_state_dict(ckpt["method"])
     if st.ema is not None:
