@@ -252,3 +252,29 @@ def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path,
         result = fit(_Tiny(), _Images(), _cfg(resume=True, epochs=1), tmp_path, device=torch.device("cpu"), base_lr=0.01)
     assert result.steps == 10
     assert any("no checkpoint in" in r.getMessage() and "from the start" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_resumed_mid_epoch_reports_the_whole_epochs_mean_loss(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(loop, "interactive", lambda: False)
+    cfg = dict(checkpoint_every=3, log_every=100)
+
+    def epoch_lines():
+        return [r.getMessage().split(", lr")[0] for r in caplog.records if r.getMessage().startswith("epoch 2/2")]
+
+    with caplog.at_level(logging.INFO, logger="finegrain"):
+        fit(_Tiny(), _Images(), _cfg(**cfg), tmp_path / "full", device=torch.device("cpu"), base_lr=0.01)
+        full = epoch_lines()
+        caplog.clear()
+
+        def crash_at_14(self, step, total):
+            if step == 14:
+                raise _Crash()
+
+        monkeypatch.setattr(_Tiny, "after_step", crash_at_14)
+        with pytest.raises(_Crash):
+            fit(_Tiny(), _Images(), _cfg(**cfg), tmp_path / "cut", device=torch.device("cpu"), base_lr=0.01)
+        monkeypatch.setattr(_Tiny, "after_step", lambda self, step, total: None)
+        assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 12  # mid-epoch 2
+        fit(_Tiny(), _Images(), _cfg(resume=True, **cfg), tmp_path / "cut", device=torch.device("cpu"), base_lr=0.01)
+        resumed = epoch_lines()
+    assert len(full) == 1 and resumed == full  # "epoch 2/2: step 20/20, mean loss X" over all 10 steps

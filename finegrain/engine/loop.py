@@ -21,16 +21,17 @@ Gradient accumulation under DDP: the micro-steps that do not step the optimizer 
 ``no_sync()``, so gradients are all-reduced once per optimizer step, on its last micro-step.
 
 Non-finite losses: on CPU each micro-step's loss is checked before its backward (a host read costs
-nothing there), and the divergence guard sees every optimizer step's loss. On CUDA a read each micro-step would stall the GPU, so the loop keeps the first
-non-finite loss and the last loss on the device and reads them (`_read_losses`) only on log steps,
+nothing there), and the divergence guard sees every optimizer step's loss. On CUDA a read each
+micro-step would stall the GPU, so the loop keeps the first non-finite loss and the last loss on the device and reads them (`_read_losses`) only on log steps,
 at each epoch end (before the monitor), before every checkpoint and at the end: a divergence raises
 TrainingDiverged there, before any checkpoint is written with the damaged weights. Under DDP the
 flag is summed over ranks at those reads, so every rank stops at the same point. The guard then
 sees the losses of log steps only.
 
 The epoch line reports the epoch's mean loss: the steps' losses are summed on the device and read
-once, at the epoch end. The checkpoint keeps the last step's loss, so a run resumed at its last
-step still reports it.
+once, at the epoch end. The checkpoint keeps the last step's loss and the epoch's sum so far, so a
+run resumed at its last step still reports its final loss, and one resumed mid-epoch the whole
+epoch's mean.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def _make_ema(method: nn.Module, cfg: TrainConfig) -> nn.Module | None:
     return ModelEmaV3(method, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
 
 
-def run_device(st: LoopState) -> torch.device:
+def _method_device(st: LoopState) -> torch.device:
     """The device the method's parameters are on."""
     return next(st.method.parameters()).device
 
@@ -225,8 +226,12 @@ def _restore(st: LoopState, out_dir) -> None:
     st.scaler.load_state_dict(ckpt["scaler"])
     st.step, st.epoch, st.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
     st.checked_step = st.step
+    device = _method_device(st)
     if "last_loss" in ckpt:  # a resume at the last step still knows the final loss
-        st.last_loss = torch.tensor(float(ckpt["last_loss"]), device=run_device(st))
+        st.last_loss = torch.tensor(float(ckpt["last_loss"]), device=device)
+    if ckpt.get("epoch_loss_steps"):  # a resume mid-epoch still reports the whole epoch's mean
+        st.epoch_loss_sum = torch.tensor(float(ckpt["epoch_loss_sum"]), device=device)
+        st.epoch_loss_steps = int(ckpt["epoch_loss_steps"])
     set_rng_state(ckpt["rng"])
     if ckpt.get("total") != st.total:
         raise FinegrainError(f"the checkpoint was made for {ckpt.get('total')} steps but this run has {st.total}; resume with the same --epochs/--max-steps/--batch-size")
@@ -328,7 +333,8 @@ def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> N
     loader = _epoch_loader(dataset, sampler, cfg, run.device, st.epoch)
     st.train_module.train()
     logger.start_epoch()
-    st.epoch_loss_sum, st.epoch_loss_steps = None, 0
+    if st.batch_in_epoch == 0:  # else resumed mid-epoch: the restored sum goes on
+        st.epoch_loss_sum, st.epoch_loss_steps = None, 0
     micro = 0
     st.optimizer.zero_grad(set_to_none=True)
     for views, labels, _ in loader:
@@ -364,6 +370,8 @@ def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) 
             "method": st.method.state_dict(), "optimizer": st.optimizer.state_dict(), "scaler": st.scaler.state_dict(),
             "step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "total": st.total,
             "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None), "last_loss": last_loss,
+            "epoch_loss_sum": st.epoch_loss_sum.item() if st.epoch_loss_steps else 0.0,
+            "epoch_loss_steps": st.epoch_loss_steps,
             **({"ema": st.ema.state_dict()} if st.ema is not None else {}),
         })
     dist.barrier()
