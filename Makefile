@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@: > $(PIP_LOG)
 	@$(call pip_step,upgrading pip,--upgrade pip)
-	@$(call pip_step,installing finegrain and its dependencies (minutes the first time),-e '.[dev]')
+	@$(call pip_step,installing finegrain and its dependencies,-e '.[dev]')
 	@touch $(STAMP)
 	@echo "make: $(VENV) is ready"
 

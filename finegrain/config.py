@@ -199,8 +199,8 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: at epoch ends only).", check=at_least(0))
     log_every: int = option(10, "Optimizer steps between logged metric lines.", check=at_least(1))
     resume: bool = option(False, "Continue the unfinished run in --out from its checkpoint.")
-    keep_checkpoint: bool = option(False, "Keep checkpoint.pt (the training state for --resume: optimizer, RNGs, "
-                                          "about 2.5 x the model) in --out after the run completes; by default it is "
+    keep_checkpoint: bool = option(False, "Keep checkpoint.pt (the training state for --resume: weights, optimizer, RNGs) "
+                                          "in --out after the run completes; by default it is "
                                           "removed once the artifact is written.")
     knn_monitor: bool = option(True, "Report kNN accuracy on labelled val/test images (a fixed class-balanced sample "
                                      "of at most 1,000 train and 500 val/test photos) at the start, after epochs and "
