@@ -10,11 +10,21 @@ export WANDB_MODE ?= disabled
 
 .PHONY: demo test test-fast bench venv clean
 
+PIP_LOG := $(VENV)/pip.log
+
+# One line per step; pip's own output goes to $(PIP_LOG), and its last lines are shown when it fails.
+# $(call pip_step,WHAT,PIP INSTALL ARGUMENTS)
+pip_step = echo "make: $(1) (pip's output: $(PIP_LOG))"; \
+	$(BIN)/python -m pip install --disable-pip-version-check $(2) >>$(PIP_LOG) 2>&1 || \
+	{ tail -n 25 $(PIP_LOG); echo "make: pip failed while $(1); the whole log is $(PIP_LOG)"; exit 1; }
+
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@: > $(PIP_LOG)
+	@$(call pip_step,upgrading pip,--upgrade pip)
+	@$(call pip_step,installing finegrain and its dependencies,-e '.[dev]')
+	@touch $(STAMP)
+	@echo "make: $(VENV) is ready"
 
 venv: $(STAMP)
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -77,7 +78,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "manifest": str(MANIFEST.relative_to(REPO)), "image_size": args.image_size,
               "command": "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:]), "results": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"{'run':22s} " + " ".join(f"{k:>12s}" for k in KEYS[:6]))
     for name, r in rows.items():
         print(f"{name:22s} " + " ".join(f"{r.get(k, float('nan')):12.3f}" for k in KEYS[:6]))

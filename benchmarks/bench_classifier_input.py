@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -92,8 +93,7 @@ def main() -> None:
         found[f"LR on projection @{large}+flip"] = top1(probe_logits(probe, z_test), y_test)
     result = {"date": time.strftime("%Y-%m-%d"), "artifact": str(args.artifact.relative_to(REPO)),
               "data": "cub50 train -> test", "test_top1": found}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     for k, v in found.items():
         print(f"{k:32s} {v:.4f}")
     print(f"wrote {args.out}")

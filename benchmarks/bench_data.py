@@ -39,6 +39,7 @@ from finegrain.data.shards import write_shards  # noqa: E402
 from finegrain.data.synthetic import make_demo_dataset  # noqa: E402
 from finegrain.data.validate import validate_manifest  # noqa: E402
 from finegrain.data.views import build_view, make_recipe  # noqa: E402
+from _results import write_results  # noqa: E402 (benchmarks/ is on sys.path when a script here runs)
 
 REPO = Path(__file__).resolve().parents[1]
 CUB50 = Path(os.environ.get("FINEGRAIN_CUB50", REPO.parent / "shared" / "data" / "cub50"))
@@ -129,10 +130,11 @@ def main() -> None:
         "image_size": args.image_size, "views": 2, "workers": args.workers, "batch_size": args.batch_size,
         "validate_s": round(validate_s, 2), "validate_img_per_s": round(len(manifest) / validate_s, 1),
         "validate_ok": report.ok, "loading": results,
+        **({"figures": {"shards_read_img_per_s_cub50": results["shards"]["img_per_s_median"]}}
+           if "cub50" in name and "shards" in results else {}),
         "command": "python benchmarks/bench_data.py " + " ".join(sys.argv[1:]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_results(args.out, out)
     print(f"data: {name}, {len(manifest)} images, 2 SimCLR views at {args.image_size}px, {args.workers} workers")
     print(f"validate: {validate_s:.1f} s ({out['validate_img_per_s']} img/s)")
     print(f"{'mode':<14}{'img/s (median)':>16}{'x decode_full':>15}  notes")

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,8 +107,7 @@ def cost_study(args) -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{args.threads} threads", "python": platform.python_version(), "chunk_size": chunk, "linear_cs": args.linear_cs,
               "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:]), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 
@@ -228,8 +228,7 @@ def index_study(args) -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {args.threads} threads",
               "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:]), "queries": "cub50 test (1500)",
               "features": "frozen offline tf_efficientnet_lite0, 144 px", "k": 20, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 
@@ -292,8 +291,9 @@ def extraction_study(args) -> None:
               f"{len(ratios)} rounds {statistics.median(ratios):.3f} ({', '.join(f'{q:.3f}' for q in ratios)})", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {args.threads} threads",
               "images": len(rows), "backbone": "tf_efficientnet_lite0 (offline ImageNet weights)", "rows": out,
+              "figures": {f"extraction_e2e_over_compute_{r['image_size']}px": r["e2e_over_compute"] for r in out},
               "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import yaml
 
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -94,7 +95,7 @@ class Study:
                   "evaluated_at": "finegrain evaluate defaults (1.125 x image size, flip TTA)",
                   "command": "python benchmarks/bench_label_fraction.py " + " ".join(sys.argv[1:]),
                   "pretrain": self.pretrain, "results": self.results}
-        self.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_results(self.out, record, resumed=True)
 
     def evaluate(self, name: str, manifest: Path, *model: str) -> dict:
         """`finegrain evaluate` of `model` into runs/eval_<name>: the KEYS metrics and its wall time."""

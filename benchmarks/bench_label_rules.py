@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import bench_own_data as own  # benchmarks/ is on sys.path when a script here runs
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 RULES = ("prune_by_noise_rate", "self_confidence/off_diagonal", "self_confidence/off_diagonal_calibrated",
          "normalized_margin/off_diagonal", "normalized_margin/off_diagonal_calibrated")
@@ -76,7 +77,7 @@ def main() -> None:
                 record["results"][tag] = cell
                 print(tag, "  ".join(f"{r} {c['f1']:.3f}" for r, c in cell.items()), flush=True)
     record.update(date=time.strftime("%Y-%m-%d"), command="python benchmarks/bench_label_rules.py " + " ".join(sys.argv[1:]))
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_results(out, record, resumed=True)
 
 
 if __name__ == "__main__":

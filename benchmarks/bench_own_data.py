@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from _runner import cached_features, finegrain  # benchmarks/ is on sys.path when a script here runs
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -159,8 +160,7 @@ def main() -> None:
     results = json.loads(out.read_text())["results"] if out.is_file() else {}
     record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "command": "python benchmarks/bench_own_data.py " + " ".join(sys.argv[1:]), "results": results}
-    save = lambda: (out.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
-                    out.write_text(json.dumps(record, indent=2) + "\n"))
+    save = lambda: write_results(out, record, resumed=True)  # noqa: E731
     done = lambda tag, value: (results.__setitem__(tag, value), save(),  # noqa: E731
                                print(json.dumps({tag: value}), flush=True))
     clean_features = None

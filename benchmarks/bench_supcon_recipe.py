@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+from _results import write_results  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -140,8 +141,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
 
 
 def _save(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(path, results, resumed=True)
 
 
 def main() -> None:

@@ -10,11 +10,18 @@ bookkeeping cost. For SimCLR it also times lightly 1.6 as its docs show it (SimC
 torchvision ImageFolder, DataLoader, the same timm backbone with lightly's SimCLRProjectionHead and
 NTXentLoss, same batch, resolution and optimiser): vs_lightly = our end to end / lightly's.
 Speed options (channels_last, bf16 autocast, torch.compile) are timed on the in-memory SimCLR step.
-Evaluation extraction img/s (eval views from the cache) closes the table.
+Feature extraction is measured in one place only: `python benchmarks/bench_eval.py extraction`.
 
 Uses ../shared/data/cub50 when present, else synthetic birds. Writes benchmarks/results/throughput.json.
 
+`monitor` mode: the kNN monitor's share of a training stage's time, at the shipped pipelines' settings:
+the demo's supcon (pipelines/demo.yaml) and the few-labels teacher and student (pipelines/few_labels.yaml,
+on cub50; skipped without it). Each stage runs as `finegrain run` would run it, bounded (the shipped
+monitor: a class-balanced sample, --knn-monitor-share 0.1) and, with --unbounded, also as before the
+bound (every photo of the split at every epoch end). Writes benchmarks/results/monitor_share.json.
+
 Usage: python benchmarks/bench_throughput.py [--image-size 128] [--batch-size 32] [--steps 12] [--rounds 2]
+       python benchmarks/bench_throughput.py monitor [--unbounded teacher,demo] [--student-steps 100]
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from finegrain.stages.pretrain import run_pretrain  # noqa: E402
 from finegrain.stages.supcon import run_supcon  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _results import write_results  # noqa: E402
 CUB50 = REPO.parent / "shared" / "data" / "cub50"
 WARM = 3  # steps left out of every median (worker start-up, allocator warm-up)
 
@@ -143,32 +152,6 @@ def lightly_rate(images_dir: Path, simclr, args, device) -> float:
         if len(times) >= args.steps + WARM:
             break
     return args.batch_size / statistics.median(times[WARM:])
-
-
-def extraction_rate(captured: dict, device, n: int) -> tuple[float, float]:
-    """(end-to-end, in-memory) img/s of backbone feature extraction with eval views at the stage's size."""
-    from finegrain.data.manifest import Manifest
-    from finegrain.features.extract import extract_features
-    from finegrain.data.dataset import eval_dataset
-
-    cfg = captured["cfg"]
-    method = captured["method"].eval().to(device)
-    rows = captured["dataset"].manifest
-    rows = Manifest(rows.table.iloc[:n].reset_index(drop=True), rows.root)
-    ds = eval_dataset(cfg, rows, image_size=cfg.image_size, mean=(0.5,) * 3, std=(0.5,) * 3, class_names=None,
-                      collective=False)
-    with torch.no_grad():
-        extract_features(method.backbone, ds, device=device, batch_size=128, workers=cfg.workers)  # warm-up
-        t0 = time.perf_counter()
-        extract_features(method.backbone, ds, device=device, batch_size=128, workers=cfg.workers)
-        e2e = len(ds) / (time.perf_counter() - t0)
-        x = torch.randn(128, 3, cfg.image_size, cfg.image_size, device=device)
-        times = []
-        for _ in range(4):
-            t0 = time.perf_counter()
-            method.backbone(x)
-            times.append(time.perf_counter() - t0)
-    return e2e, 128 / statistics.median(times[1:])
 
 
 def parse_args() -> argparse.Namespace:
@@ -275,31 +258,24 @@ def measure_speed_options(captured_simclr: dict, device, steps: int) -> dict:
     return options
 
 
-def measure_extraction(captured_simclr: dict, device) -> dict:
-    """End-to-end and in-memory feature extraction img/s on 512 images, batches of 128."""
-    e2e, compute = extraction_rate(captured_simclr, device, 512)
-    extraction = {"e2e_img_per_s": round(e2e, 1), "compute_img_per_s": round(compute, 1),
-                  "e2e_over_compute": round(e2e / compute, 3), "images": 512, "batch_size": 128}
-    print(f"extraction: end to end {e2e:.1f} img/s, in memory {compute:.1f} img/s", flush=True)
-    return extraction
-
-
-def build_result(args: argparse.Namespace, device, data: str, stages: dict, options: dict, extraction: dict) -> dict:
-    """The JSON record of the run."""
+def build_result(args: argparse.Namespace, device, data: str, stages: dict, options: dict) -> dict:
+    """The JSON record of the run; its "figures" are the answers other results files must not contradict."""
+    figures = {f"{name}_e2e_over_compute": s["e2e_over_compute"] for name, s in stages.items()}
+    if "vs_lightly" in stages.get("simclr", {}):
+        figures["vs_lightly"] = stages["simclr"]["vs_lightly"]
     return {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "data": data, "backbone": "tf_efficientnet_lite0 (offline ImageNet)",
         "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers, "steps": args.steps,
-        "rounds": args.rounds, "stages": stages, "speed_options_simclr_step": options, "extraction": extraction,
+        "rounds": args.rounds, "stages": stages, "speed_options_simclr_step": options, "figures": figures,
         "command": "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:]),
     }
 
 
 def write_and_print(result: dict, out: Path) -> None:
     """Write the JSON record to `out`, then print the per-stage table."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out, result)
     print(f"\n{'stage':8s} {'e2e img/s':>10s} {'compute':>10s} {'ratio':>7s} {'vs lightly':>11s}")
     for name, s in result["stages"].items():
         print(f"{name:8s} {s['e2e_img_per_s']:10.1f} {s['compute_img_per_s']:10.1f} {s['e2e_over_compute']:7.3f} "
@@ -307,7 +283,123 @@ def write_and_print(result: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# monitor mode
+# ---------------------------------------------------------------------------------------------------------
+
+# (pipeline file, stages to run, name of each in the results); the evaluate stages are left out.
+MONITOR_RUNS = {"demo": ("demo.yaml", {"supcon": "demo_supcon"}),
+                "few_labels": ("few_labels.yaml", {"supcon": "few_labels_teacher", "distill": "few_labels_student"})}
+
+
+def timed_stages(spec: dict, names: dict, unbounded: bool) -> dict:
+    """Run the pipeline `spec`; per stage (result name): its wall time and the fit's time, monitor time and readings.
+
+    unbounded: the monitor as before its bound (every photo of the split, a reading at every epoch end).
+    """
+    from finegrain.eval import monitor as monitor_mod
+    from finegrain.pipeline import run_pipeline
+    from finegrain.stages import PIPELINE_STAGES
+
+    fits, rows = [], {}
+    real_fit = skeleton.fit
+
+    def spy(*a, **kw):
+        fits.append(real_fit(*a, **kw))
+        return fits[-1]
+
+    def timed(name):
+        def run(cfg):
+            if unbounded:
+                cfg.knn_monitor_share = 1.0
+            t0 = time.perf_counter()
+            PIPELINE_STAGES[name].run(cfg)
+            fit = fits[-1]
+            rows[names[name]] = {"stage_s": round(time.perf_counter() - t0, 1), "fit_s": round(fit.seconds, 1),
+                                 "monitor_s": round(fit.monitor_seconds, 1), "readings": fit.monitor_readings,
+                                 "steps": fit.steps, "epochs": fit.epochs_done}
+            rows[names[name]]["monitor_share_of_stage"] = round(fit.monitor_seconds / (time.perf_counter() - t0), 3)
+            print(names[name], "unbounded" if unbounded else "bounded", json.dumps(rows[names[name]]), flush=True)
+        return run
+
+    limits = monitor_mod.MONITOR_GALLERY, monitor_mod.MONITOR_QUERIES
+    skeleton.fit = spy
+    if unbounded:
+        monitor_mod.MONITOR_GALLERY = monitor_mod.MONITOR_QUERIES = 10**9
+    try:
+        run_pipeline(spec, runner={name: timed(name) for name in names})
+    finally:
+        skeleton.fit = real_fit
+        monitor_mod.MONITOR_GALLERY, monitor_mod.MONITOR_QUERIES = limits
+    return rows
+
+
+def monitor_spec(run: str, tmp: Path, arm: str, student_steps: int) -> dict | None:
+    """The shipped pipeline `run`, its data and runs under `tmp`, only the stages measured; None without its data."""
+    from finegrain.pipeline import load_pipeline
+
+    file, names = MONITOR_RUNS[run]
+    sets = [f"runs_dir={tmp / run / arm}"]
+    if run == "demo":
+        sets.append(f"data.demo.out={tmp / 'demo_birds'}")
+        sets.append(f"defaults.cache_dir={tmp / 'demo_cache'}")
+    else:
+        if not (CUB50 / "images.txt").is_file():
+            return None
+        copy_dir = tmp / "cub50_manifest"
+        copy_dir.mkdir(exist_ok=True)
+        for name in ("cub50.csv", "cub50.csv.json"):
+            (copy_dir / name).write_bytes((REPO / "data_manifests" / name).read_bytes())
+        sets += [f"data.manifest={copy_dir / 'cub50.csv'}", f"distill.max_steps={student_steps}"]
+    spec = load_pipeline(REPO / "pipelines" / file, sets)
+    spec["stages"] = {k: v for k, v in spec["stages"].items() if k in names}
+    for stage in spec["stages"].values():
+        stage.update(wandb="disabled")
+    return spec
+
+
+def monitor_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description="the kNN monitor's share of a stage's time (see the module docstring)")
+    ap.add_argument("--unbounded", default="demo,teacher", help="also measure these as before the bound: "
+                    "comma-separated from demo, teacher, student (empty: none)")
+    ap.add_argument("--student-steps", type=int, default=100, help="few-labels student steps (shipped: 100)")
+    ap.add_argument("--runs", default="demo,few_labels")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "monitor_share.json")
+    args = ap.parse_args(argv)
+    unbounded = {x for x in args.unbounded.split(",") if x}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for run in args.runs.split(","):
+            for arm in ("bounded", "unbounded"):
+                names = MONITOR_RUNS[run][1]
+                wanted = {k: v for k, v in names.items() if arm == "bounded" or v.rsplit("_", 1)[-1] in unbounded
+                          or (v == "demo_supcon" and "demo" in unbounded)}
+                spec = monitor_spec(run, tmp, arm, args.student_steps)
+                if spec is None or not wanted:
+                    continue
+                last = max(list(names).index(k) for k in wanted)  # a later stage needs the ones before it
+                spec["stages"] = dict(list(spec["stages"].items())[:last + 1])
+                rows = timed_stages(spec, {k: names[k] for k in spec["stages"]}, unbounded=arm == "unbounded")
+                for name, row in rows.items():
+                    if name in wanted.values():
+                        results.setdefault(name, {})[arm] = row
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+              "torch": torch.__version__, "student_steps": args.student_steps, "stages": results,
+              "goal": "monitor_share_of_stage <= 0.1 (bounded)",
+              "command": "python benchmarks/bench_throughput.py monitor " + " ".join(argv)}
+    write_results(args.out, record)
+    print(f"\n{'stage':22s} {'arm':10s} {'stage s':>8s} {'monitor s':>10s} {'readings':>9s} {'share':>6s}")
+    for name, arms in results.items():
+        for arm, r in arms.items():
+            print(f"{name:22s} {arm:10s} {r['stage_s']:8.1f} {r['monitor_s']:10.1f} {r['readings']:9d} "
+                  f"{r['monitor_share_of_stage']:6.3f}")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["monitor"]:
+        return monitor_main(sys.argv[2:])
     args = parse_args()
     device = resolve_device(args.device)
 
@@ -319,11 +411,8 @@ def main() -> None:
         options = {}
         if captured_simclr is not None and not args.no_options:
             options = measure_speed_options(captured_simclr, device, args.option_steps)
-        extraction = {}
-        if captured_simclr is not None:
-            extraction = measure_extraction(captured_simclr, device)
 
-    write_and_print(build_result(args, device, data, stages, options, extraction), args.out)
+    write_and_print(build_result(args, device, data, stages, options), args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     artifact.json       stage, backbone, embedding size, image size, normalisation, class names,
                         manifest hash, parent, package versions, metrics, W&B run id, weights hash
     metrics.jsonl       one line per logged step or epoch
-    checkpoint.pt       training state for --resume (torch.load(weights_only=True))
+    checkpoint.pt       training state for --resume (torch.load(weights_only=True)) while the run is
+                        unfinished; removed once artifact.json is written, unless --keep-checkpoint
 
 artifact.json is written last and atomically: a folder without it (or whose weights do not match
 the hash it records) is incomplete, and `load_artifact` refuses it.

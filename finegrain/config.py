@@ -226,7 +226,16 @@ class TrainConfig(BackboneOptions, StageConfig):
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: at epoch ends only).", check=at_least(0))
     log_every: int = option(10, "Optimizer steps between logged metric lines.", check=at_least(1))
     resume: bool = option(False, "Continue the unfinished run in --out from its checkpoint.")
-    knn_monitor: bool = option(True, "Report kNN accuracy on labelled val/test images after each epoch.")
+    keep_checkpoint: bool = option(False, "Keep checkpoint.pt (the training state for --resume: weights, optimizer, RNGs) "
+                                          "in --out after the run completes; by default it is "
+                                          "removed once the artifact is written.")
+    knn_monitor: bool = option(True, "Report kNN accuracy on labelled val/test images (a fixed class-balanced sample "
+                                     "of at most 1,000 train and 500 val/test photos) at the start, after epochs and "
+                                     "at the end.")
+    knn_monitor_share: float = option(0.1, "Most of the run's time the kNN monitor may take: an epoch end's reading is "
+                                           "skipped when it would take the monitor past this share; the first and last "
+                                           "readings are always taken. 1 reads after every epoch.",
+                                      check=Check(lambda v: 0 < v <= 1, "above 0 and at most 1"))
     ema_decay: float = option(0.0, "Keep an exponential moving average of the weights (decay per optimizer step, "
                                    "warmed up from 0 as in timm's ModelEmaV3) and write it as the result; 0 is off.",
                               check=Check(lambda v: 0 <= v < 1, "at least 0 and below 1"))

@@ -58,7 +58,7 @@ TOP_KEYS = {"name", "runs_dir", "data", "defaults", "stages", "description", "ne
 # Fields that change where or how fast a stage runs, not what it computes: left out of the cache key.
 NOT_IN_KEY = {"out", "resume", "device", "workers", "cache_images", "cache_dir", "compile", "channels_last",
               "wandb", "wandb_project", "wandb_entity", "wandb_tags", "log_every", "checkpoint_every", "from_artifact", "manifest", "root",
-              "divergence_guard"}
+              "divergence_guard", "keep_checkpoint", "knn_monitor_share"}
 
 
 @dataclass

@@ -4,6 +4,7 @@ under DDP (2 gloo processes), non-finite losses and the last good checkpoint, re
 from __future__ import annotations
 
 import contextlib
+import logging
 import functools
 
 import pytest
@@ -190,3 +191,90 @@ def test_ema_writes_the_warmed_up_average_of_the_weights(tmp_path, monkeypatch):
     for k, v in averaged.state_dict().items():
         assert torch.allclose(v, expected[k], atol=1e-6), k
         assert not torch.allclose(v, seen[-1][k]), k  # the average, not the last weights
+
+
+class _Recording(_Tiny):
+    """_Tiny that keeps every step's loss (accumulate 1: one forward per optimizer step)."""
+
+    def forward(self, views, labels):
+        loss, metrics = super().forward(views, labels)
+        self.events.append(loss.item())
+        return loss, metrics
+
+
+def test_the_epoch_line_shows_the_epochs_mean_loss(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(loop, "interactive", lambda: False)
+    method = _Recording()
+    with caplog.at_level(logging.INFO, logger="finegrain"):
+        fit(method, _Images(), _cfg(log_every=100), tmp_path, device=torch.device("cpu"), base_lr=0.01)
+    losses = [e for e in method.events if e != "f"]
+    assert len(losses) == 20  # 10 steps an epoch
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    for epoch, line in enumerate(lines):
+        mean = sum(losses[10 * epoch:10 * epoch + 10]) / 10
+        assert f"mean loss {mean:.4f}" in line, line
+
+
+@pytest.mark.parametrize("check_every_step", [True, False], ids=["cpu", "deferred-as-on-cuda"])
+def test_the_guard_sees_every_steps_loss_where_reading_it_is_free(tmp_path, monkeypatch, check_every_step):
+    monkeypatch.setattr(loop, "_check_every_step", lambda device: check_every_step)
+    seen = []
+    original = loop.DivergenceGuard.check_step
+    monkeypatch.setattr(loop.DivergenceGuard, "check_step",
+                        lambda self, step, loss, accuracy=None: seen.append((step, loss)) or original(self, step, loss))
+    method = _Recording()
+    fit(method, _Images(), _cfg(log_every=8), tmp_path, device=torch.device("cpu"), base_lr=0.01)
+    losses = [e for e in method.events if e != "f"]
+    if check_every_step:
+        assert seen == [(step, pytest.approx(loss)) for step, loss in enumerate(losses, start=1)]
+    else:  # log steps only: the first, every 8th and the last
+        assert [step for step, _ in seen] == [1, 8, 16, 20]
+
+
+def test_a_resume_at_the_last_step_reports_the_final_loss(tmp_path):
+    first = fit(_Tiny(), _Images(), _cfg(), tmp_path, device=torch.device("cpu"), base_lr=0.01)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == first.steps == 20
+    again = fit(_Tiny(), _Images(), _cfg(resume=True), tmp_path, device=torch.device("cpu"), base_lr=0.01)
+    assert again.steps == 20 and again.last_loss == first.last_loss  # not nan
+
+
+def test_a_one_step_schedule_raises_no_timm_warning(caplog):
+    model = nn.Linear(2, 1)
+    with caplog.at_level(logging.WARNING):
+        optimizer, scheduler = loop.build_optimizer(model, _cfg(optimizer="sgd"), 0.1, total=1, warmup=0)
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+    scheduler.step_update(0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the one step runs at the base rate
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="finegrain"):
+        result = fit(_Tiny(), _Images(), _cfg(resume=True, epochs=1), tmp_path, device=torch.device("cpu"), base_lr=0.01)
+    assert result.steps == 10
+    assert any("no checkpoint in" in r.getMessage() and "from the start" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_resumed_mid_epoch_reports_the_whole_epochs_mean_loss(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(loop, "interactive", lambda: False)
+    cfg = dict(checkpoint_every=3, log_every=100)
+
+    def epoch_lines():
+        return [r.getMessage().split(", lr")[0] for r in caplog.records if r.getMessage().startswith("epoch 2/2")]
+
+    with caplog.at_level(logging.INFO, logger="finegrain"):
+        fit(_Tiny(), _Images(), _cfg(**cfg), tmp_path / "full", device=torch.device("cpu"), base_lr=0.01)
+        full = epoch_lines()
+        caplog.clear()
+
+        def crash_at_14(self, step, total):
+            if step == 14:
+                raise _Crash()
+
+        monkeypatch.setattr(_Tiny, "after_step", crash_at_14)
+        with pytest.raises(_Crash):
+            fit(_Tiny(), _Images(), _cfg(**cfg), tmp_path / "cut", device=torch.device("cpu"), base_lr=0.01)
+        monkeypatch.setattr(_Tiny, "after_step", lambda self, step, total: None)
+        assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 12  # mid-epoch 2
+        fit(_Tiny(), _Images(), _cfg(resume=True, **cfg), tmp_path / "cut", device=torch.device("cpu"), base_lr=0.01)
+        resumed = epoch_lines()
+    assert len(full) == 1 and resumed == full  # "epoch 2/2: step 20/20, mean loss X" over all 10 steps

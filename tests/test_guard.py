@@ -31,6 +31,8 @@ def test_quiet_on_healthy_curves():
     assert _feed(DivergenceGuard(), [6.3 + 0.002 * i + 0.05 * (i % 3) for i in range(100)]) == (None, None)
     # BYOL/SimSiam: negative, small losses
     assert _feed(DivergenceGuard(), [-0.1 - 0.8 * (1 - math.exp(-i / 30)) + 0.01 * (i % 4) for i in range(100)]) == (None, None)
+    # a loss converging towards 0 (each step read on CPU): small differences, not a stuck loss
+    assert _feed(DivergenceGuard(), [1e-3 * math.exp(-i / 20) for i in range(100)]) == (None, None)
     # accuracy that rises and wobbles
     acc = [min(0.9, 0.02 * i) + 0.05 * (i % 2) for i in range(100)]
     assert _feed(DivergenceGuard(accuracy_chance=0.02), [3.0] * 0 + [3.0 - 0.01 * i + 0.01 * (i % 3) for i in range(100)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import pytest
@@ -159,7 +160,7 @@ def test_weights_file_round_trip(tmp_path, suffix):
     assert not torch.allclose(_features(create_backbone(SMALL), x), _features(model, x))
 
 
-def test_prefixes_are_stripped_and_extra_parts_ignored(tmp_path):
+def test_prefixes_are_stripped_and_extra_parts_ignored(tmp_path, caplog):
     model = _trained_small()
     x = torch.randn(2, 3, 64, 64)
     ddp = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -171,7 +172,12 @@ def test_prefixes_are_stripped_and_extra_parts_ignored(tmp_path):
     wrapped = {f"backbone.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     wrapped.update({f"head.{k}": v for k, v in ProjectionHead(96, 32, 16).state_dict().items()})
     torch.save({"state_dict": wrapped, "epoch": 3}, tmp_path / "stage.ckpt")
-    torch.testing.assert_close(_features(create_backbone(SMALL, weights=tmp_path / "stage.ckpt"), x), _features(model, x))
+    with caplog.at_level(logging.DEBUG, logger="finegrain"):
+        torch.testing.assert_close(_features(create_backbone(SMALL, weights=tmp_path / "stage.ckpt"), x),
+                                   _features(model, x))
+    # the intended use (every command that reads an artifact does it): said at debug level only, not to every user
+    dropped = [r for r in caplog.records if "ignoring" in r.getMessage()]
+    assert dropped and all(r.levelno == logging.DEBUG for r in dropped)
 
 
 def test_classifier_weights_load_into_feature_model(tmp_path):

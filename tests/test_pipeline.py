@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from finegrain.cli import app
 from finegrain.errors import FinegrainError
-from finegrain.pipeline import list_runs, load_pipeline, run_pipeline, runs_tree
+from finegrain.pipeline import STAGES, list_runs, load_pipeline, run_pipeline, runs_tree, stage_key
 
 from conftest import Crash, crash_after_step
 
@@ -160,3 +161,10 @@ def test_a_distill_stage_learns_from_the_supcon_artifact_on_the_unlabelled_photo
     assert distill.info["teacher"] == str(supcon.path) and distill.info["unlabeled"] == "teacher"
     assert distill.info["parent"] is None  # the student starts from the backbone weights, not from its teacher
     assert evaluate.info["parent"]["path"] == str(distill.path.resolve())
+
+
+@pytest.mark.parametrize("field, value", [("keep_checkpoint", True), ("knn_monitor_share", 1.0)])
+def test_options_about_disk_and_monitoring_do_not_change_a_stages_cache_key(field, value):
+    for name in ("pretrain", "supcon"):
+        cfg = STAGES[name]()
+        assert stage_key(name, cfg, "m", None) == stage_key(name, dataclasses.replace(cfg, **{field: value}), "m", None)

@@ -220,3 +220,8 @@ def test_projection_head_batchnorm_follows_each_paper(method, has_bn):
     assert bool(bns) == has_bn
     if method == "moco":
         assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.key_head.modules())
+
+
+def test_a_finished_pretrain_run_keeps_no_checkpoint(birds, tmp_path):
+    art = run_pretrain(_cfg(birds, tmp_path, epochs=1))
+    assert not (art.path / "checkpoint.pt").exists()

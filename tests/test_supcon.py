@@ -250,3 +250,12 @@ def test_wise_ft_mixes_the_fine_tuned_and_starting_backbones(birds, tmp_path):
     assert moved
     for k in moved:
         torch.testing.assert_close(mixed[k], 0.5 * (start[k] + tuned[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_finished_run_keeps_no_checkpoint_unless_asked(birds, tmp_path):
+    art = run_supcon(_cfg(birds, tmp_path, "plain", epochs=1))
+    assert (art.path / "model.safetensors").is_file() and not (art.path / "checkpoint.pt").exists()
+    with pytest.raises(FinegrainError, match="nothing to resume"):  # a resume of a finished run says so
+        run_supcon(_cfg(birds, tmp_path, "plain", epochs=1, resume=True))
+    kept = run_supcon(_cfg(birds, tmp_path, "kept", epochs=1, keep_checkpoint=True))
+    assert torch.load(kept.path / "checkpoint.pt", weights_only=True)["step"] == kept.info["metrics"]["steps"]

@@ -37,7 +37,8 @@ def test_cross_entropy_heads_train_at_the_default_rate(birds16, tmp_path, loss, 
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     cfg = SupconConfig(manifest=str(birds16.root / "manifest.csv"), out=str(tmp_path / loss), loss=loss,
                        image_size=64, batch_size=32, classes_per_batch=8, lr=0.05, epochs=4, workers=0,
-                       wandb="disabled", cache_dir=str(tmp_path / "cache"), log_every=1, classifier=False)
+                       wandb="disabled", cache_dir=str(tmp_path / "cache"), log_every=1, classifier=False,
+                       knn_monitor_share=1.0)  # a reading after every epoch
     art = run_supcon(cfg)
     lines = [json.loads(x) for x in (art.path / "metrics.jsonl").read_text().splitlines()]
     losses = [x["train/loss"] for x in lines if "train/loss" in x]

@@ -6,10 +6,12 @@ collapse (loss stuck exactly at log(2B - 1)). None of these recover by training 
 stops the run with the step and the reason, and the last checkpoint written before the trouble
 began is kept (no checkpoint is written while a signal is over its threshold).
 
-Signals, each read only where the loop already has the values on the host (log steps, epoch ends):
-- loss far above its start: the mean of the last `window` logged losses is at least twice the
-  start's (and at least 1 above it), the start being the median of the first `window` logged losses;
-- loss stuck: the last `stuck_points` logged losses are equal to 1e-4 (a constant embedding);
+Signals, each read only where the loop already has the values on the host: the loss and train
+accuracy after every optimizer step on CPU (log steps only on CUDA, where a read stalls the GPU),
+the kNN monitor at its readings. A "point" below is one such checked step:
+- loss far above its start: the last `window` checked losses are each at least twice the
+  start's (and at least 1 above it), the start being the median of the first `window` checked losses;
+- loss stuck: the last `stuck_points` checked losses are equal to 1e-4 of their size (a constant embedding);
 - train accuracy at chance (objectives with a classifier): the mean of the last `window` values is
   at most 1.5 x chance after a window mean of at least 3 x chance;
 - kNN monitor at chance: top-1 at most 1.5 x chance at an epoch end, after starting at 3 x chance
@@ -23,8 +25,9 @@ from collections import deque
 
 
 def _all_equal(values: list[float]) -> bool:
-    """The values agree to 1e-4 (relative to their size, absolute below 1)."""
-    return max(values) - min(values) <= 1e-4 * max(1.0, abs(values[-1]))
+    """The values agree to 1e-4 of their size (relative: a loss converging towards 0, such as 7e-5 then 6e-5,
+    is not stuck, and with the guard reading every step on CPU it would otherwise look so; all exactly 0 is)."""
+    return max(values) - min(values) <= 1e-4 * max(abs(v) for v in values)
 
 
 class DivergenceGuard:

@@ -21,11 +21,17 @@ Gradient accumulation under DDP: the micro-steps that do not step the optimizer 
 ``no_sync()``, so gradients are all-reduced once per optimizer step, on its last micro-step.
 
 Non-finite losses: on CPU each micro-step's loss is checked before its backward (a host read costs
-nothing there). On CUDA a read each micro-step would stall the GPU, so the loop keeps the first
-non-finite loss and the last loss on the device and reads them (`_read_losses`) only on log steps,
+nothing there), and the divergence guard sees every optimizer step's loss. On CUDA a read each
+micro-step would stall the GPU, so the loop keeps the first non-finite loss and the last loss on the device and reads them (`_read_losses`) only on log steps,
 at each epoch end (before the monitor), before every checkpoint and at the end: a divergence raises
 TrainingDiverged there, before any checkpoint is written with the damaged weights. Under DDP the
-flag is summed over ranks at those reads, so every rank stops at the same point.
+flag is summed over ranks at those reads, so every rank stops at the same point. The guard then
+sees the losses of log steps only.
+
+The epoch line reports the epoch's mean loss: the steps' losses are summed on the device and read
+once, at the epoch end. The checkpoint keeps the last step's loss and the epoch's sum so far, so a
+run resumed at its last step still reports its final loss, and one resumed mid-epoch the whole
+epoch's mean.
 """
 
 from __future__ import annotations
@@ -60,12 +66,16 @@ class TrainingDiverged(FinegrainError):
 
 @dataclass
 class FitResult:
-    """What `fit` returns: the final step, the last logged loss, the last monitor metrics."""
+    """What `fit` returns: the final step, the last step's loss, the last monitor metrics, and the time
+    the fit took (seconds) and how much of it the kNN monitor's readings took."""
 
     steps: int
     epochs_done: int
     last_loss: float
     monitor: dict
+    seconds: float = 0.0
+    monitor_seconds: float = 0.0
+    monitor_readings: int = 0
 
 
 @dataclass
@@ -99,6 +109,8 @@ class LoopState:
     first_bad: torch.Tensor | None = None  # deferred reads: the first non-finite loss (finite: none yet)
     checked_step: int = 0  # deferred reads: the step of the last read that found every loss finite
     ema: nn.Module | None = None  # timm ModelEmaV3 of `method` (cfg.ema_decay > 0); its `module` is the average
+    epoch_loss_sum: torch.Tensor | None = None  # this epoch's optimizer-step losses summed on the device
+    epoch_loss_steps: int = 0  # how many steps epoch_loss_sum holds
 
 
 def _progress(enabled: bool):
@@ -173,7 +185,9 @@ def build_optimizer(params, cfg: TrainConfig, base_lr: float, total: int, warmup
 
     optimizer = timm.optim.create_optimizer_v2(
         params, opt=cfg.optimizer, lr=base_lr, weight_decay=cfg.weight_decay, momentum=0.9)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
+    # A cosine of length 1 and one of length 2 give the single step after warm-up the same rate (base_lr);
+    # length 2 keeps timm from warning that the schedule "will have no effect" on one-step runs.
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(2, total - warmup), lr_min=base_lr * 1e-3, warmup_t=warmup,
                                   warmup_lr_init=base_lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
     return optimizer, scheduler
 
@@ -191,10 +205,17 @@ def _make_ema(method: nn.Module, cfg: TrainConfig) -> nn.Module | None:
     return ModelEmaV3(method, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
 
 
+def _method_device(st: LoopState) -> torch.device:
+    """The device the method's parameters are on."""
+    return next(st.method.parameters()).device
+
+
 def _restore(st: LoopState, out_dir) -> None:
     """Load out_dir's checkpoint (if any) into `st`: weights, optimizer, scaler, position, RNGs."""
     ckpt = load_checkpoint(out_dir)
-    if ckpt is None:
+    if ckpt is None:  # said, not silent: a mistyped --out would otherwise quietly train from scratch
+        if dist.is_main():
+            log.warning("--resume: no checkpoint in %s; training from the start", out_dir)
         return
     st.method.load_state_dict(ckpt["method"])
     if st.ema is not None:
@@ -205,6 +226,12 @@ def _restore(st: LoopState, out_dir) -> None:
     st.scaler.load_state_dict(ckpt["scaler"])
     st.step, st.epoch, st.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
     st.checked_step = st.step
+    device = _method_device(st)
+    if "last_loss" in ckpt:  # a resume at the last step still knows the final loss
+        st.last_loss = torch.tensor(float(ckpt["last_loss"]), device=device)
+    if ckpt.get("epoch_loss_steps"):  # a resume mid-epoch still reports the whole epoch's mean
+        st.epoch_loss_sum = torch.tensor(float(ckpt["epoch_loss_sum"]), device=device)
+        st.epoch_loss_steps = int(ckpt["epoch_loss_steps"])
     set_rng_state(ckpt["rng"])
     if ckpt.get("total") != st.total:
         raise FinegrainError(f"the checkpoint was made for {ckpt.get('total')} steps but this run has {st.total}; resume with the same --epochs/--max-steps/--batch-size")
@@ -293,6 +320,9 @@ def _optimizer_step(st: LoopState, loss: torch.Tensor) -> None:
     if st.ema is not None:
         st.ema.update(st.method, step=st.step)
     st.last_loss = loss.detach()
+    value = st.last_loss.float()
+    st.epoch_loss_sum = value if st.epoch_loss_sum is None else st.epoch_loss_sum + value
+    st.epoch_loss_steps += 1
 
 
 def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> None:
@@ -303,6 +333,8 @@ def _run_epoch(run: _Run, st: LoopState, dataset, sampler, logger: _Logger) -> N
     loader = _epoch_loader(dataset, sampler, cfg, run.device, st.epoch)
     st.train_module.train()
     logger.start_epoch()
+    if st.batch_in_epoch == 0:  # else resumed mid-epoch: the restored sum goes on
+        st.epoch_loss_sum, st.epoch_loss_steps = None, 0
     micro = 0
     st.optimizer.zero_grad(set_to_none=True)
     for views, labels, _ in loader:
@@ -328,7 +360,7 @@ def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) 
     While the divergence guard sees a signal over its threshold, no checkpoint is written, so the
     last one on disk predates the trouble.
     """
-    _read_losses(run, st)
+    last_loss = _read_losses(run, st)
     if guard is not None and guard.suspicious:
         if dist.is_main():
             log.warning("step %d: checkpoint held back while the loss looks diverged or stuck", st.step)
@@ -337,7 +369,9 @@ def _checkpoint(run: _Run, st: LoopState, guard: DivergenceGuard | None = None) 
         save_checkpoint(run.out_dir, {
             "method": st.method.state_dict(), "optimizer": st.optimizer.state_dict(), "scaler": st.scaler.state_dict(),
             "step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "total": st.total,
-            "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None),
+            "rng": rng_state(), "wandb_run_id": getattr(run.tracker, "run_id", None), "last_loss": last_loss,
+            "epoch_loss_sum": st.epoch_loss_sum.item() if st.epoch_loss_steps else 0.0,
+            "epoch_loss_steps": st.epoch_loss_steps,
             **({"ema": st.ema.state_dict()} if st.ema is not None else {}),
         })
     dist.barrier()
@@ -356,7 +390,9 @@ class _Logger:
         self.guard = guard
         self.progress, self.task = None, None
         self.t_last, self.n_since = time.perf_counter(), 0
-        self.t_epoch, self.n_epoch, self.last_loss = self.t_last, 0, None
+        self.t_epoch, self.n_epoch = self.t_last, 0
+        self.t_fit = self.t_last  # the monitor's share is of the time since here
+        self.monitor_seconds, self.monitor_readings, self.monitor_skipped, self._last_reading = 0.0, 0, 0, 0.0
 
     def attach(self, progress, task) -> None:
         self.progress, self.task = progress, task
@@ -365,22 +401,32 @@ class _Logger:
         self.t_last, self.n_since = time.perf_counter(), 0
         self.t_epoch, self.n_epoch = self.t_last, 0
 
-    def end_epoch(self, st: LoopState) -> None:
-        """Without a live bar (output not a terminal): one log line for the epoch just finished."""
+    def end_epoch(self, st: LoopState) -> float | None:
+        """The mean loss of the epoch's steps (None without steps; one host read), also logged to the
+        tracker; without a live bar (output not a terminal) one log line for the epoch just finished."""
+        mean = (st.epoch_loss_sum / st.epoch_loss_steps).item() if st.epoch_loss_steps else None
+        if mean is not None and self.tracker is not None:
+            self.tracker.log({"train/epoch_loss": mean, "epoch": st.epoch}, step=st.step)
         if interactive() or not dist.is_main():
-            return
+            return mean
         seconds = time.perf_counter() - self.t_epoch
         log.info("epoch %d/%d: step %d/%d%s, lr %.2e, %.1f img/s, %.0f s", st.epoch, self.cfg.epochs, st.step, st.total,
-                 f", loss {self.last_loss:.4f}" if self.last_loss is not None else "",
+                 f", mean loss {mean:.4f}" if mean is not None else "",
                  st.optimizer.param_groups[0]["lr"], self.n_epoch / max(seconds, 1e-9), seconds)
+        return mean
 
     def after_step(self, run: _Run, st: LoopState, metrics: dict) -> None:
-        """After each optimizer step; reads the loss on the host only on log steps."""
+        """After each optimizer step: the guard sees the loss (every step on CPU, where the host read is
+        free; log steps only on CUDA); log steps also update the bar and the tracker."""
         self.n_since += self.images_per_step
         self.n_epoch += self.images_per_step
         lr = st.optimizer.param_groups[0]["lr"]
-        if st.step % self.cfg.log_every == 0 or st.step == st.total or st.step == 1:
-            last_loss = self.last_loss = _read_losses(run, st)
+        log_step = st.step % self.cfg.log_every == 0 or st.step == st.total or st.step == 1
+        if not (log_step or (self.guard is not None and run.check_every_step)):
+            self.progress.update(self.task, completed=st.step)
+            return
+        last_loss = _read_losses(run, st)
+        if log_step:
             now = time.perf_counter()
             ips = self.n_since / max(now - self.t_last, 1e-9)
             self.t_last, self.n_since = now, 0
@@ -388,14 +434,30 @@ class _Logger:
                 self.tracker.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": ips, "epoch": st.epoch,
                                   **{f"train/{k}": float(v) for k, v in metrics.items()}}, step=st.step)
             self.progress.update(self.task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
-            if self.guard is not None:
-                accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
-                _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
+        if self.guard is not None:  # after the log line, so the step that stops the run is in metrics.jsonl
+            accuracy = float(metrics["accuracy"]) if "accuracy" in metrics else None
+            _stop_if(run, self.guard.check_step(st.step, last_loss, accuracy))
         self.progress.update(self.task, completed=st.step)
 
+    def monitor_due(self, st: LoopState) -> bool:
+        """Whether to take a reading now: always the first and the last one; otherwise only while the
+        monitor, with one more reading as long as its last, stays within cfg.knn_monitor_share of the time."""
+        if self.monitor_readings == 0 or st.step >= st.total or st.epoch >= self.cfg.epochs:
+            return True
+        elapsed = time.perf_counter() - self.t_fit
+        return self.monitor_seconds + self._last_reading <= self.cfg.knn_monitor_share * (elapsed + self._last_reading)
+
     def monitor(self, run: _Run, st: LoopState, epoch: int) -> dict:
-        """Run the monitor (if any) on the method; log its metrics; let the guard judge its kNN top-1."""
-        metrics = self.monitor_fn(st.method, epoch) if self.monitor_fn is not None else {}
+        """Run the monitor (if any, and if due) on the method; log its metrics; let the guard judge its kNN top-1."""
+        metrics = {}
+        if self.monitor_fn is not None and self.monitor_due(st):
+            started = time.perf_counter()
+            metrics = self.monitor_fn(st.method, epoch)
+            self._last_reading = time.perf_counter() - started
+            self.monitor_seconds += self._last_reading
+            self.monitor_readings += 1
+        elif self.monitor_fn is not None:
+            self.monitor_skipped += 1
         if metrics and self.tracker is not None:
             self.tracker.log({f"monitor/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=st.step)
         if metrics and dist.is_main():
@@ -449,7 +511,8 @@ def fit(
             accumulate, amp, channels_last, compile, checkpoint_every, resume, seed, workers.
         base_lr: the learning rate to use (already scaled for the batch size).
         tracker: a finegrain.tracking.Tracker (rank 0) or None.
-        monitor: called as monitor(method, epoch) at each epoch end; returns metrics to log.
+        monitor: called as monitor(method, epoch) at the start and at epoch ends (paced to take at most
+            cfg.knn_monitor_share of the time; the first and last calls always happen); returns metrics to log.
         param_groups: optional optimizer parameter groups (layer-wise rates: a group's "lr_scale"
             multiplies the scheduled rate); default: every parameter of `method` that requires grad.
         sampler: an index sampler with `batch_size`, `batches_per_epoch` and `set_epoch(epoch, start_batch)`
@@ -478,8 +541,15 @@ def fit(
             _run_epoch(run, st, dataset, sampler, logger)
             _read_losses(run, st)  # no monitor on damaged weights
             logger.end_epoch(st)
-            monitor_metrics = logger.monitor(run, st, st.epoch)
+            monitor_metrics = logger.monitor(run, st, st.epoch) or monitor_metrics
             _checkpoint(run, st, guard)
     if st.ema is not None:  # the average is the result; the checkpoint keeps both for a resume
         st.method.load_state_dict(st.ema.module.state_dict())
-    return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics)
+    seconds = time.perf_counter() - logger.t_fit
+    if logger.monitor_readings and dist.is_main():
+        log.info("kNN monitor: %d reading(s) took %.0f s of the run's %.0f s (%.0f%%)%s", logger.monitor_readings,
+                 logger.monitor_seconds, seconds, 100 * logger.monitor_seconds / max(seconds, 1e-9),
+                 f"; {logger.monitor_skipped} epoch end(s) skipped to stay within --knn-monitor-share "
+                 f"{run.cfg.knn_monitor_share:g}" if logger.monitor_skipped else "")
+    return FitResult(steps=st.step, epochs_done=st.epoch, last_loss=_read_losses(run, st), monitor=monitor_metrics,
+                     seconds=seconds, monitor_seconds=logger.monitor_seconds, monitor_readings=logger.monitor_readings)

@@ -152,7 +152,8 @@ def _strip_to_fit(state: dict[str, Tensor], model_keys: set[str], prefixes: tupl
     """Strip wrapper prefixes (repeatedly, e.g. `module.backbone.`) while that makes more keys match.
 
     Taking the keys under a prefix drops the keys outside it: loading the `backbone.` part of a
-    checkpoint that also holds a `head.` is the intended use. What was dropped is logged.
+    checkpoint that also holds a `head.` is the intended use, so what was dropped is logged at debug
+    level only (`--verbose`): every command that reads an artifact does it.
     """
     def matches(d: Mapping[str, Tensor]) -> int:
         return sum(k in model_keys for k in d)
@@ -168,7 +169,7 @@ def _strip_to_fit(state: dict[str, Tensor], model_keys: set[str], prefixes: tupl
             return current
         dropped = [k for k in current if not k.startswith(best_prefix)]
         if dropped:
-            log.info("weights: using the keys under %r, ignoring %d other key(s), e.g. %s",
+            log.debug("weights: using the keys under %r, ignoring %d other key(s), e.g. %s",
                      best_prefix, len(dropped), ", ".join(dropped[:3]))
         current = best
 
@@ -219,7 +220,7 @@ def load_weights_into(
         if not any(k.startswith(prefix) for k in model_keys):
             ignored += [k for k in state if k.startswith(prefix) and k not in model_keys]
     if ignored:
-        log.info("weights: %s: ignoring the classifier (%s) the model does not have", source, ", ".join(ignored))
+        log.debug("weights: %s: ignoring the classifier (%s) the model does not have", source, ", ".join(ignored))
         drop = set(ignored)
         state = {k: v for k, v in state.items() if k not in drop}
 

@@ -86,6 +86,7 @@ class StageRun:
             **info, "manifest": str(self.cfg.manifest), "manifest_hash": self.manifest.content_hash,
             "parent": self.parent, "metrics": metrics, "wandb_run_id": self.tracker.run_id if self.tracker else None,
             "wandb_artifact": wandb_name})
+        self._drop_checkpoint()
         if self.tracker is not None:
             self.tracker.summary({k: v for k, v in metrics.items() if v is not None})
             self.tracker.log_artifact(wandb_folder or self.out, name=wandb_name, type=wandb_type, metadata=metrics,
@@ -93,6 +94,15 @@ class StageRun:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
         log.info("%s: wrote artifact %s (%s)", self.stage, self.out, shown)
         return artifact
+
+
+    def _drop_checkpoint(self) -> None:
+        """A finished training run's checkpoint is only disk (a resume of it is refused): removed unless
+        --keep-checkpoint. It stays until artifact.json is written, so a crash before that still resumes."""
+        checkpoint = self.out / CHECKPOINT_FILE
+        if isinstance(self.cfg, TrainConfig) and not self.cfg.keep_checkpoint and checkpoint.is_file():
+            checkpoint.unlink()
+            log.debug("%s: removed %s (the run is complete; --keep-checkpoint keeps it)", self.stage, checkpoint)
 
 
 @contextmanager
@@ -134,6 +144,10 @@ def prepare_out_dir(cfg: StageConfig, stage: str, *, training: bool) -> Path:
     out = Path(cfg.out)
     if (out / ARTIFACT_FILE).is_file():
         previous = json.loads((out / ARTIFACT_FILE).read_text()).get("stage")
+        if training and cfg.resume:
+            raise FinegrainError(f"--resume: {out} holds a finished {previous} run (its artifact is written), so there "
+                                 f"is nothing to resume; use it as it is (e.g. --from {out}) or train again into "
+                                 "another --out")
         if training or previous != stage:
             raise FinegrainError(f"{out} already holds a finished artifact ({previous}); choose another --out or delete it")
     if training and (out / CHECKPOINT_FILE).is_file() and not cfg.resume:

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 
 import pytest
@@ -80,7 +81,10 @@ def test_disk_full_while_writing_the_artifact(birds, tmp_path, monkeypatch):
     monkeypatch.undo()
     r = CliRunner().invoke(app, [*_args(birds, tmp_path), "--resume"])
     assert r.exit_code == 0, r.output
-    assert load_artifact(out).info["stage"] == "pretrain"
+    info = load_artifact(out).info
+    assert info["stage"] == "pretrain"
+    # resumed at its last step: the final loss is the one the checkpoint kept, not nan (a "diverged" run)
+    assert math.isfinite(info["metrics"]["final_loss"]) and "final_loss nan" not in r.output
 
 
 def test_read_only_output_folder_is_refused_before_training(birds, tmp_path, monkeypatch):
