@@ -117,14 +117,15 @@ TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", 
         "--proj-dim", "16"]
 
 SUPCON_ONLY = ("--classes-per-batch", "4")
+MONITORED = [a for a in TINY if a != "--no-knn-monitor"]  # the kNN monitor's own options are read
 FEATURES = ["--workers", "0", "--cache-dir", "{root}/cache", "--features-dir", "{root}/features"]
 # Each command's runs: together they take every branch that reads an option (e.g. --teacher's own options).
 RUNS = {
-    "pretrain": [["--manifest", "{root}/data/few.csv", "-o", "{out}/p", *[a for a in TINY if a not in SUPCON_ONLY],
+    "pretrain": [["--manifest", "{root}/data/few.csv", "-o", "{out}/p", *[a for a in MONITORED if a not in SUPCON_ONLY],
                   "--cache-dir", "{root}/cache"]],
     "supcon": [["--manifest", "{root}/data/few.csv", "-o", "{out}/t", *TINY, "--teacher", "{root}/sup"],
                ["--manifest", "{root}/data/few.csv", "-o", "{out}/u", *TINY, "--unlabeled", "pseudo"],
-               ["--manifest", "{root}/data/few.csv", "-o", "{out}/f", *TINY, "--from", "{root}/sup"]],
+               ["--manifest", "{root}/data/few.csv", "-o", "{out}/f", *MONITORED, "--from", "{root}/sup"]],
     "audit": [["{root}/sup", "--manifest", "{root}/data/few.csv", "-o", "{out}/a", "--wandb", "disabled", *FEATURES]],
     "evaluate": [["--manifest", "{root}/data/few.csv", "-o", "{out}/e", "--backbone", "test_efficientnet", "--weights",
                   "none", "--image-size", "32", "--wandb", "disabled", *FEATURES],
