@@ -476,10 +476,25 @@ def _register_other_commands() -> None:
     """)
 
 
+def _register_review() -> None:
+    from finegrain.review.config import ReviewConfig, run_review
+
+    _command(app, "review", ReviewConfig, run_review, """Decide in the browser, one key each: probable label errors, twins and outliers (--audit), photos to
+    label (--suggest, or every unlabelled photo) and unknown or unsure predictions (--predict).
+
+    Starts a local web app and prints its URL. Each decision is saved at once in REVIEW_DIR; run the command again
+    with the same folder to go on. Then `finegrain manifest relabel MANIFEST --from REVIEW_DIR -o NEW.csv` writes
+    the new manifest (the original is not changed).
+
+    Example: finegrain review data_manifests/mine.csv -o runs/review --audit runs/audit --suggest runs/next50.csv
+    """, arguments={"manifest": "MANIFEST"})
+
+
 # Registration order is the order of `finegrain --help`.
 _register_data_commands()
 _register_training_stages()
 _register_feature_stages()
+_register_review()
 _register_other_commands()
 
 

@@ -47,7 +47,7 @@ MINIMAL = {
     dc.ManifestFolderConfig: {"root": "birds", "out": "m.csv"},
     dc.ManifestCsvConfig: {"file": "photos.csv", "out": "m.csv"},
     dc.ManifestSplitConfig: {"manifest": "m.csv"},
-    dc.ManifestRelabelConfig: {"manifest": "m.csv", "audit_csv": "audit.csv", "out": "fixed.csv"},
+    dc.ManifestRelabelConfig: {"manifest": "m.csv", "source": "audit.csv", "out": "fixed.csv"},
     dc.ManifestShardConfig: {"manifest": "m.csv", "out": "shards"},
     dc.ManifestValidateConfig: {"manifest": "m.csv"},
     dc.DemoDataConfig: {"out_dir": "demo"},
