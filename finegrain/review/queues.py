@@ -119,7 +119,7 @@ def _read_table(path: Path, what: str, required: tuple[str, ...]) -> pd.DataFram
         raise FinegrainError(f"{path}: cannot read {what} ({str(e).splitlines()[0]})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise FinegrainError(f"{path} is not a {what} (missing column {missing[0]!r})")
+        raise FinegrainError(f"{path}: not a valid {what} (missing column {missing[0]!r})")
     return df
 
 
