@@ -224,3 +224,25 @@ def test_bad_inputs_are_one_line_with_exit_2(birds, tmp_path):
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
         assert len(res.output.strip().splitlines()) == 1, res.output
     busy.close()
+
+
+def test_the_real_server_beyond_loopback_refuses_requests_without_the_token(birds, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from review_helpers import Server
+
+    data = review_data(birds, tmp_path, findings={"label": 1}, suggested=2)
+    server = Server(str(data["manifest"]), "-o", str(tmp_path / "rev"), "--suggest", str(data["suggest"]),
+                    "--host", "0.0.0.0")
+    try:
+        assert "?token=" in server.url
+        local = server.base.replace("0.0.0.0", "127.0.0.1")
+        for url in (local, local + "q/to_label", local + "photo/0/small", local + "?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=10)
+            assert refused.value.code == 403, url
+        with urllib.request.urlopen(server.url.replace("0.0.0.0", "127.0.0.1"), timeout=10) as page:
+            assert page.status == 200 and b"Photos to label" in page.read()
+    finally:
+        server.stop()
