@@ -246,3 +246,47 @@ def test_the_real_server_beyond_loopback_refuses_requests_without_the_token(bird
             assert page.status == 200 and b"Photos to label" in page.read()
     finally:
         server.stop()
+
+
+def test_unknown_and_unsure_predictions_are_queued_and_a_confirmed_new_photo_becomes_a_train_row(birds, tmp_path):
+    data = review_data(birds, tmp_path, findings={}, suggested=2)
+    table, species = data["table"], data["species"]
+    (birds.root / "garden").mkdir()
+    new_photo = birds.root / "garden" / "new.jpg"
+    new_photo.write_bytes((birds.root / table["path"].iloc[0]).read_bytes())
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(new_photo.read_bytes())
+    unsure, sure = table["path"].iloc[1], table["path"].iloc[2]
+    pd.DataFrame([  # the columns `finegrain predict -o` writes with --open-set on
+        {"path": str(new_photo), "pred_1": "unknown", "pred_2": species[1], "score_1": 0.4, "score_2": 0.3,
+         "nearest_species": species[0], "unknown_score": 0.9, "known": False, "error": ""},
+        {"path": str(birds.root / unsure), "pred_1": species[2], "pred_2": species[3], "score_1": 0.3,
+         "score_2": 0.25, "nearest_species": species[2], "unknown_score": 0.1, "known": True, "error": ""},
+        {"path": str(birds.root / sure), "pred_1": species[2], "pred_2": species[3], "score_1": 0.9, "score_2": 0.05,
+         "nearest_species": species[2], "unknown_score": 0.1, "known": True, "error": ""},
+        {"path": str(outside), "pred_1": "unknown", "pred_2": species[1], "score_1": 0.4, "score_2": 0.3,
+         "nearest_species": species[0], "unknown_score": 0.9, "known": False, "error": ""},
+        {"path": str(birds.root / "gone.jpg"), "error": "unreadable"},
+    ]).to_csv(tmp_path / "preds.csv", index=False)
+    client, session = _client({"manifest": data["manifest"]}, tmp_path, predict=tmp_path / "preds.csv")
+    items = session.review.queues["predict"]
+    assert [(it.path, it.new_row, it.suggested) for it in items] == [("garden/new.jpg", True, species[0]),
+                                                                    (unsure, False, species[2])]
+    assert [g for g, _ in items[0].guesses] == [species[0], species[1]]
+    page = client.get("/q/predict").text
+    assert f"confirm: {species[0]}" in page and f'data-label="{species[1]}"' in page
+    photo = client.get(f"/photo/{items[0].photo}/small")  # the new photo is served by its number too
+    assert photo.status_code == 200 and photo.headers["content-type"] == "image/jpeg"
+    headers = {"X-Review-Token": session.token}
+    assert client.post("/api/decide", headers=headers, json={"item": items[0].id, "action": "confirm"}).json()["saved"]
+    assert client.post("/api/decide", headers=headers, json={"item": items[1].id, "action": "label",
+                                                             "label": species[3]}).json()["saved"]
+    session.log.close()
+    out = tmp_path / "new.csv"
+    res = CliRunner().invoke(app, ["manifest", "relabel", str(data["manifest"]), "--from", str(tmp_path / "rev"),
+                                   "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    new = Manifest.load(out).table.set_index("path")
+    assert len(new) == len(table) + 1
+    assert tuple(new.loc["garden/new.jpg", ["label", "split", "label_source"]]) == (species[0], "train", "reviewed")
+    assert new.loc[unsure, "label"] == species[3] and new.loc[sure, "label_source"] == "given"
