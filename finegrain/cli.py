@@ -198,6 +198,16 @@ def _register_data_commands() -> None:
       finegrain manifest relabel mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o mine_fixed.csv
       finegrain manifest relabel mine.csv --from runs/audit/audit.csv -o mine_fixed.csv   # 'accept' column filled in
     """, arguments={"manifest": "MANIFEST"})
+    _command(manifest_app, "import-labels", dc.ManifestImportLabelsConfig, _printed(dc.run_manifest_import_labels),
+             """Apply labels made in another tool to a new manifest (the original is not changed): a labelled photo
+    takes its label (an unlabelled one moves to train), one marked excluded is left out; column label_source says
+    'reviewed' for them.
+
+    Label Studio: make tasks with `finegrain suggest ... --label-studio tasks.json` (or audit's), import them into a
+    project with the labeling config written beside them, label, export as JSON, then:
+
+    Example: finegrain manifest import-labels mine.csv project-1-export.json -o mine_labelled.csv
+    """, arguments={"manifest": "MANIFEST", "export": "EXPORT.json"})
     _command(manifest_app, "shard", dc.ManifestShardConfig, _printed(dc.run_manifest_shard), """Write a manifest's photos into shards (litdata): decoded once, resized, re-encoded, with label, split,
     box and row. Every command that takes --manifest takes the shard folder too, with the same splits and labels.
 

@@ -25,7 +25,7 @@ print("HEAVY:", ",".join(m for m in {heavy!r} if m in sys.modules))
                                   ["audit", "--help"], ["suggest", "--help"], ["predict", "--help"],
                                   ["demo-data", "--help"], ["run", "--help"], ["runs", "--help"],
                                   ["backbones", "--help"], ["manifest", "--help"], ["review", "--help"],
-                                  *[["manifest", sub, "--help"] for sub in ("cub", "folder", "csv", "split", "relabel",
+                                  *[["manifest", sub, "--help"] for sub in ("cub", "folder", "csv", "split", "relabel", "import-labels",
                                                                             "shard", "validate")]])
 def test_help_imports_no_torch(args):
     done = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,

@@ -33,7 +33,7 @@ def _leaf_commands(command, path=()):
 
 def test_every_command_is_declared_from_a_config():
     commands = dict(_leaf_commands(typer.main.get_command(app)))
-    assert len(commands) == 18
+    assert len(commands) == 19
     for name, command in commands.items():
         config_cls = getattr(command.callback, "config_cls", None)
         assert config_cls is not None and issubclass(config_cls, CommandConfig), name
@@ -57,6 +57,7 @@ MINIMAL = {
     RunsConfig: {},
     BackbonesConfig: {},
     ReviewConfig: {"manifest": "m.csv", "out": "review"},
+    dc.ManifestImportLabelsConfig: {"manifest": "m.csv", "export": "export.json", "out": "new.csv"},
 }
 
 

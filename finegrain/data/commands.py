@@ -188,6 +188,40 @@ def _relabel_from_review(config: ManifestRelabelConfig) -> str:
             + _written(fixed, fixed.save(config.out, provenance=provenance)))
 
 
+LABEL_FORMATS = ("label-studio",)
+
+
+@dataclass
+class ManifestImportLabelsConfig(CommandConfig):
+    """`finegrain manifest import-labels`: labels made in another tool, applied to a new manifest."""
+
+    manifest: Path = option(help="The manifest the labelling tasks were made from.")
+    export: Path = option(help="The tool's export: for label-studio, its JSON export of the project.")
+    out: Path = option(help="Where to write the new manifest.", flag="--out")
+    format: str = option("label-studio", "Format of the export.", choices=LABEL_FORMATS)
+
+
+def run_manifest_import_labels(config: ManifestImportLabelsConfig) -> str:
+    import hashlib
+
+    from finegrain.data.label_studio import export_decisions, read_export
+    from finegrain.data.manifest import Manifest
+    from finegrain.data.relabel import apply_decisions
+
+    if Path(config.out).resolve() == Path(config.manifest).resolve():
+        raise FinegrainError(f"--out {config.out} is the manifest itself: write the new one beside it")
+    manifest = Manifest.load(config.manifest)
+    decisions = export_decisions(manifest, read_export(config.export), str(config.export))
+    fixed, counts = apply_decisions(manifest, decisions, str(config.export))
+    provenance = {"relabelled_from": config.format, "export": str(Path(config.export).resolve()),
+                  "export_sha256": hashlib.sha256(Path(config.export).read_bytes()).hexdigest(),
+                  "labels": len(decisions), "parent_manifest": str(Path(config.manifest).resolve()),
+                  "parent_content_hash": manifest.content_hash, "counts": counts}
+    return (f"{len(decisions)} labelled tasks: {counts['relabelled']} relabelled, {counts['labelled']} newly labelled, "
+            f"{counts['confirmed']} confirmed, {counts['dropped']} left out\n"
+            + _written(fixed, fixed.save(config.out, provenance=provenance)))
+
+
 @dataclass
 class ManifestShardConfig(CommandConfig):
     """`finegrain manifest shard`: write a manifest's photos into litdata shards (sizes in px and bytes)."""
