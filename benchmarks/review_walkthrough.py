@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from _runner import finegrain
 
-TRAIN = ["--image-size", "64", "--batch-size", "24", "--classes-per-batch", "6", "--epochs", "6", "--loss",
+TRAIN = ["--image-size", "64", "--batch-size", "24", "--classes-per-batch", "6", "--epochs", "12", "--loss",
          "supcon_ce", "--device", "cpu", "--workers", "0", "--wandb", "disabled"]
 
 
@@ -33,7 +34,7 @@ def _collection(work: Path) -> tuple[Path, dict]:
 
     from finegrain.data.manifest import Manifest
 
-    finegrain("demo-data", str(work / "birds"), "--classes", "6", "--per-class", "24", "--image-size", "96")
+    finegrain("demo-data", str(work / "birds"), "--classes", "6", "--per-class", "30", "--image-size", "96")
     finegrain("manifest", "split", str(work / "birds" / "manifest.csv"), "--label-fraction", "0.5", "-o",
               str(work / "half.csv"))
     m = Manifest.load(work / "half.csv")
@@ -139,6 +140,7 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     w = args.work
+    os.environ["FINEGRAIN_CACHE"] = str(w / "cache")  # decoded photos and features stay in the work folder
     manifest, truth = _collection(w)
     finegrain("supcon", "--manifest", str(manifest), "--out", str(w / "supcon"), *TRAIN)
     finegrain("audit", str(w / "supcon"), "--manifest", str(manifest), "-o", str(w / "audit"), "--device", "cpu",

@@ -191,10 +191,13 @@ def _register_data_commands() -> None:
       finegrain manifest split data_manifests/cub50.parquet --val-fraction 0.1 --seed 0 -o cub50_val.parquet
       finegrain manifest split data_manifests/cub50.csv --label-fraction 0.1 --seed 0 -o cub50_10pct.csv
     """, arguments={"manifest": "MANIFEST"})
-    _command(manifest_app, "relabel", dc.ManifestRelabelConfig, _printed(dc.run_manifest_relabel), """Apply the audit findings you agree with to a new manifest: a label error takes its suggested label;
-    a near-duplicate or an outlier is left out. The original manifest is not changed.
+    _command(manifest_app, "relabel", dc.ManifestRelabelConfig, _printed(dc.run_manifest_relabel), """Apply the audit findings you agree with, or the decisions of a `finegrain review`, to a new manifest: a
+    label error takes its suggested label; a near-duplicate or an outlier is left out. From a review folder:
+    accepted labels, excluded photos left out, newly labelled photos in train, a label_source column (given /
+    reviewed) and the review's provenance in the sidecar. The original manifest is not changed.
 
     Examples:
+      finegrain manifest relabel mine.csv --from runs/review -o mine_v2.csv
       finegrain manifest relabel mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o mine_fixed.csv
       finegrain manifest relabel mine.csv --from runs/audit/audit.csv -o mine_fixed.csv   # 'accept' column filled in
     """, arguments={"manifest": "MANIFEST"})
