@@ -65,8 +65,17 @@ class Photos:
     paths: list[str]
 
     def key(self, i: int) -> str:
-        """A short stable name of photo i's content location, for its cached thumbnails."""
-        return hashlib.sha1(str(self.sources[i]).encode()).hexdigest()[:16]
+        """A short name of photo i's location and (for a file) its size and change time, for its cached thumbnails:
+        a photo replaced on disk gets a new thumbnail."""
+        source = self.sources[i]
+        stamp = ""
+        if getattr(source, "read", None) is None:
+            try:
+                st = Path(source).stat()
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                pass
+        return hashlib.sha1(f"{source}|{stamp}".encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -214,6 +214,12 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_warning(message: str) -> None:
+    import logging
+
+    logging.getLogger("finegrain").warning("review: %s", message)
+
+
 def serve(config: ReviewConfig) -> None:
     """Load the review, open its decisions file, print the URL, serve until interrupted."""
     import uvicorn
@@ -224,6 +230,10 @@ def serve(config: ReviewConfig) -> None:
                              "or --predict given")
     log = DecisionLog(config.out)
     meta = log.meta()
+    before = meta.get("sources", {}).get("manifest_content_hash")
+    if before and before != review.sources["manifest_content_hash"] and log.latest():
+        log_warning(f"{config.out} holds decisions made while {config.manifest} had other rows; they still count "
+                    "(relabel refuses decisions on photos the manifest no longer has)")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     log.set_meta("sources", review.sources)
     log.set_meta("sessions", meta.get("sessions", []) + [{"started": started, "host": config.host}])
