@@ -112,7 +112,7 @@ def _review(work: Path, manifest: Path, truth: dict, shots: Path, browser_path: 
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_path)
-            page = browser.new_page(viewport={"width": 1000, "height": 640})
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
             page.goto(url)
             shots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shots / "index.png"))
@@ -135,23 +135,39 @@ def main() -> None:
     ap.add_argument("--shots", type=Path, default=Path("docs/review"))
     ap.add_argument("--browser", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/review_walkthrough.json"))
+    ap.add_argument("--fresh", action="store_true", help="start over (default: reuse the steps --work holds)")
     args = ap.parse_args()
     from finegrain.data.manifest import Manifest
 
-    shutil.rmtree(args.work, ignore_errors=True)
     w = args.work
+    if args.fresh:
+        shutil.rmtree(w, ignore_errors=True)
+    w.mkdir(parents=True, exist_ok=True)
     os.environ["FINEGRAIN_CACHE"] = str(w / "cache")  # decoded photos and features stay in the work folder
-    manifest, truth = _collection(w)
-    finegrain("supcon", "--manifest", str(manifest), "--out", str(w / "supcon"), *TRAIN)
-    finegrain("audit", str(w / "supcon"), "--manifest", str(manifest), "-o", str(w / "audit"), "--device", "cpu",
-              "--workers", "0", "--wandb", "disabled")
-    finegrain("suggest", "--manifest", str(manifest), "--from", str(w / "supcon"), "--budget", "12", "-o",
-              str(w / "next.csv"), "--device", "cpu", "--workers", "0")
+    if (w / "truth.json").is_file():  # steps already done are reused (--fresh starts over)
+        manifest, truth = w / "mine.csv", json.loads((w / "truth.json").read_text())
+    else:
+        manifest, truth = _collection(w)
+        (w / "truth.json").write_text(json.dumps(truth))
+    if not (w / "supcon" / "artifact.json").is_file():
+        finegrain("supcon", "--manifest", str(manifest), "--out", str(w / "supcon"), *TRAIN)
+    if not (w / "audit" / "audit.csv").is_file():
+        finegrain("audit", str(w / "supcon"), "--manifest", str(manifest), "-o", str(w / "audit"), "--device", "cpu",
+                  "--workers", "0", "--wandb", "disabled")
+    if not (w / "next.csv").is_file():
+        finegrain("suggest", "--manifest", str(manifest), "--from", str(w / "supcon"), "--budget", "12", "-o",
+                  str(w / "next.csv"), "--device", "cpu", "--workers", "0")
+    shutil.rmtree(w / "review", ignore_errors=True)
     answers = _review(w, manifest, truth, args.shots, args.browser)
     finegrain("manifest", "relabel", str(manifest), "--from", str(w / "review"), "-o", str(w / "fixed.csv"))
+    shutil.rmtree(w / "supcon_fixed", ignore_errors=True)
     finegrain("supcon", "--manifest", str(w / "fixed.csv"), "--out", str(w / "supcon_fixed"), *TRAIN)
     top1 = {}
+    shutil.rmtree(w / "eval_supcon_fixed", ignore_errors=True)
     for name in ("supcon", "supcon_fixed"):
+        if (w / f"eval_{name}" / "report" / "metrics.json").is_file():
+            top1[name] = json.loads((w / f"eval_{name}" / "report" / "metrics.json").read_text())["knn_top1"]
+            continue
         finegrain("evaluate", "--manifest", str(manifest), "--from", str(w / name), "--out", str(w / f"eval_{name}"),
                   "--device", "cpu", "--workers", "0", "--wandb", "disabled", "--no-embedding-map")
         top1[name] = json.loads((w / f"eval_{name}" / "report" / "metrics.json").read_text())["knn_top1"]
