@@ -58,6 +58,16 @@ def _collection(work: Path) -> tuple[Path, dict]:
     return work / "mine.csv", truth
 
 
+def _shot(page, path: Path) -> None:
+    """A screenshot as a 128-colour PNG (a few times smaller than the browser's, fine for a README)."""
+    from PIL import Image
+
+    page.screenshot(path=str(path))
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
 def _press(page, key: str) -> None:
     with page.expect_navigation():
         page.keyboard.press(key)
@@ -115,10 +125,10 @@ def _review(work: Path, manifest: Path, truth: dict, shots: Path, browser_path: 
             page = browser.new_page(viewport={"width": 1100, "height": 720})
             page.goto(url)
             shots.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shots / "index.png"))
+            _shot(page, shots / "index.png")
             for q in re.findall(r'href="/q/(\w+)"', page.content()):
                 page.goto(f"{url}q/{q}", wait_until="load")
-                page.screenshot(path=str(shots / f"{q}.png"))
+                _shot(page, shots / f"{q}.png")
             page.goto(url)
             _press(page, "1")
             counts = _answer(page, truth)
