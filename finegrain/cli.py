@@ -212,13 +212,26 @@ def _register_data_commands() -> None:
       finegrain manifest split data_manifests/cub50.parquet --val-fraction 0.1 --seed 0 -o cub50_val.parquet
       finegrain manifest split data_manifests/cub50.csv --label-fraction 0.1 --seed 0 -o cub50_10pct.csv
     """, arguments={"manifest": "MANIFEST"})
-    _command(manifest_app, "relabel", dc.ManifestRelabelConfig, _printed(dc.run_manifest_relabel), """Apply the audit findings you agree with to a new manifest: a label error takes its suggested label;
-    a near-duplicate or an outlier is left out. The original manifest is not changed.
+    _command(manifest_app, "relabel", dc.ManifestRelabelConfig, _printed(dc.run_manifest_relabel), """Apply the audit findings you agree with, or the decisions of a `finegrain review`, to a new manifest: a
+    label error takes its suggested label; a near-duplicate or an outlier is left out. From a review folder:
+    accepted labels, excluded photos left out, newly labelled photos in train, a label_source column (given /
+    reviewed) and the review's provenance in the sidecar. The original manifest is not changed.
 
     Examples:
+      finegrain manifest relabel mine.csv --from runs/review -o mine_v2.csv
       finegrain manifest relabel mine.csv --from runs/audit/audit.csv --accept 1 --accept 4 -o mine_fixed.csv
       finegrain manifest relabel mine.csv --from runs/audit/audit.csv -o mine_fixed.csv   # 'accept' column filled in
     """, arguments={"manifest": "MANIFEST"})
+    _command(manifest_app, "import-labels", dc.ManifestImportLabelsConfig, _printed(dc.run_manifest_import_labels),
+             """Apply labels made in another tool to a new manifest (the original is not changed): a labelled photo
+    takes its label (an unlabelled one moves to train), one marked excluded is left out; column label_source says
+    'reviewed' for them.
+
+    Label Studio: make tasks with `finegrain suggest ... --label-studio tasks.json` (or audit's), import them into a
+    project with the labeling config written beside them, label, export as JSON, then:
+
+    Example: finegrain manifest import-labels mine.csv project-1-export.json -o mine_labelled.csv
+    """, arguments={"manifest": "MANIFEST", "export": "EXPORT.json"})
     _command(manifest_app, "shard", dc.ManifestShardConfig, _printed(dc.run_manifest_shard), """Write a manifest's photos into shards (litdata): decoded once, resized, re-encoded, with label, split,
     box and row. Every command that takes --manifest takes the shard folder too, with the same splits and labels.
 
@@ -503,10 +516,25 @@ def _register_other_commands() -> None:
     """)
 
 
+def _register_review() -> None:
+    from finegrain.review.config import ReviewConfig, run_review
+
+    _command(app, "review", ReviewConfig, run_review, """Decide in the browser, one key each: probable label errors, twins and outliers (--audit), photos to
+    label (--suggest, or every unlabelled photo) and unknown or unsure predictions (--predict).
+
+    Starts a local web app and prints its URL. Each decision is saved at once in REVIEW_DIR; run the command again
+    with the same folder to go on. Then `finegrain manifest relabel MANIFEST --from REVIEW_DIR -o NEW.csv` writes
+    the new manifest (the original is not changed).
+
+    Example: finegrain review data_manifests/mine.csv -o runs/review --audit runs/audit --suggest runs/next50.csv
+    """, arguments={"manifest": "MANIFEST"})
+
+
 # Registration order is the order of `finegrain --help`.
 _register_data_commands()
 _register_training_stages()
 _register_feature_stages()
+_register_review()
 _register_other_commands()
 
 

@@ -418,6 +418,10 @@ class AuditConfig(FeatureConfig, StageConfig):
     examples: int = option(3, "Typical photos of each species shown beside a flagged one in audit.html.",
                            check=at_least(0))
     max_flagged: int = option(300, "Flagged photos shown in audit.html (audit.csv lists them all).", check=at_least(1))
+    label_studio: str | None = option(None, "Also write the findings as Label Studio import tasks to this JSON file "
+                                            "(the suggested species, or the exclude choice for twins and outliers, "
+                                            "as pre-annotations) and its labeling config beside it "
+                                            "(.label_config.xml); read the labels back with `manifest import-labels`.")
 
     def check(self) -> None:
         if not self.from_artifact:
@@ -454,6 +458,9 @@ class SuggestConfig(BackboneOptions, FeatureConfig):
                            choices=SUGGEST_STRATEGIES)
     cold_start_per_class: float = option(2.0, "--strategy auto: labelled train photos per species below which "
                                               "typiclust is used.", check=at_least(0))
+    label_studio: str | None = option(None, "Also write the picks as Label Studio import tasks to this JSON file (the "
+                                            "best guess as a pre-annotation) and its labeling config beside it "
+                                            "(.label_config.xml); read the labels back with `manifest import-labels`.")
     probcover_limit: int = option(8000, "--strategy probcover: refuse more photos (labelled train + unlabelled) than "
                                         "this; it holds all N x N distances (8000 photos: about 0.5 GB).",
                                   check=at_least(2))

@@ -24,8 +24,8 @@ print("HEAVY:", ",".join(m for m in {heavy!r} if m in sys.modules))
 @pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["supcon", "--help"], ["evaluate", "--help"],
                                   ["audit", "--help"], ["suggest", "--help"], ["predict", "--help"],
                                   ["demo-data", "--help"], ["run", "--help"], ["runs", "--help"],
-                                  ["backbones", "--help"], ["manifest", "--help"],
-                                  *[["manifest", sub, "--help"] for sub in ("cub", "folder", "csv", "split", "relabel",
+                                  ["backbones", "--help"], ["manifest", "--help"], ["review", "--help"],
+                                  *[["manifest", sub, "--help"] for sub in ("cub", "folder", "csv", "split", "relabel", "import-labels",
                                                                             "shard", "validate")]])
 def test_help_imports_no_torch(args):
     done = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,

@@ -15,6 +15,7 @@ from finegrain.config import (BackbonesConfig, CommandConfig, ConfigError, Predi
                               config_from_dict)
 from finegrain.data import commands as dc
 from finegrain.errors import FinegrainError
+from finegrain.review.config import ReviewConfig
 from finegrain.stages import STAGES
 
 
@@ -32,7 +33,7 @@ def _leaf_commands(command, path=()):
 
 def test_every_command_is_declared_from_a_config():
     commands = dict(_leaf_commands(typer.main.get_command(app)))
-    assert len(commands) == 17
+    assert len(commands) == 19
     for name, command in commands.items():
         config_cls = getattr(command.callback, "config_cls", None)
         assert config_cls is not None and issubclass(config_cls, CommandConfig), name
@@ -47,7 +48,7 @@ MINIMAL = {
     dc.ManifestFolderConfig: {"root": "birds", "out": "m.csv"},
     dc.ManifestCsvConfig: {"file": "photos.csv", "out": "m.csv"},
     dc.ManifestSplitConfig: {"manifest": "m.csv"},
-    dc.ManifestRelabelConfig: {"manifest": "m.csv", "audit_csv": "audit.csv", "out": "fixed.csv"},
+    dc.ManifestRelabelConfig: {"manifest": "m.csv", "source": "audit.csv", "out": "fixed.csv"},
     dc.ManifestShardConfig: {"manifest": "m.csv", "out": "shards"},
     dc.ManifestValidateConfig: {"manifest": "m.csv"},
     dc.DemoDataConfig: {"out_dir": "demo"},
@@ -55,6 +56,8 @@ MINIMAL = {
     RunConfig: {"pipeline": "p.yaml"},
     RunsConfig: {},
     BackbonesConfig: {},
+    ReviewConfig: {"manifest": "m.csv", "out": "review"},
+    dc.ManifestImportLabelsConfig: {"manifest": "m.csv", "export": "export.json", "out": "new.csv"},
 }
 
 

@@ -23,7 +23,7 @@ LEVELS = {
     "models": 1, "losses": 1, "data": 1,
     "engine": 2, "eval": 2, "curation": 2, "report": 2, "features": 2, "methods": 2, "tracking": 2, "artifacts": 2,
     "lineage": 2,
-    "stages": 3,
+    "stages": 3, "review": 3,
     "pipeline": 4,
     "cli": 5, "__main__": 5,
 }
@@ -33,7 +33,7 @@ FORBIDDEN = {("data", "models"), ("models", "data"), ("eval", "engine"), ("engin
              ("curation", "engine"), ("report", "engine"), ("features", "engine"),
              ("features", "eval"), ("features", "curation"), ("features", "report"),
              ("eval", "curation"), ("eval", "report"), ("report", "eval"), ("report", "curation"),
-             ("curation", "report")}
+             ("curation", "report"), ("review", "engine"), ("review", "stages")}
 LOSSES_MAY_IMPORT = {"losses", "dist", "errors"}
 
 

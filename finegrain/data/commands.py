@@ -126,13 +126,21 @@ def run_manifest_split(config: ManifestSplitConfig) -> str:
 
 @dataclass
 class ManifestRelabelConfig(CommandConfig):
-    """`finegrain manifest relabel`: apply accepted audit findings to a new manifest."""
+    """`finegrain manifest relabel`: apply accepted audit findings, or a review's decisions, to a new manifest."""
 
-    manifest: Path = option(help="The manifest the audit was made on.")
-    audit_csv: Path = option(help="audit.csv written by `finegrain audit`.", flag="--from")
-    out: Path = option(help="Where to write the corrected manifest.", flag="--out")
-    accept: list[str] = option(help="A finding's rank to apply (repeat), or 'all'. Default: the rows whose 'accept' "
-                                    "column you filled with yes.", default_factory=list)
+    manifest: Path = option(help="The manifest the audit or review was made on.")
+    source: Path = option(help="audit.csv (or its folder) written by `finegrain audit`, or a REVIEW_DIR written by "
+                               "`finegrain review`.", flag="--from", metavar="AUDIT|REVIEW_DIR")
+    out: Path = option(help="Where to write the new manifest.", flag="--out")
+    accept: list[str] = option(help="An audit finding's rank to apply (repeat), or 'all'. Default: the rows whose "
+                                    "'accept' column you filled with yes. Not with a review folder.",
+                               default_factory=list)
+
+
+def _review_folder(source: Path) -> bool:
+    from finegrain.data.decisions import DECISIONS_FILE
+
+    return source.is_dir() and (source / DECISIONS_FILE).is_file()
 
 
 def run_manifest_relabel(config: ManifestRelabelConfig) -> str:
@@ -141,13 +149,77 @@ def run_manifest_relabel(config: ManifestRelabelConfig) -> str:
     from finegrain.data.manifest import Manifest
     from finegrain.data.relabel import accepted_findings, apply_findings
 
-    if not config.audit_csv.is_file():
-        raise FinegrainError(f"no such audit file: {config.audit_csv}")
-    audit = pd.read_csv(config.audit_csv, keep_default_na=False)
-    findings = accepted_findings(audit, config.accept, str(config.audit_csv))
+    if _review_folder(config.source):
+        return _relabel_from_review(config)
+    audit_csv = config.source / "audit.csv" if config.source.is_dir() else config.source
+    if not audit_csv.is_file():
+        raise FinegrainError(f"no such audit file or review folder: {config.source}")
+    audit = pd.read_csv(audit_csv, keep_default_na=False)
+    findings = accepted_findings(audit, config.accept, str(audit_csv))
     fixed, counts = apply_findings(Manifest.load(config.manifest), findings)
     return (f"{counts['relabelled']} photos relabelled, {counts['dropped']} left out\n"
             + _written(fixed, fixed.save(config.out)))
+
+
+def _relabel_from_review(config: ManifestRelabelConfig) -> str:
+    """The review's decisions in force applied to the manifest; its sources and times in the new sidecar."""
+    from finegrain.data.decisions import DecisionLog
+    from finegrain.data.manifest import Manifest
+    from finegrain.data.relabel import apply_decisions
+
+    if config.accept:
+        raise FinegrainError("--accept picks audit findings; a review folder's decisions are applied as made")
+    if Path(config.out).resolve() == Path(config.manifest).resolve():
+        raise FinegrainError(f"--out {config.out} is the manifest itself: write the new one beside it")
+    log = DecisionLog(config.source, create=False)
+    try:
+        decisions, meta = log.in_force(), log.meta()
+    finally:
+        log.close()
+    manifest = Manifest.load(config.manifest)
+    fixed, counts = apply_decisions(manifest, decisions, str(config.source))
+    provenance = {"relabelled_from": "review", "review_dir": str(Path(config.source).resolve()),
+                  "decisions": len(decisions), "first_decision": decisions[0].at if decisions else None,
+                  "last_decision": decisions[-1].at if decisions else None, **meta,
+                  "parent_manifest": str(Path(config.manifest).resolve()),
+                  "parent_content_hash": manifest.content_hash, "counts": counts}
+    return (f"{counts['relabelled']} relabelled, {counts['labelled']} newly labelled, {counts['added']} added, "
+            f"{counts['confirmed']} confirmed, {counts['dropped']} left out\n"
+            + _written(fixed, fixed.save(config.out, provenance=provenance)))
+
+
+LABEL_FORMATS = ("label-studio",)
+
+
+@dataclass
+class ManifestImportLabelsConfig(CommandConfig):
+    """`finegrain manifest import-labels`: labels made in another tool, applied to a new manifest."""
+
+    manifest: Path = option(help="The manifest the labelling tasks were made from.")
+    export: Path = option(help="The tool's export: for label-studio, its JSON export of the project.")
+    out: Path = option(help="Where to write the new manifest.", flag="--out")
+    format: str = option("label-studio", "Format of the export.", choices=LABEL_FORMATS)
+
+
+def run_manifest_import_labels(config: ManifestImportLabelsConfig) -> str:
+    import hashlib
+
+    from finegrain.data.label_studio import export_decisions, read_export
+    from finegrain.data.manifest import Manifest
+    from finegrain.data.relabel import apply_decisions
+
+    if Path(config.out).resolve() == Path(config.manifest).resolve():
+        raise FinegrainError(f"--out {config.out} is the manifest itself: write the new one beside it")
+    manifest = Manifest.load(config.manifest)
+    decisions = export_decisions(manifest, read_export(config.export), str(config.export))
+    fixed, counts = apply_decisions(manifest, decisions, str(config.export))
+    provenance = {"relabelled_from": config.format, "export": str(Path(config.export).resolve()),
+                  "export_sha256": hashlib.sha256(Path(config.export).read_bytes()).hexdigest(),
+                  "labels": len(decisions), "parent_manifest": str(Path(config.manifest).resolve()),
+                  "parent_content_hash": manifest.content_hash, "counts": counts}
+    return (f"{len(decisions)} labelled tasks: {counts['relabelled']} relabelled, {counts['labelled']} newly labelled, "
+            f"{counts['confirmed']} confirmed, {counts['dropped']} left out\n"
+            + _written(fixed, fixed.save(config.out, provenance=provenance)))
 
 
 @dataclass

@@ -277,16 +277,19 @@ class Manifest:
             "rows": len(self.table),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, provenance: dict | None = None) -> Path:
         """Write the manifest atomically as .csv or .parquet (chosen by suffix); returns the path.
 
         The root is stored relative to the manifest file (and absolute, as a fallback), with the
         content hash: in the Parquet schema metadata, or in the sidecar `NAME.csv.json` of a CSV
         (see `sidecar_path`). The CSV is complete before its sidecar is replaced, and renamed into
-        place after it, so a new CSV is never visible without its metadata.
+        place after it, so a new CSV is never visible without its metadata. `provenance` (JSON-able: where
+        the rows came from, e.g. the review a relabel applied) is stored in the metadata too.
         """
         out = Path(path)
         meta = self._meta(out)
+        if provenance:
+            meta["provenance"] = provenance
         suffix = out.suffix.lower()
         if suffix not in (".csv", ".parquet"):
             raise ManifestError(f"{out}: a manifest file must end in .csv or .parquet")

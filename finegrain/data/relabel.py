@@ -50,3 +50,71 @@ def apply_findings(manifest: Manifest, findings: pd.DataFrame) -> tuple[Manifest
     table = table.drop(index=drop)
     return Manifest.from_table(table.reset_index(drop=True), manifest.root), {"relabelled": len(relabel),
                                                                              "dropped": len(set(drop))}
+
+
+# --- decisions from `finegrain review` ---------------------------------------------------------------------
+
+LABEL_SOURCE = "label_source"  # column: "given" (as in the manifest it came from) or "reviewed" (a person decided)
+_DROPS = {"exclude", "keep_one", "not_bird"}
+
+
+def _effects(decisions) -> dict[str, tuple[str, str]]:
+    """path -> ("label", species) | ("reviewed", "") | ("drop", ""), applying decisions oldest first (the later
+    decision on a photo wins). A twin's keep_one drops the flagged photo; its exclude drops both."""
+    from finegrain.data.decisions import LABEL_ACTIONS
+
+    state: dict[str, tuple[str, str]] = {}
+    for d in sorted(decisions, key=lambda d: d.seq):
+        if d.action in LABEL_ACTIONS:
+            state[d.path] = ("label", d.label)
+        elif d.action == "given":
+            state[d.path] = ("reviewed", "")
+        elif d.action in _DROPS and not (d.queue == "predict" and d.new_row):
+            state[d.path] = ("drop", "")
+            if d.queue == "twin" and d.action == "exclude" and d.other_path:
+                state[d.other_path] = ("drop", "")
+    return state
+
+
+def apply_decisions(manifest: Manifest, decisions, where: str) -> tuple[Manifest, dict[str, int]]:
+    """A new manifest with a review's decisions (finegrain.data.decisions.Decision, in force) applied.
+
+    Accepted labels replace the given ones (split kept; an unlabelled photo moves to train), excluded photos are
+    left out, photos named by a prediction that were no manifest row become train rows. Column `label_source`:
+    "reviewed" for rows a person decided, the old value (default "given") for the others.
+    Returns the manifest and counts {"relabelled", "labelled", "added", "dropped", "confirmed"}."""
+    table = manifest.table.copy()
+    if LABEL_SOURCE not in table.columns:
+        table[LABEL_SOURCE] = "given"
+    by_path = {p: i for i, p in zip(table.index, table["path"].astype(str))}
+    new_rows = {d.path for d in decisions if d.new_row}
+    unknown = sorted({d.path for d in decisions if d.path not in by_path and not d.new_row}
+                     | {d.other_path for d in decisions if d.other_path and d.other_path not in by_path})
+    if unknown:
+        raise FinegrainError(f"{unknown[0]} was reviewed but is not in the manifest: was {where} made on another one?")
+    counts = dict.fromkeys(("relabelled", "labelled", "added", "dropped", "confirmed"), 0)
+    added, drop = [], []
+    for path, (what, label) in _effects(decisions).items():
+        if path in new_rows and path not in by_path:
+            if what == "label":
+                added.append({"image_id": path, "path": path, "label": label, "split": "train", LABEL_SOURCE: "reviewed"})
+                counts["added"] += 1
+            continue
+        i = by_path[path]
+        if what == "drop":
+            drop.append(i)
+            continue
+        table.at[i, LABEL_SOURCE] = "reviewed"
+        if what == "reviewed" or label == table.at[i, "label"]:
+            counts["confirmed"] += 1
+        elif table.at[i, "split"] == "unlabeled":
+            table.at[i, "label"], table.at[i, "split"] = label, "train"
+            counts["labelled"] += 1
+        else:
+            table.at[i, "label"] = label
+            counts["relabelled"] += 1
+    counts["dropped"] = len(drop)
+    table = table.drop(index=drop)
+    if added:
+        table = pd.concat([table, pd.DataFrame(added)], ignore_index=True)
+    return Manifest.from_table(table.reset_index(drop=True), manifest.root), counts

@@ -49,6 +49,8 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
         atomic_write_text(run.out / "audit.csv", table.to_csv(index=False))
         write_audit_page(run.out / "audit.html", table, run.manifest, typical, source=subject.source,
                          manifest_name=str(cfg.manifest), max_shown=cfg.max_flagged)
+        if cfg.label_studio:
+            _label_studio_tasks(cfg.label_studio, table, run.manifest)
         counts = {issue: int((table["issue"] == issue).sum()) for issue in ISSUE_ORDER}
         atomic_write_text(run.out / SUMMARY_FILE, json.dumps({
             "artifact": subject.source, "manifest": str(cfg.manifest), "photos": len(rows), "flagged": counts,
@@ -61,6 +63,17 @@ def run_audit(cfg: AuditConfig) -> pd.DataFrame:
                  len(rows), counts.get("label", 0), counts.get("duplicate", 0), counts.get("outlier", 0), seconds,
                  store.seconds)
         return table
+
+
+def _label_studio_tasks(out, table: pd.DataFrame, manifest) -> None:
+    """The findings as Label Studio tasks: a label error's suggested species, or the exclude choice, pre-annotated."""
+    from finegrain.data import label_studio as ls
+
+    tasks = [ls.task(r.path, manifest.abspath(r.path), r.suggested_label if r.issue == "label" else ls.EXCLUDE,
+                     r.score, model_version="finegrain audit", rank=int(r.rank), issue=r.issue,
+                     given_label=r.given_label, reason=r.reason, other_path=r.other_path)
+             for r in table.itertuples(index=False)]
+    ls.write_tasks(out, tasks, manifest.class_names)
 
 
 def _label_findings(cfg: AuditConfig, rows: pd.DataFrame, feats: torch.Tensor, labelled: np.ndarray) -> list[dict]:

@@ -65,6 +65,13 @@ def run_suggest(cfg: SuggestConfig) -> pd.DataFrame:
     atomic_write_text(out, table.to_csv(index=False))
     notes = {"manifest": cfg.manifest, "artifact": subject.source, "strategy": f"{strategy} ({why})",
              "unlabelled photos": len(pool_rows), "labelled train photos": len(train_rows), "table": out.name}
+    if cfg.label_studio:
+        from finegrain.data import label_studio as ls
+
+        tasks = [ls.task(r.path, pool_rows.abspath(r.path), r.best_guess, r.best_guess_prob,
+                         model_version="finegrain suggest", rank=int(r.rank), reason=r.reason)
+                 for r in table.itertuples(index=False)]
+        ls.write_tasks(cfg.label_studio, tasks, sorted(set(manifest.class_names) | set(classes)))
     tiles = [Tile(pool_rows.abspath(r.path), f"#{r.rank}", [r.reason] + _guess_line(r) + [r.path])
              for r in table.itertuples(index=False)]
     write_contact_sheet(out.with_suffix(".html"), title=f"Label these {len(table)} photos next", tiles=tiles,
