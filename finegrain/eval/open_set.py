@@ -85,12 +85,16 @@ class RelativeMahalanobis:
         return cls(means.float(), centre.float(), _whitening(within, shift).float(), _whitening(spread, shift).float())
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(Q, D) features -> (Q,) min over classes of the class distance minus the all-photo distance."""
-        x = F.normalize(feats.float(), dim=1)
-        z, means = x @ self.whiten, self.means @ self.whiten
+        """(Q, D) features -> (Q,) float32 min over classes of the class distance minus the all-photo distance.
+
+        Computed in float64: the terms are about 1e5 and their difference about 1e2, so float32 rounding
+        moved scores by 0.05 and made two float32 implementations (torch, an exported ONNX graph) disagree."""
+        x = F.normalize(feats.double(), dim=1)
+        whiten, means = self.whiten.double(), self.means.double() @ self.whiten.double()
+        z = x @ whiten
         per_class = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)
-        background = ((x - self.centre) @ self.whiten_all).pow(2).sum(1, keepdim=True)
-        return (per_class - background).min(dim=1).values
+        background = ((x - self.centre.double()) @ self.whiten_all.double()).pow(2).sum(1, keepdim=True)
+        return (per_class - background).min(dim=1).values.float()
 
 
 def _covariance(z: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,18 @@ def open_set_reference(artifact: Artifact, open_set: bool | None) -> OpenSetRefe
     return OpenSetReference.from_artifact(stored, artifact.state_dict())
 
 
+def reading(info: dict):
+    """How predict reads photos for an artifact's classifier (artifact.json `info`): the eval view recipe (resize,
+    centre crop, normalise at the classifier's image size) and whether features are flip-averaged. `finegrain export`
+    builds its graph from the same answer."""
+    from finegrain.data.views import make_recipe
+
+    fitted = info.get("classifier") or {}
+    recipe = make_recipe("eval", image_size=fitted.get("image_size", info["image_size"]), mean=info["mean"],
+                         std=info["std"])
+    return recipe, bool(fitted.get("flip_tta", False))
+
+
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
                 workers: int = 2, flip_tta: bool | None = None, open_set: bool | None = None) -> pd.DataFrame:
     """Predict the top-k classes of each image with the artifact's backbone and linear classifier.
@@ -74,7 +86,7 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     the stored threshold); pred_1 is then `unknown` for photos not known, pred_2.. stay the classifier's ranking.
     """
     from finegrain.data.dataset import ManifestDataset
-    from finegrain.data.views import build_view, make_recipe
+    from finegrain.data.views import build_view
     from finegrain.features.extract import extract_features, flip_averaged, ready_for_extraction
     from finegrain.models.backbone import create_backbone
 
@@ -103,10 +115,8 @@ def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: s
     model = ready_for_extraction(create_backbone(info["backbone"], weights=artifact.path), dev)
     rows = [{"path": str(p), "error": errors.get(str(p), "unreadable")} for p in paths]
     if len(manifest):
-        fitted = info.get("classifier") or {}
-        flip_tta = fitted.get("flip_tta", False) if flip_tta is None else flip_tta
-        recipe = make_recipe("eval", image_size=fitted.get("image_size", info["image_size"]), mean=info["mean"],
-                             std=info["std"])
+        recipe, fitted_flip = reading(info)
+        flip_tta = fitted_flip if flip_tta is None else flip_tta
         ds = ManifestDataset(manifest, build_view(recipe), class_names=[])
         feats, _ = extract_features(flip_averaged(model) if flip_tta else model, ds, device=dev, batch_size=batch_size, workers=workers,
                                     amp_dtype=resolve_amp("auto", dev), progress="predict")

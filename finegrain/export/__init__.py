@@ -1,0 +1,1 @@
+"""Export an artifact to ONNX (exporter) for the torch-free runner in finegrain/runtime/."""
