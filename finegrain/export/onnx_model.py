@@ -80,8 +80,18 @@ def export_network(net: ExportNet, image_size: int, path: Path) -> onnx.ModelPro
     return onnx.load(str(path))
 
 
-def build_onnx(artifact: Artifact) -> onnx.ModelProto:
-    """The whole model: INPUT (B, H, W, 3) uint8 -> probabilities, embedding[, unknown_score, known], with metadata."""
+@dataclass
+class Parts:
+    """An artifact's model in two ONNX parts: preprocessing (INPUT -> OUTPUT) and the network (OUTPUT -> OUTPUTS),
+    with the metadata of the whole (see `metadata`)."""
+
+    preprocess: onnx.ModelProto
+    network: onnx.ModelProto
+    metadata: dict[str, str]
+
+
+def export_parts(artifact: Artifact) -> Parts:
+    """The preprocessing graph and the exported network of an artifact, and its metadata."""
     reading = reading_of(artifact)
     net = build_network(artifact)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,11 +99,32 @@ def build_onnx(artifact: Artifact) -> onnx.ModelProto:
     opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
     prep = preprocess_graph(image_size=reading.image_size, resize=reading.resize, mean=reading.mean, std=reading.std,
                             opset=opset, ir_version=network.ir_version)
+    return Parts(prep, network, metadata(artifact, reading, net))
+
+
+def compose(parts: Parts, network: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The whole model: INPUT (B, H, W, 3) uint8 -> probabilities, embedding[, unknown_score, known], with metadata.
+
+    network: another network part to put behind the preprocessing (the int8 one); default parts.network."""
+    network = network or parts.network
+    prep = parts.preprocess
+    if network.ir_version != prep.ir_version:  # the quantizer may write another IR version
+        prep = onnx.ModelProto.FromString(prep.SerializeToString())
+        prep.ir_version = network.ir_version
+    extra = [o for o in network.opset_import if o.domain not in ("", "ai.onnx")]
+    if extra:
+        prep = onnx.ModelProto.FromString(prep.SerializeToString())
+        prep.opset_import.extend(extra)
     model = onnx.compose.merge_models(prep, network, io_map=[(OUTPUT, OUTPUT)])
-    model.graph.name = f"finegrain_{artifact.info['stage']}_{artifact.info['backbone']}"
-    set_metadata(model, metadata(artifact, reading, net))
+    model.graph.name = "finegrain_" + parts.metadata["backbone"]
+    set_metadata(model, parts.metadata)
     onnx.checker.check_model(model)
     return model
+
+
+def build_onnx(artifact: Artifact) -> onnx.ModelProto:
+    """The whole fp32 model of an artifact (`compose` of `export_parts`)."""
+    return compose(export_parts(artifact))
 
 
 def metadata(artifact: Artifact, reading: Reading, net: ExportNet) -> dict[str, str]:
