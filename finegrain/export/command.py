@@ -21,7 +21,7 @@ import finegrain
 from finegrain.artifacts import file_sha256, load_artifact
 from finegrain.config import ExportConfig
 from finegrain.export import EXPORT_FILE
-from finegrain.export.onnx_model import compose, export_parts
+from finegrain.export.onnx_model import classifier_of, compose, export_parts
 from finegrain.export.readme import readme
 from finegrain.fsutil import atomic_path, atomic_write_text
 from finegrain.runtime import runner
@@ -42,6 +42,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 def run_export(config: ExportConfig) -> dict:
     """Export `config.artifact` into `config.out`; returns export.json's record (files, sizes, int8 checks)."""
     artifact = load_artifact(config.artifact)
+    classifier_of(artifact)  # refuse before any work
     out = Path(config.out)
     log.info("export: tracing %s (%s) to ONNX", artifact.path, artifact.info.get("backbone"))
     parts = export_parts(artifact)

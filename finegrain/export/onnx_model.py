@@ -48,20 +48,27 @@ def reading_of(artifact: Artifact) -> Reading:
                    tuple(recipe.std), flip)
 
 
-def build_network(artifact: Artifact) -> ExportNet:
-    """The artifact's backbone, stored classifier and open-set reference as one module in eval mode.
+def classifier_of(artifact: Artifact) -> dict[str, torch.Tensor]:
+    """The artifact's stored classifier {"weight": (C, D), "bias": (C,)}.
 
     Raises:
-        FinegrainError: the artifact holds no classifier (a pretrain run, or supcon --no-classifier).
+        FinegrainError: the artifact holds none (a pretrain run, or supcon --no-classifier).
     """
+    head = artifact.state_dict("classifier.")
+    if not head or not artifact.info.get("class_names"):
+        raise FinegrainError(f"{artifact.path} has no classifier ({artifact.info.get('stage')} artifact); export needs "
+                             "a supcon artifact (one trained without --no-classifier)")
+    return head
+
+
+def build_network(artifact: Artifact) -> ExportNet:
+    """The artifact's backbone, stored classifier and open-set reference as one module in eval mode (raises as
+    `classifier_of`)."""
     from finegrain.models.backbone import create_backbone
     from finegrain.stages.predict import open_set_reference
 
     info = artifact.info
-    head = artifact.state_dict("classifier.")
-    if not head or not info.get("class_names"):
-        raise FinegrainError(f"{artifact.path} has no classifier ({info.get('stage')} artifact); export needs a supcon "
-                             "artifact (one trained without --no-classifier)")
+    head = classifier_of(artifact)
     backbone = create_backbone(info["backbone"], weights=artifact.path)
     return ExportNet(backbone, head["weight"], head["bias"], flip=reading_of(artifact).flip,
                      reference=open_set_reference(artifact, None)).eval()
