@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -186,8 +185,8 @@ def main() -> None:
     out = args.export_dir or args.artifact.parent / f"{args.artifact.name}-export"
     manifest = Manifest.load(args.manifest)
     record = export(args.artifact, out, args.manifest)
-    result = {"artifact": str(args.artifact), "export_dir": str(out), "files": record["files"], "int8_check": record["int8"],
-              "int8_size_ratio": record["files"]["model.int8.onnx"]["bytes"] / record["files"]["model.onnx"]["bytes"]}
+    result = {"artifact": str(args.artifact), "export_dir": str(out), "files": record["files"],
+              "int8_check": record["int8"], "int8_size_ratio": record["files"]["model.int8.onnx"]["bytes"] / record["files"]["model.onnx"]["bytes"]}
     result["agreement"] = agreement(args.artifact, out, manifest)
     print(json.dumps(result["agreement"], indent=1), flush=True)
     result["speed"] = speed(args.artifact, out, manifest, args.photos_1, args.batches_32)

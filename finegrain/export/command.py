@@ -60,8 +60,8 @@ def run_export(config: ExportConfig) -> dict:
         int8 = compare_int8(out, config)
     atomic_write_text(out / "predict.py", Path(runner.__file__).read_text())
     atomic_write_text(out / "requirements.txt", "\n".join(REQUIREMENTS) + "\n")
-    files = {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
-             for name in (MODEL_FILE, INT8_FILE, "predict.py") if (out / name).is_file() and (name != INT8_FILE or int8)}
+    shipped = [MODEL_FILE, *([INT8_FILE] if int8 else []), "predict.py"]
+    files = {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)} for name in shipped}
     record = {"stage": "export", "format": config.format, "files": files, "metadata": parts.metadata,
               "parent": artifact.lineage(), "int8": int8, "config": {k: str(v) if isinstance(v, Path) else v
                                                                     for k, v in config.to_dict().items()},
@@ -96,7 +96,8 @@ def compare_int8(out: Path, config: ExportConfig) -> dict:
             right8 += fp32.classes[b] == label
     size32, size8 = ((out / f).stat().st_size for f in (MODEL_FILE, INT8_FILE))
     result = {"split": split, "photos": total, "top1_agreement": agree / max(total, 1), "labelled": labelled,
-              "fp32_top1": right32 / labelled if labelled else None, "int8_top1": right8 / labelled if labelled else None,
+              "fp32_top1": right32 / labelled if labelled else None,
+              "int8_top1": right8 / labelled if labelled else None,
               "fp32_bytes": size32, "int8_bytes": size8, "size_ratio": size8 / size32,
               "calibration_photos": config.calibration_photos, "per_channel": config.per_channel}
     log.info("export: int8 is %.2f of fp32's size; top-1 agrees with fp32 on %.1f%% of %d %s photos", size8 / size32,

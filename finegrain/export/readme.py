@@ -60,8 +60,8 @@ def readme(record: dict) -> str:
         open_set_columns=(", nearest_species, unknown_score and known (pred_1 is `unknown` when the photo is "
                           "unlike every trained species)") if scored else "",
         open_set_outputs="; `unknown_score` (B,) and `known` (B,) bool (unknown_score <= threshold)" if scored else "",
-        int8=_int8(record.get("int8")), files=sizes + "\n- `requirements.txt`, `README.md`, `export.json` (what was exported "
-                                                      "from what)")
+        int8=_int8(record.get("int8")),
+        files=sizes + "\n- `requirements.txt`, `README.md`, `export.json` (what was exported from what)")
 
 
 def _int8(check: dict | None) -> str:

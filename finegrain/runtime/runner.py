@@ -54,7 +54,8 @@ class ExportedModel:
     meta: dict
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """(B, H, W, 3) uint8 RGB -> {"probabilities": (B, C), "embedding": (B, D), ["unknown_score", "known"]: (B,)}."""
+        """(B, H, W, 3) uint8 RGB -> {"probabilities": (B, C), "embedding": (B, D)} and, with open-set scoring,
+        "unknown_score" and "known" (B,)."""
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(None, {"image": pixels})))
 
@@ -161,7 +162,7 @@ def predict(model: ExportedModel, photos, *, top_k: int = 5, open_set: bool | No
     for path in photos:
         try:
             pixels = decode(Path(path))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever a decoder raises, the photo is bad, not the run
             warn(f"skipping {path}: {e}")
             rows.append({"path": str(path), "error": str(e) or type(e).__name__})
             continue
