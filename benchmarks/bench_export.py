@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
 
 
-def export(artifact: Path, out: Path, manifest: Path) -> dict:
+def export(artifact: Path, out: Path, manifest: Path, per_channel: bool = False) -> dict:
     """export.json of `out`, exporting first when it is missing or from another artifact."""
     from finegrain.artifacts import load_artifact
     from finegrain.config import ExportConfig
@@ -41,10 +41,12 @@ def export(artifact: Path, out: Path, manifest: Path) -> dict:
     record_file = out / "export.json"
     if record_file.is_file():
         record = json.loads(record_file.read_text())
-        if record["parent"]["hash"] == load_artifact(artifact).hash and record.get("int8"):
+        if (record["parent"]["hash"] == load_artifact(artifact).hash and record.get("int8")
+                and record["int8"]["per_channel"] == per_channel):
             return record
     start = time.perf_counter()
-    record = run_export(ExportConfig(artifact=artifact, out=out, int8=True, calibration_manifest=manifest))
+    record = run_export(ExportConfig(artifact=artifact, out=out, int8=True, calibration_manifest=manifest,
+                                     per_channel=per_channel))
     record["export_seconds"] = time.perf_counter() - start
     return record
 
@@ -126,7 +128,7 @@ def timings(engines: dict, batches: list[list[np.ndarray]], warmup: int = 2) -> 
             for name, s in seconds.items()}
 
 
-def speed(artifact: Path, out: Path, manifest, photos_1: int, batches_32: int) -> dict:
+def speed(artifact: Path, out: Path, manifest, photos_1: int, batches_32: int, threads: int | None) -> dict:
     """Batch-1 and batch-32 latency of torch eager, onnxruntime fp32 and int8, side by side."""
     import torch
 
@@ -137,14 +139,17 @@ def speed(artifact: Path, out: Path, manifest, photos_1: int, batches_32: int) -
     rng = np.random.default_rng(0)
     order = rng.permutation(len(paths))
     pixels = [runner.decode(paths[i]) for i in order[:max(photos_1, 32 * batches_32 * 3)]]
-    fp32, int8 = (runner.load_model(out / name) for name in ("model.onnx", "model.int8.onnx"))
+    fp32, int8 = (runner.load_model(out / name, threads=threads) for name in ("model.onnx", "model.int8.onnx"))
+    if threads:
+        torch.set_num_threads(threads)
     engines = {"torch eager": TorchPredict(artifact), "onnxruntime fp32": lambda b: fp32.run(np.stack(b)),
                "onnxruntime int8": lambda b: int8.run(np.stack(b))}
     by_shape = defaultdict(list)
     for p in pixels:
         by_shape[p.shape].append(p)
     big = [group[i:i + 32] for group in by_shape.values() for i in range(0, len(group) - 31, 32)][:batches_32]
-    return {"threads": {"torch": torch.get_num_threads(), "cpus": os.cpu_count()},
+    return {"threads": {"torch": torch.get_num_threads(), "onnxruntime": threads or "default", "cpus": os.cpu_count(),
+                        "load_average": os.getloadavg()},
             "batch_1": timings(engines, [[p] for p in pixels[:photos_1]], warmup=3),
             "batch_32": timings(engines, big, warmup=1) if big else None}
 
@@ -177,6 +182,8 @@ def main() -> None:
     p.add_argument("--batches-32", type=int, default=6, help="Batches of 32 same-size photos timed.")
     p.add_argument("--runtime-venv", type=Path, default=None, help="A venv holding only the runner's packages.")
     p.add_argument("--wheels", type=Path, default=None, help="`pip download numpy Pillow onnxruntime -d DIR`.")
+    p.add_argument("--threads", type=int, default=None, help="Threads for torch and onnxruntime (default: theirs).")
+    p.add_argument("--per-channel", action="store_true", help="int8 with per-channel scales (export --per-channel).")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "export.json")
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -184,12 +191,12 @@ def main() -> None:
 
     out = args.export_dir or args.artifact.parent / f"{args.artifact.name}-export"
     manifest = Manifest.load(args.manifest)
-    record = export(args.artifact, out, args.manifest)
-    result = {"artifact": str(args.artifact), "export_dir": str(out), "files": record["files"],
+    record = export(args.artifact, out, args.manifest, args.per_channel)
+    result = {"command": " ".join(sys.argv), "artifact": str(args.artifact), "export_dir": str(out), "files": record["files"],
               "int8_check": record["int8"], "int8_size_ratio": record["files"]["model.int8.onnx"]["bytes"] / record["files"]["model.onnx"]["bytes"]}
     result["agreement"] = agreement(args.artifact, out, manifest)
     print(json.dumps(result["agreement"], indent=1), flush=True)
-    result["speed"] = speed(args.artifact, out, manifest, args.photos_1, args.batches_32)
+    result["speed"] = speed(args.artifact, out, manifest, args.photos_1, args.batches_32, args.threads)
     result["install"] = install_sizes(args.runtime_venv, args.wheels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -89,11 +89,15 @@ class RelativeMahalanobis:
 
         Computed in float64: the terms are about 1e5 and their difference about 1e2, so float32 rounding
         moved scores by 0.05 and made two float32 implementations (torch, an exported ONNX graph) disagree."""
+        if getattr(self, "_float64", None) is None:  # the whitened class means, once per reference
+            whiten = self.whiten.double()
+            means = self.means.double() @ whiten
+            self._float64 = (whiten, means, (means * means).sum(1), self.centre.double(), self.whiten_all.double())
+        whiten, means, means_sq, centre, whiten_all = self._float64
         x = F.normalize(feats.double(), dim=1)
-        whiten, means = self.whiten.double(), self.means.double() @ self.whiten.double()
         z = x @ whiten
-        per_class = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)
-        background = ((x - self.centre.double()) @ self.whiten_all.double()).pow(2).sum(1, keepdim=True)
+        per_class = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + means_sq
+        background = ((x - centre) @ whiten_all).pow(2).sum(1, keepdim=True)
         return (per_class - background).min(dim=1).values.float()
 
 
