@@ -17,16 +17,36 @@ OUTPUTS = ("probabilities", "embedding", "unknown_score", "known")  # the last t
 
 
 class MahalanobisScore(nn.Module):
-    """(B, D) features -> (B,) relative Mahalanobis score (eval/open_set.py), fitted once on the reference."""
+    """(B, D) features -> (B,) relative Mahalanobis score (eval/open_set.py), in a form a few hundred kB large.
+
+    eval/open_set.py keeps two (D, D) whitening maps W, Wa (26 MB in float64 at D = 1280, more than the backbone).
+    With P = W W^T, Pa = Wa Wa^T the score min_c (x - m_c)^T P (x - m_c) - (x - c)^T Pa (x - c) equals
+    x^T (P - Pa) x + min_c (m_c^T P m_c - 2 (P m_c) . x) + 2 (Pa c) . x - c^T Pa c, and P - Pa has rank at most
+    C - 1 (the two covariances differ by the between-species scatter; both get the same ridge), so
+    x^T (P - Pa) x = |L^T x|^2 with L (D, C - 1). Computed in float64 from the float32 maps the reference holds;
+    stored in float32 (L, P m_c, Pa c), worked in float64.
+    """
 
     def __init__(self, reference: OpenSetReference):
         super().__init__()
         fit = RelativeMahalanobis.fit(reference.features, reference.labels)
-        for name in ("means", "centre", "whiten", "whiten_all"):
-            self.register_buffer(name, getattr(fit, name).double().contiguous())  # scores() works in float64
+        w, wa = fit.whiten.double(), fit.whiten_all.double()
+        means, centre = fit.means.double(), fit.centre.double()
+        p, pa = w @ w.T, wa @ wa.T
+        values, vectors = torch.linalg.eigh(p - pa)
+        rank = min(len(means) - 1, int((values > values.max() * 1e-9).sum()))
+        low = vectors[:, -rank:] * values[-rank:].sqrt() if rank > 0 else torch.zeros(len(w), 1, dtype=w.dtype)
+        g = means @ p  # (C, D)
+        parts = {"low": low, "pull": g, "push": pa @ centre, "class_const": (g * means).sum(1),
+                 "centre_const": (centre @ pa @ centre).reshape(1)}
+        for name, value in parts.items():
+            self.register_buffer(name, value.float().contiguous())
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return RelativeMahalanobis(self.means, self.centre, self.whiten, self.whiten_all).scores(feats)
+        x = F.normalize(feats.double(), dim=1)
+        quadratic = (x @ self.low.double()).pow(2).sum(1)
+        nearest = (self.class_const.double() - 2 * x @ self.pull.double().T).min(dim=1).values
+        return (quadratic + nearest + 2 * x @ self.push.double() - self.centre_const.double()).float()
 
 
 class KnnDistanceScore(nn.Module):
