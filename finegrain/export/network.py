@@ -20,11 +20,11 @@ class MahalanobisScore(nn.Module):
     """(B, D) features -> (B,) relative Mahalanobis score (eval/open_set.py), in a form a few hundred kB large.
 
     eval/open_set.py keeps two (D, D) whitening maps W, Wa (26 MB in float64 at D = 1280, more than the backbone).
-    With P = W W^T, Pa = Wa Wa^T the score min_c (x - m_c)^T P (x - m_c) - (x - c)^T Pa (x - c) equals
-    x^T (P - Pa) x + min_c (m_c^T P m_c - 2 (P m_c) . x) + 2 (Pa c) . x - c^T Pa c, and P - Pa has rank at most
+    With P = W W^T, Pa = Wa Wa^T, y = x - c and d_c = m_c - c the score min_c (x - m_c)^T P (x - m_c) -
+    (x - c)^T Pa (x - c) equals y^T (P - Pa) y + min_c (d_c^T P d_c - 2 (P d_c) . y), and P - Pa has rank at most
     C - 1 (the two covariances differ by the between-species scatter; both get the same ridge), so
-    x^T (P - Pa) x = |L^T x|^2 with L (D, C - 1). Computed in float64 from the float32 maps the reference holds;
-    stored in float32 (L, P m_c, Pa c), worked in float64.
+    y^T (P - Pa) y = |L^T y|^2 with L (D, C - 1). Computed in float64 from the float32 maps the reference holds;
+    stored in float32 (L, P d_c, d_c^T P d_c, c), worked in float64.
     """
 
     def __init__(self, reference: OpenSetReference):
@@ -36,17 +36,16 @@ class MahalanobisScore(nn.Module):
         values, vectors = torch.linalg.eigh(p - pa)
         rank = min(len(means) - 1, int((values > values.max() * 1e-9).sum()))
         low = vectors[:, -rank:] * values[-rank:].sqrt() if rank > 0 else torch.zeros(len(w), 1, dtype=w.dtype)
-        g = means @ p  # (C, D)
-        parts = {"low": low, "pull": g, "push": pa @ centre, "class_const": (g * means).sum(1),
-                 "centre_const": (centre @ pa @ centre).reshape(1)}
+        offsets = means - centre  # measured from the centre c the terms are smaller: less float32 cancellation
+        pull = offsets @ p  # (C, D)
+        parts = {"low": low, "pull": pull, "class_const": (pull * offsets).sum(1), "centre": centre}
         for name, value in parts.items():
             self.register_buffer(name, value.float().contiguous())
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(feats.double(), dim=1)
-        quadratic = (x @ self.low.double()).pow(2).sum(1)
-        nearest = (self.class_const.double() - 2 * x @ self.pull.double().T).min(dim=1).values
-        return (quadratic + nearest + 2 * x @ self.push.double() - self.centre_const.double()).float()
+        y = F.normalize(feats.double(), dim=1) - self.centre.double()
+        quadratic = (y @ self.low.double()).pow(2).sum(1)
+        return (quadratic + (self.class_const.double() - 2 * y @ self.pull.double().T).min(dim=1).values).float()
 
 
 class KnnDistanceScore(nn.Module):
