@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finegrain.config import BackbonesConfig, ConfigError, PredictConfig, RunConfig, RunsConfig
+from finegrain.config import BackbonesConfig, ConfigError, ExportConfig, PredictConfig, RunConfig, RunsConfig
 from finegrain.data import commands as data_commands
 from finegrain.errors import FinegrainError
 from finegrain.stages import STAGES
@@ -374,11 +374,17 @@ def _register_feature_stages() -> None:
 
 def _predict(config: PredictConfig) -> None:
     """Predictions as a CSV (--out) or a table: best species, its score, the next ones."""
-    from finegrain.stages.predict import run_predict
+    if config.model is not None:
+        from finegrain.stages.predict_onnx import run_predict_onnx
 
-    df = run_predict(config.artifact, config.images, top_k=config.top_k, out_csv=config.out, device=config.device,
-                     batch_size=config.batch_size, workers=config.workers, flip_tta=config.flip_tta,
-                     open_set=config.open_set_scoring, features_dir=config.features_dir)
+        df = run_predict_onnx(config.model, config.images, top_k=config.top_k, out_csv=config.out,
+                              batch_size=config.batch_size, open_set=config.open_set_scoring)
+    else:
+        from finegrain.stages.predict import run_predict
+
+        df = run_predict(config.artifact, config.images, top_k=config.top_k, out_csv=config.out, device=config.device,
+                         batch_size=config.batch_size, workers=config.workers, flip_tta=config.flip_tta,
+                         open_set=config.open_set_scoring, features_dir=config.features_dir)
     if config.out:
         out.print(f"wrote {config.out}: {len(df)} photos")
         return
@@ -395,6 +401,21 @@ def _predict(config: PredictConfig) -> None:
                 named = f"[yellow]unknown[/] (nearest: {escape(str(r['nearest_species']))}, score {r['unknown_score']:.3f})"
             table.add_row(Path(r["path"]).name, named, f"{r['score_1']:.3f}", nxt)
     out.print(table)
+
+
+def _export(config: ExportConfig) -> None:
+    """Export, then say what was written and how it compared."""
+    from finegrain.export.command import run_export
+
+    record = run_export(config)
+    files = ", ".join(f"{name} {f['bytes'] / 1e6:.1f} MB" for name, f in record["files"].items())
+    out.print(f"wrote {config.out}: {files}; run it with: python {Path(config.out) / 'predict.py'} {config.out} PHOTOS...")
+    check = record.get("int8")
+    if check:
+        acc = (f", top-1 {100 * check['int8_top1']:.1f}% vs fp32 {100 * check['fp32_top1']:.1f}%"
+               if check.get("fp32_top1") is not None else "")
+        out.print(f"int8: {check['size_ratio']:.2f} of fp32's size; same top-1 as fp32 on "
+                  f"{100 * check['top1_agreement']:.1f}% of {check['photos']} {check['split']} photos{acc}")
 
 
 def _run_pipeline(config: RunConfig) -> None:
@@ -491,7 +512,21 @@ def _register_other_commands() -> None:
     With --open-set on (the default for supcon artifacts that store it), also: unknown_score (the score the artifact was calibrated with, named under open_set.score in its artifact.json: {_open_set_scores()}; larger = less like any trained species), known (false when unknown_score is past the threshold calibrated to accept 95% of known-species photos) and nearest_species (the classifier's best species). pred_1 is 'unknown' for photos not known; pred_2.. and score_1.. stay the classifier's ranking (score_1 is nearest_species' probability). --open-set off writes only the columns above.
 
     Example: finegrain predict runs/supcon ~/photos/garden --top-k 5 -o preds.csv
+
+    Example (an exported model, onnxruntime, no torch): finegrain predict --model export/model.onnx ~/photos/garden
     """, arguments={"artifact": "ARTIFACT_DIR", "images": "IMAGE_OR_FOLDER..."})
+    _command(app, "export", ExportConfig, _export, """Take the model home: an artifact's predict path as one ONNX model, and a runner that needs no torch.
+
+    Writes OUT/model.onnx (decoded photo in; resize, centre crop, normalise, backbone, classifier, open-set score and
+    threshold inside the graph; class names, image size, threshold, versions and the artifact's hash in its
+    metadata), OUT/predict.py (numpy, Pillow and onnxruntime only; the columns of `finegrain predict`),
+    OUT/requirements.txt, OUT/README.md and OUT/export.json. With --int8, also OUT/model.int8.onnx (onnxruntime
+    static quantization calibrated on the manifest's train photos, compared with fp32 on its val photos).
+
+    Example: finegrain export runs/supcon -o export && python export/predict.py export ~/feeder/today -o today.csv
+
+    Example (int8): finegrain export runs/supcon -o export --int8 --calibration-manifest data_manifests/cub50.csv
+    """, arguments={"artifact": "ARTIFACT_DIR"})
     _command(app, "run", RunConfig, _run_pipeline, """Run a pipeline: data, then pretrain -> supcon -> evaluate, each from the previous artifact.
 
     A stage whose inputs (manifest content, parent artifact, resolved options) are unchanged is

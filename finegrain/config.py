@@ -588,8 +588,10 @@ ON_OFF = Check(lambda v: v in ("on", "off"), "on or off")
 class PredictConfig(CommandConfig):
     """`finegrain predict`: name the species in photos with a supcon artifact's classifier."""
 
-    artifact: Path = option(help="A supcon artifact (it holds a classifier).")
-    images: list[Path] = option(help="Photos, or folders searched recursively.")
+    artifact: Path | None = option(None, "A supcon artifact (it holds a classifier); with --model, a photo.")
+    images: list[Path] = option(help="Photos, or folders searched recursively.", default_factory=list)
+    model: Path | None = option(None, "An exported model (`finegrain export`'s model.onnx or its folder): predict "
+                                      "with onnxruntime, no torch; every argument is then a photo.")
     top_k: int = option(5, "Species to list per photo.", check=at_least(1))
     out: Path | None = option(None, "CSV to write (default: print a table).", flag="--out")
     device: str = option("auto", "auto, cpu or cuda.", check=DEVICE)
@@ -605,13 +607,50 @@ class PredictConfig(CommandConfig):
                                             "artifact) is not read again.")
 
     def check(self) -> None:
+        if self.model is not None and self.artifact is not None:  # `predict --model M PHOTO...`: all are photos
+            self.images, self.artifact = [self.artifact, *self.images], None
+        if self.model is None and self.artifact is None:
+            raise ConfigError("artifact", "give an artifact folder (or an exported model with --model)")
         if not self.images:
             raise ConfigError("images", "give at least one photo or folder")
+        if self.model is not None and self.flip_tta is not None:
+            raise ConfigError("flip_tta", "an exported model averages flips as it was exported; drop --flip-tta")
 
     @property
     def open_set_scoring(self) -> bool | None:
         """--open-set as run_predict takes it: None (as the artifact stores), True or False."""
         return None if self.open_set is None else self.open_set == "on"
+
+
+EXPORT_FORMATS = ("onnx",)
+
+
+@dataclass
+class ExportConfig(CommandConfig):
+    """`finegrain export`: an artifact's predict path as one ONNX model, with a runner that needs no torch."""
+
+    artifact: Path = option(help="A supcon artifact (it holds a classifier).")
+    out: Path = option(help="Folder to write: model.onnx, predict.py, requirements.txt, README.md, export.json.",
+                       flag="--out")
+    format: str = option("onnx", "Model format.", choices=EXPORT_FORMATS)
+    int8: bool = option(False, "Also write model.int8.onnx: onnxruntime static quantization of the convolutions, "
+                               "calibrated on the train photos of --calibration-manifest.")
+    calibration_manifest: Path | None = option(None, "Manifest whose train photos calibrate --int8 (its val or test "
+                                                     "photos then measure int8 against fp32).")
+    calibration_photos: int = option(200, "Train photos to calibrate --int8 with.", check=at_least(1))
+    check_photos: int = option(200, "Val (else test) photos of --calibration-manifest to compare int8 with fp32 on.",
+                               check=at_least(0))
+    per_channel: bool = option(False, "--int8 with one scale per output channel (reduce_range on).")
+    seed: int = option(0, "Seed for drawing the calibration photos.")
+    wandb: str = option("disabled", "Weights & Biases mode: offline, online, disabled. The export is logged as a model "
+                                    "artifact whose parent is the supcon artifact's.", choices=WANDB_MODES)
+    wandb_project: str = option("finegrain", "W&B project.")
+    wandb_entity: str | None = option(None, "W&B entity (user or team).")
+
+    def check(self) -> None:
+        if self.int8 and self.calibration_manifest is None:
+            raise ConfigError("calibration_manifest", "--int8 needs photos to calibrate with: give the manifest "
+                                                      "the artifact was trained on")
 
 
 @dataclass

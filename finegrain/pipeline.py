@@ -287,9 +287,12 @@ def _rank0_first():
 
 
 def list_runs(folder) -> list[dict]:
-    """Every complete artifact under `folder`: path, stage, method, parent, manifest, headline metrics, created."""
+    """Every complete artifact (and `finegrain export` folder, stage "export") under `folder`: path, stage, method,
+    parent, manifest, headline metrics, created."""
+    from finegrain.export import EXPORT_FILE
+
     rows = []
-    for meta in sorted(Path(folder).rglob(ARTIFACT_FILE)):
+    for meta in sorted([*Path(folder).rglob(ARTIFACT_FILE), *Path(folder).rglob(EXPORT_FILE)]):
         try:
             info = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError):

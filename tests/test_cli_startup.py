@@ -22,7 +22,7 @@ print("HEAVY:", ",".join(m for m in {heavy!r} if m in sys.modules))
 
 
 @pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["supcon", "--help"], ["evaluate", "--help"],
-                                  ["audit", "--help"], ["suggest", "--help"], ["predict", "--help"],
+                                  ["audit", "--help"], ["suggest", "--help"], ["predict", "--help"], ["export", "--help"],
                                   ["demo-data", "--help"], ["run", "--help"], ["runs", "--help"],
                                   ["backbones", "--help"], ["manifest", "--help"], ["review", "--help"],
                                   *[["manifest", sub, "--help"] for sub in ("cub", "folder", "csv", "split", "relabel", "import-labels",

@@ -11,8 +11,8 @@ import typer.main
 from typer.testing import CliRunner
 
 from finegrain.cli import app
-from finegrain.config import (BackbonesConfig, CommandConfig, ConfigError, PredictConfig, RunConfig, RunsConfig,
-                              config_from_dict)
+from finegrain.config import (BackbonesConfig, CommandConfig, ConfigError, ExportConfig, PredictConfig, RunConfig,
+                              RunsConfig, config_from_dict)
 from finegrain.data import commands as dc
 from finegrain.errors import FinegrainError
 from finegrain.review.config import ReviewConfig
@@ -33,7 +33,7 @@ def _leaf_commands(command, path=()):
 
 def test_every_command_is_declared_from_a_config():
     commands = dict(_leaf_commands(typer.main.get_command(app)))
-    assert len(commands) == 19
+    assert len(commands) == 20
     for name, command in commands.items():
         config_cls = getattr(command.callback, "config_cls", None)
         assert config_cls is not None and issubclass(config_cls, CommandConfig), name
@@ -53,6 +53,7 @@ MINIMAL = {
     dc.ManifestValidateConfig: {"manifest": "m.csv"},
     dc.DemoDataConfig: {"out_dir": "demo"},
     PredictConfig: {"artifact": "runs/supcon", "images": ["a.jpg"]},
+    ExportConfig: {"artifact": "runs/supcon", "out": "export"},
     RunConfig: {"pipeline": "p.yaml"},
     RunsConfig: {},
     BackbonesConfig: {},
@@ -115,6 +116,9 @@ def test_demo_species_count_matches_the_drawings():
     (["predict", "{tmp}", "{m}", "--open-set", "maybe"], "--open-set"),
     (["predict", "{tmp}", "{m}", "--top-k", "0"], "--top-k"),
     (["predict", "{tmp}", "{m}", "--device", "gpu"], "--device"),
+    (["predict", "--model", "{tmp}/model.onnx", "{m}", "--flip-tta"], "--flip-tta"),
+    (["export", "{tmp}", "-o", "{tmp}/export", "--int8"], "--calibration-manifest"),
+    (["export", "{tmp}", "-o", "{tmp}/export", "--format", "tflite"], "--format"),
 ])
 def test_bad_option_is_one_line_naming_the_flag_and_changes_nothing(tmp_path, args, flag):
     manifest = tmp_path / "m.csv"

@@ -117,7 +117,10 @@ TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", 
         "--proj-dim", "16"]
 
 SUPCON_ONLY = ("--classes-per-batch", "4")
-MONITORED = [a for a in TINY if a != "--no-knn-monitor"]  # the kNN monitor's own options are read
+# The kNN monitor on, over more than two epochs (its pacing, --knn-monitor-share, judges the readings between the
+# first and the last).
+MONITORED = [{"1": "12"}.get(a, a) if i == TINY.index("--max-steps") + 1 else a
+             for i, a in enumerate(TINY) if a != "--no-knn-monitor"]
 FEATURES = ["--workers", "0", "--cache-dir", "{root}/cache", "--features-dir", "{root}/features"]
 # Each command's runs: together they take every branch that reads an option (e.g. --teacher's own options).
 RUNS = {

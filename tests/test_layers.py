@@ -1,8 +1,8 @@
 """The layers of shared/ARCHITECTURE.md hold: every `finegrain` import (function-level ones too) points down.
 
-    cli.py, __main__  ->  pipeline.py  ->  stages/  ->  engine/, eval/, curation/, report/, features/, methods/,
+    cli.py, __main__  ->  pipeline.py  ->  stages/, export/  ->  engine/, eval/, curation/, report/, features/, methods/,
                                                         tracking.py, artifacts.py, lineage.py
-                      ->  models/, losses/, data/  ->  config.py, registry.py, dist.py, errors.py, fsutil.py
+                      ->  models/, losses/, data/  ->  config.py, registry.py, dist.py, errors.py, fsutil.py, runtime/
 
 eval/ (measurement), curation/ and report/ share features/; none of them imports engine/, and features/
 imports none of them.
@@ -19,11 +19,11 @@ import finegrain
 
 PACKAGE = Path(finegrain.__file__).parent
 LEVELS = {
-    "errors": 0, "fsutil": 0, "progress": 0, "dist": 0, "registry": 0, "config": 0, "__init__": 0,
+    "errors": 0, "fsutil": 0, "progress": 0, "dist": 0, "registry": 0, "config": 0, "__init__": 0, "runtime": 0,
     "models": 1, "losses": 1, "data": 1,
     "engine": 2, "eval": 2, "curation": 2, "report": 2, "features": 2, "methods": 2, "tracking": 2, "artifacts": 2,
     "lineage": 2,
-    "stages": 3, "review": 3,
+    "stages": 3, "review": 3, "export": 3,
     "pipeline": 4,
     "cli": 5, "__main__": 5,
 }
@@ -35,6 +35,7 @@ FORBIDDEN = {("data", "models"), ("models", "data"), ("eval", "engine"), ("engin
              ("eval", "curation"), ("eval", "report"), ("report", "eval"), ("report", "curation"),
              ("curation", "report"), ("review", "engine"), ("review", "stages")}
 LOSSES_MAY_IMPORT = {"losses", "dist", "errors"}
+RUNTIME_MAY_IMPORT = {"runtime"}  # the runner is copied into export folders as it is: it needs no finegrain
 
 
 def _part(module: str) -> str:
@@ -74,6 +75,8 @@ def test_imports_point_down(path, module):
             assert (me, other) not in FORBIDDEN, f"{module} imports {target}: {me}/ and {other}/ must not meet"
             if me == "losses":
                 assert other in LOSSES_MAY_IMPORT, f"{module} imports {target}: a loss knows no model, data or config"
+            if me == "runtime":
+                assert other in RUNTIME_MAY_IMPORT, f"{module} imports {target}: the runtime stands alone (no torch)"
             if LEVELS[other] == LEVELS[me] and me != other and LEVELS[me] == 1:
                 raise AssertionError(f"{module} imports {target}: data/, models/ and losses/ stand side by side")
 

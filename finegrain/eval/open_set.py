@@ -85,12 +85,20 @@ class RelativeMahalanobis:
         return cls(means.float(), centre.float(), _whitening(within, shift).float(), _whitening(spread, shift).float())
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(Q, D) features -> (Q,) min over classes of the class distance minus the all-photo distance."""
-        x = F.normalize(feats.float(), dim=1)
-        z, means = x @ self.whiten, self.means @ self.whiten
-        per_class = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)
-        background = ((x - self.centre) @ self.whiten_all).pow(2).sum(1, keepdim=True)
-        return (per_class - background).min(dim=1).values
+        """(Q, D) features -> (Q,) float32 min over classes of the class distance minus the all-photo distance.
+
+        Computed in float64: the terms are about 1e5 and their difference about 1e2, so float32 rounding
+        moved scores by 0.05 and made two float32 implementations (torch, an exported ONNX graph) disagree."""
+        if getattr(self, "_float64", None) is None:  # the whitened class means, once per reference
+            whiten = self.whiten.double()
+            means = self.means.double() @ whiten
+            self._float64 = (whiten, means, (means * means).sum(1), self.centre.double(), self.whiten_all.double())
+        whiten, means, means_sq, centre, whiten_all = self._float64
+        x = F.normalize(feats.double(), dim=1)
+        z = x @ whiten
+        per_class = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + means_sq
+        background = ((x - centre) @ whiten_all).pow(2).sum(1, keepdim=True)
+        return (per_class - background).min(dim=1).values.float()
 
 
 def _covariance(z: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,18 @@ def open_set_reference(artifact: Artifact, open_set: bool | None) -> OpenSetRefe
     return OpenSetReference.from_artifact(stored, artifact.state_dict())
 
 
+def reading(info: dict):
+    """How predict reads photos for an artifact's classifier (artifact.json `info`): the eval view recipe (resize,
+    centre crop, normalise at the classifier's image size) and whether features are flip-averaged. `finegrain export`
+    builds its graph from the same answer."""
+    from finegrain.data.views import make_recipe
+
+    fitted = info.get("classifier") or {}
+    recipe = make_recipe("eval", image_size=fitted.get("image_size", info["image_size"]), mean=info["mean"],
+                         std=info["std"])
+    return recipe, bool(fitted.get("flip_tta", False))
+
+
 def run_predict(artifact_dir, inputs, *, top_k: int = 5, out_csv=None, device: str = "auto", batch_size: int = 64,
                 workers: int = 2, flip_tta: bool | None = None, open_set: bool | None = None,
                 features_dir=None) -> pd.DataFrame:
