@@ -133,3 +133,49 @@ def choose_rounds(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes
                  on_round=lambda r, probe: table.append({"rounds": r, "held_top1": score(probe)}), **kw)
     best = max(table, key=lambda row: (row["held_top1"], row["rounds"]))
     return best["rounds"], table
+
+
+@dataclass
+class Found:
+    """What `pseudo_label` found: the labelling, the classifier refit on labelled + named photos, the open-set
+    filter ((U,) allowed and unknown_score), and how the rounds were chosen (table, held-out top-1s, where)."""
+
+    labelling: Labelling
+    probe: LinearProbe
+    allowed: np.ndarray
+    unknown_score: np.ndarray
+    table: list[dict]
+    held_top1: float | None
+    held_top1_labels_only: float | None
+    chosen_on: str
+
+
+def pseudo_label(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes: int, rounds: int = 5,
+                 balance: bool = True, open_set_keep: float = 0.95, seed: int = 0) -> Found:
+    """The whole step on features xl (L, D), yl (L,), xu (U, D): C of the probe chosen on the labels (as evaluate's
+    probe), photos of unknown species left out (open-set score past the threshold accepting `open_set_keep` of
+    held-out labelled photos; 1: none), rounds chosen on held-out labelled photos, then every unlabelled photo
+    labelled with the chosen rounds; the probe of the last round is the classifier."""
+    import torch
+
+    from finegrain.eval.open_set import fit_open_set
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+        C = fit_linear_probe(xl, yl, num_classes=num_classes, seed=seed).C_reg
+    allowed, unknown_score = np.ones(len(xu), bool), np.zeros(len(xu), np.float32)
+    reference = fit_open_set(torch.from_numpy(xl), torch.from_numpy(yl), keep=open_set_keep, seed=seed) \
+        if open_set_keep < 1 else None
+    if reference is not None:
+        unknown_score = reference.scores(torch.from_numpy(xu)).numpy()
+        allowed = unknown_score <= reference.threshold
+        log.info("pseudo-label: %d of %d unlabelled photos look like no labelled species (open-set score above "
+                 "%.4g) and stay unnamed", (~allowed).sum(), len(xu), reference.threshold)
+    prior = np.bincount(yl, minlength=num_classes).astype(float) if balance else None
+    options = dict(num_classes=num_classes, of=rounds, C=C, allowed=allowed, prior=prior, seed=seed)
+    chosen, table = choose_rounds(xl, yl, xu, **options)
+    labelling = label_rounds(xl, yl, xu, rounds=chosen, verbose=True, **options)
+    held = next((r["held_top1"] for r in table if r["rounds"] == chosen), None)
+    return Found(labelling, labelling.probe, allowed, unknown_score, table, held,
+                 table[0]["held_top1"] if table else None,
+                 "held-out labelled photos" if table else "not chosen (no species has 2 labels)")

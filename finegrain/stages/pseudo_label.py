@@ -22,9 +22,8 @@ import torch
 
 from finegrain.artifacts import Artifact
 from finegrain.config import PseudoLabelConfig
-from finegrain.curation.pseudo_labels import choose_rounds, label_rounds
+from finegrain.curation.pseudo_labels import pseudo_label
 from finegrain.errors import FinegrainError
-from finegrain.eval.linear import fit_linear_probe
 from finegrain.eval.open_set import fit_open_set
 from finegrain.features.extract import test_size
 from finegrain.features.store import FeatureStore
@@ -62,16 +61,16 @@ def run_pseudo_label(cfg: PseudoLabelConfig) -> Artifact:
         yl = train.class_codes(classes).numpy()
         xu = store.features(unlabelled, "unlabeled").numpy()
         run.track()
-        labelling, chosen = _label(cfg, xl, yl, xu, len(classes))
+        found = pseudo_label(xl, yl, xu, num_classes=len(classes), rounds=cfg.rounds, balance=cfg.balance,
+                             open_set_keep=cfg.open_set_keep, seed=cfg.seed)
+        labelling, probe = found.labelling, found.probe
         named = labelling.labels >= 0
-        probe = fit_linear_probe(np.concatenate([xl, xu[named]]), np.concatenate([yl, labelling.labels[named]]),
-                                 num_classes=len(classes), Cs=(chosen["C"],), seed=cfg.seed)
         open_set = fit_open_set(torch.from_numpy(np.concatenate([xl, xu[named]])),
                                 torch.from_numpy(np.concatenate([yl, labelling.labels[named]])), seed=cfg.seed)
         table = pd.DataFrame({"path": unlabelled.table["path"],
                               "label": [classes[c] if c >= 0 else "" for c in labelling.labels],
-                              "confidence": labelling.confidence.round(4), "unknown_score": chosen["unknown_score"],
-                              "known": chosen["allowed"]})
+                              "confidence": labelling.confidence.round(4),
+                              "unknown_score": found.unknown_score.round(4), "known": found.allowed})
         atomic_write_text(run.out / PSEUDO_LABELS_FILE, table.to_csv(index=False))
         _write_manifest(run, table)
         state = {f"backbone.{k}": v for k, v in subject.model.state_dict().items()}
@@ -79,23 +78,23 @@ def run_pseudo_label(cfg: PseudoLabelConfig) -> Artifact:
         if open_set is not None:
             state.update(open_set.tensors())
         metrics = {"named": int(named.sum()), "named_fraction": float(named.mean()), "unlabelled": len(xu),
-                   "held_top1_labels_only": chosen["held_top1_labels_only"], "held_top1": chosen["held_top1"]}
+                   "held_top1_labels_only": found.held_top1_labels_only, "held_top1": found.held_top1}
         info = {"backbone": subject.name, "embedding_dim": int(subject.model.num_features),
                 "image_size": int(round(subject.image_size / 1.125)), "mean": list(subject.mean),
                 "std": list(subject.std), "bbox_crop": cfg.bbox_crop, "class_names": classes,
-                "classifier": {"input": "l2-normalised backbone features", "C": chosen["C"],
+                "classifier": {"input": "l2-normalised backbone features", "C": probe.C_reg,
                                "fitted_on": "train + pseudo-labelled", "image_size": subject.image_size,
                                "flip_tta": cfg.flip_tta},
                 "open_set": open_set.info() if open_set else None,
                 "pseudo_labels": {"file": PSEUDO_LABELS_FILE, "manifest": PSEUDO_MANIFEST_FILE,
                                   "method": "curriculum self-training" + (", balanced" if cfg.balance else ""),
                                   "rounds": labelling.rounds, "of": cfg.rounds,
-                                  "chosen_on": chosen["chosen_on"], "history": labelling.history,
-                                  "candidates": chosen["table"]},
+                                  "chosen_on": found.chosen_on, "history": labelling.history,
+                                  "candidates": found.table},
                 "weights_source": subject.source}
         log.info("pseudo-label: named %d of %d unlabelled photos (%d of %d rounds; held-out top-1 %s with them, %s on "
-                 "the labels alone)", named.sum(), len(xu), labelling.rounds, cfg.rounds, _pct(chosen["held_top1"]),
-                 _pct(chosen["held_top1_labels_only"]))
+                 "the labels alone)", named.sum(), len(xu), labelling.rounds, cfg.rounds, _pct(found.held_top1),
+                 _pct(found.held_top1_labels_only))
         return run.write(state, info, metrics)
 
 
@@ -116,27 +115,6 @@ def _rows(cfg: PseudoLabelConfig, manifest):
                              f"pseudo-label; with every photo labelled run `finegrain supcon --manifest {cfg.manifest} "
                              "--out DIR` instead")
     return train, unlabelled, classes
-
-
-def _label(cfg: PseudoLabelConfig, xl, yl, xu, num_classes: int):
-    """Choose C, the open-set filter and the rounds on the labelled photos; label the unlabelled ones."""
-    base = fit_linear_probe(xl, yl, num_classes=num_classes, seed=cfg.seed)
-    allowed, unknown_score = np.ones(len(xu), bool), np.zeros(len(xu))
-    if cfg.open_set_keep < 1:
-        reference = fit_open_set(torch.from_numpy(xl), torch.from_numpy(yl), keep=cfg.open_set_keep, seed=cfg.seed)
-        if reference is not None:
-            unknown_score = reference.scores(torch.from_numpy(xu)).numpy()
-            allowed = unknown_score <= reference.threshold
-            log.info("pseudo-label: %d of %d unlabelled photos look like no labelled species (open-set score above "
-                     "%.4g) and stay unnamed", (~allowed).sum(), len(xu), reference.threshold)
-    prior = np.bincount(yl, minlength=num_classes).astype(float) if cfg.balance else None
-    options = dict(num_classes=num_classes, of=cfg.rounds, C=base.C_reg, allowed=allowed, prior=prior, seed=cfg.seed)
-    rounds, table = choose_rounds(xl, yl, xu, **options)
-    labelling = label_rounds(xl, yl, xu, rounds=rounds, verbose=True, **options)
-    chosen = next((r["held_top1"] for r in table if r["rounds"] == rounds), None)
-    return labelling, {"C": base.C_reg, "allowed": allowed, "unknown_score": np.round(unknown_score, 4),
-                       "table": table, "held_top1": chosen, "held_top1_labels_only": table[0]["held_top1"] if table else None,
-                       "chosen_on": "held-out labelled photos" if table else "not chosen (no species has 2 labels)"}
 
 
 def _write_manifest(run, table: pd.DataFrame) -> None:
