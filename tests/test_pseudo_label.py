@@ -110,3 +110,21 @@ def test_bad_input_gets_one_line_naming_what_is_missing_and_what_to_run(birds, t
     Manifest.from_table(table, birds.root).save(birds.root / "none.csv")
     line = error(runner.invoke(app, args + ["--manifest", str(birds.root / "none.csv")]))
     assert "labelled train photos of 0 species" in line and "finegrain suggest" in line
+
+
+@pytest.mark.slow
+def test_a_pipeline_names_the_photos_then_evaluates_the_pseudo_label_artifact(few_labels, tmp_path):
+    import yaml
+
+    from finegrain.pipeline import load_pipeline, run_pipeline
+
+    spec = {"name": "p", "runs_dir": str(tmp_path / "runs"), "data": {"manifest": str(few_labels.root / "few.csv")},
+            "defaults": {"backbone": "test_efficientnet", "weights": "none", "workers": 0, "wandb": "disabled",
+                         "cache_dir": str(tmp_path / "cache")},
+            "stages": {"pseudo_label": {"image_size": 36, "rounds": 2}, "evaluate": {"embedding_map": False}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    labelled, evaluated = run_pipeline(load_pipeline(tmp_path / "p.yaml"))
+    assert labelled.stage == "pseudo_label" and labelled.info["pseudo_labels"]["of"] == 2
+    assert evaluated.info["parent"]["path"] == str(labelled.path.resolve())
+    assert evaluated.info["image_size"] == 36  # evaluate reads the photos as the classifier was fitted
+    assert evaluated.info["metrics"]["classifier_top1"] is not None
