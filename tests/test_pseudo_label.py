@@ -86,6 +86,7 @@ def test_the_artifact_is_what_predict_answers_and_evaluate_reports_its_gallery(f
     metrics = json.loads((ev.path / "report" / "metrics.json").read_text())
     assert metrics["context"]["pseudo_gallery_images"] == len(named)
     assert metrics["knn_pseudo_top1"] is not None
+    assert set(metrics["baselines"]) == {"frozen"}  # the backbone it read with, as it was
     test = few_labels.rows("test")
     preds = run_predict(art.path, [few_labels.root / p for p in test.table["path"]], device="cpu", workers=0,
                         open_set=False)

@@ -32,6 +32,7 @@ class Subject:
             self.image_size = cfg.image_size or test_size(info["image_size"])
             self.mean, self.std = info["mean"], info["std"]
             self.source = f"{info['stage']} artifact {self.artifact.path}"
+            self.weights_source = f"artifact:{self.artifact.path}"  # as a training stage records its start
         else:
             self.model, weights = build_backbone(cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained)
             dc = data_config(self.model)
@@ -39,6 +40,7 @@ class Subject:
             self.image_size = cfg.image_size or 224
             self.mean, self.std = dc["mean"], dc["std"]
             self.source = f"{cfg.backbone} ({weights} weights)"
+            self.weights_source = weights  # builtin, none, timm-hub or a file, as build_backbone names it
         self.model.eval()
         self.identity = weights_hash(self.name, self.model)
 

@@ -91,7 +91,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig) -> Artifact:
                                   "rounds": labelling.rounds, "of": cfg.rounds,
                                   "chosen_on": found.chosen_on, "history": labelling.history,
                                   "candidates": found.table},
-                "weights_source": subject.source}
+                "weights_source": subject.weights_source}
         log.info("pseudo-label: named %d of %d unlabelled photos (%d of %d rounds; held-out top-1 %s with them, %s on "
                  "the labels alone)", named.sum(), len(xu), labelling.rounds, cfg.rounds, _pct(found.held_top1),
                  _pct(found.held_top1_labels_only))
