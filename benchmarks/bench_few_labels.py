@@ -156,6 +156,9 @@ def main() -> None:
     record = json.loads(out.read_text()) if out.is_file() else {"results": {}}
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                      text=True).stdout.strip():
+        commit += "+uncommitted changes"
     record.update(machine=f"{platform.machine()}, Python {platform.python_version()}", manifest="data_manifests/cub50.csv",
                   reading="tf_efficientnet_lite0 offline ImageNet, 144 px flip-averaged (evaluate's reading of 128 px)",
                   command="python benchmarks/bench_few_labels.py " + " ".join(sys.argv[1:]))
