@@ -25,7 +25,7 @@ from finegrain.config import PseudoLabelConfig
 from finegrain.curation.pseudo_labels import pseudo_label
 from finegrain.errors import FinegrainError
 from finegrain.eval.open_set import fit_open_set
-from finegrain.features.extract import test_size
+from finegrain.features.extract import TEST_SIZE_SCALE, test_size
 from finegrain.features.store import FeatureStore
 from finegrain.features.subject import Subject
 from finegrain.fsutil import atomic_write_text
@@ -79,23 +79,29 @@ def run_pseudo_label(cfg: PseudoLabelConfig) -> Artifact:
             state.update(open_set.tensors())
         metrics = {"named": int(named.sum()), "named_fraction": float(named.mean()), "unlabelled": len(xu),
                    "held_top1_labels_only": found.held_top1_labels_only, "held_top1": found.held_top1}
-        info = {"backbone": subject.name, "embedding_dim": int(subject.model.num_features),
-                "image_size": int(round(subject.image_size / 1.125)), "mean": list(subject.mean),
-                "std": list(subject.std), "bbox_crop": cfg.bbox_crop, "class_names": classes,
-                "classifier": {"input": "l2-normalised backbone features", "C": probe.C_reg,
-                               "fitted_on": "train + pseudo-labelled", "image_size": subject.image_size,
-                               "flip_tta": cfg.flip_tta},
-                "open_set": open_set.info() if open_set else None,
-                "pseudo_labels": {"file": PSEUDO_LABELS_FILE, "manifest": PSEUDO_MANIFEST_FILE,
-                                  "method": "curriculum self-training" + (", balanced" if cfg.balance else ""),
-                                  "rounds": labelling.rounds, "of": cfg.rounds,
-                                  "chosen_on": found.chosen_on, "history": labelling.history,
-                                  "candidates": found.table},
-                "weights_source": subject.weights_source}
+        info = _info(cfg, subject, classes, found, open_set)
         log.info("pseudo-label: named %d of %d unlabelled photos (%d of %d rounds; held-out top-1 %s with them, %s on "
                  "the labels alone)", named.sum(), len(xu), labelling.rounds, cfg.rounds, _pct(found.held_top1),
                  _pct(found.held_top1_labels_only))
         return run.write(state, info, metrics)
+
+
+def _info(cfg: PseudoLabelConfig, subject: Subject, classes: list[str], found, open_set) -> dict:
+    """What artifact.json records: the model as read (image_size: the training side this reading belongs to), the
+    classifier's reading (what predict and evaluate use), the open-set calibration and how the photos were named."""
+    labelling = found.labelling
+    return {"backbone": subject.name, "embedding_dim": int(subject.model.num_features),
+            "image_size": int(round(subject.image_size / TEST_SIZE_SCALE)), "mean": list(subject.mean),
+            "std": list(subject.std), "bbox_crop": cfg.bbox_crop, "class_names": classes,
+            "classifier": {"input": "l2-normalised backbone features", "C": found.probe.C_reg,
+                           "fitted_on": "train + pseudo-labelled", "image_size": subject.image_size,
+                           "flip_tta": cfg.flip_tta},
+            "open_set": open_set.info() if open_set else None,
+            "pseudo_labels": {"file": PSEUDO_LABELS_FILE, "manifest": PSEUDO_MANIFEST_FILE,
+                              "method": "curriculum self-training" + (", balanced" if cfg.balance else ""),
+                              "rounds": labelling.rounds, "of": cfg.rounds, "chosen_on": found.chosen_on,
+                              "history": labelling.history, "candidates": found.table},
+            "weights_source": subject.weights_source}
 
 
 def _pct(v) -> str:
