@@ -298,7 +298,8 @@ def _run_evaluate(config) -> None:
     artifact = STAGES["evaluate"].run(config)
     if artifact is not None:
         metrics = artifact.info["metrics"]
-        keys = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r", "open_set_auroc")
+        keys = ("classifier_top1", "knn_top1", "knn_pseudo_top1", "linear_top1", "recall_at_1", "map_at_r",
+                "open_set_auroc")
         headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
         out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{headline}")
 
@@ -314,6 +315,14 @@ def _run_suggest(config) -> None:
     table = STAGES["suggest"].run(config)
     html = Path(config.out).with_suffix(".html")
     out.print(f"wrote {config.out}: {len(table)} photos to label next, in order; contact sheet {html}")
+
+
+def _run_pseudo_label(config) -> None:
+    artifact = STAGES["pseudo-label"].run(config)
+    found = artifact.info["pseudo_labels"]
+    out.print(f"artifact: {artifact.path}: named {artifact.info['metrics']['named']} of "
+              f"{artifact.info['metrics']['unlabelled']} unlabelled photos ({found['file']}; {found['manifest']} "
+              "has them in train for supcon)")
 
 
 def _register_training_stages() -> None:
@@ -360,6 +369,14 @@ def _register_feature_stages() -> None:
 
     The evaluate report shows the flagged counts and links to audit.html with `finegrain evaluate ... --audit runs/audit`.
     """, arguments={"from_artifact": "ARTIFACT_DIR"}, required=(*_STAGE_REQUIRED, "from_artifact"))
+    _command(app, "pseudo-label", STAGES["pseudo-label"].config, _run_pseudo_label, """Name the unlabelled photos of a manifest from its labelled ones, on fixed features (scikit-learn).
+
+    Candidates are the manifest's 'unlabeled' rows, the labels its train rows. Curriculum self-training with the linear probe: round r of --rounds N names the r/N of each species' predicted photos the probe is surest of (class proportions balanced as in the labels) and refits it; how many rounds to keep is chosen on a held-out part of the labelled photos, never on test labels, and photos whose open-set score says "no labelled species" stay unnamed. Writes an artifact whose classifier (the probe refit on labelled + named photos) is what `predict` answers, OUT/pseudo_labels.csv and OUT/pseudo_manifest.csv (named photos in train, for supcon). `evaluate --from OUT` also reports kNN with the named photos in its gallery.
+
+    Example: finegrain pseudo-label --manifest data_manifests/few.csv --out runs/pseudo
+
+    Example (features of a trained artifact): finegrain pseudo-label --manifest M --from runs/supcon --out runs/pseudo2
+    """, required=_STAGE_REQUIRED)
     _command(app, "suggest", STAGES["suggest"].config, _run_suggest, """Which unlabelled photos to label next: a ranked CSV and a contact sheet of thumbnails.
 
     Candidates are the manifest's 'unlabeled' rows; its train rows are what is labelled already. Photos are compared by the --from artifact's features (cached in --features-dir), or before any label (a cold start) by the frozen --backbone's. With few or no labels the picks are typical photos of distinct unlabelled clusters (TypiClust); once every species has a couple of labels, photos a classifier on the labels is unsure about, spread over the embedding (--strategy auto). Writes OUT.csv (rank, image_id, path, reason, score, represents: how many unlabelled photos the pick stands for, best_guess from a supcon artifact's classifier) and OUT.html beside it. Label the photos (give them a label and split train in the manifest) and run again for the next batch.

@@ -428,6 +428,32 @@ class AuditConfig(FeatureConfig, StageConfig):
             raise ConfigError("from_artifact", "is required: the artifact whose embeddings to audit with")
 
 
+@dataclass
+class PseudoLabelConfig(FeatureConfig):
+    """`finegrain pseudo-label`: name the manifest's unlabelled photos from its labelled ones, on fixed features.
+
+    Labelled photos are the train rows, candidates the 'unlabeled' rows. The rounds are chosen on a held-out part of
+    the labelled photos; the artifact's classifier is the probe refit on labelled + named photos.
+    """
+
+    out: str = option("", "Output folder for the artifact (classifier, pseudo_labels.csv, pseudo_manifest.csv).",
+                      flag="--out")
+    from_artifact: str | None = option(None, "Artifact whose features to label with (a pretrain or supcon run; "
+                                             "default: --backbone's weights as they are).", flag="--from")
+    image_size: int | None = option(None, "Feature image side (default: 1.125 x the artifact's training size; 144 "
+                                          "without --from, the reading of a 128 px model).", check=at_least(8))
+    rounds: int = option(5, "Curriculum length N: round r names the r/N of each species' predicted photos the "
+                            "probe is surest of, then refits it; how many rounds to keep is chosen on a held-out "
+                            "part of the labelled photos.", check=at_least(1))
+    balance: bool = option(True, "Balance the probe's class probabilities (Sinkhorn-Knopp) so the named photos' "
+                                 "species come in the labelled photos' proportions; turn off when the unlabelled "
+                                 "photos are known to be spread very differently.")
+    open_set_keep: float = option(0.95, "Unknown species stay unnamed: a photo is named only when its open-set score "
+                                        "(relative Mahalanobis to the labelled photos) is below the one that accepts "
+                                        "this fraction of held-out labelled photos (1: no filter).",
+                                  check=Check(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+
 SUGGEST_STRATEGIES = ("auto", "typiclust", "probcover", "uncertainty")
 
 

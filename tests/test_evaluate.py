@@ -174,3 +174,28 @@ def test_flip_tta_reaches_the_features(birds, tmp_path):
     assert a and b and a[0].name != b[0].name
     assert not torch.allclose(read_rows(a[0]), read_rows(b[0]))
     assert json.loads((flipped.path / "report" / "metrics.json").read_text())["context"]["flip_tta"] is True
+
+
+def test_the_artifact_classifier_metric_is_what_predict_answers(birds, tmp_path):
+    """classifier_top1/5 in metrics.json equal the accuracy of `predict`'s pred_1 (open set off) and its top 5 on the
+    same test photos; the comparison shows the frozen start for it too (its linear probe)."""
+    from finegrain.stages.predict import run_predict
+
+    sup = run_supcon(SupconConfig(
+        manifest=str(birds.root / "manifest.csv"), out=str(tmp_path / "sup"), backbone="test_efficientnet",
+        weights="none", image_size=40, batch_size=8, classes_per_batch=4, epochs=1, workers=0, wandb="disabled",
+        cache_dir=str(tmp_path / "cache"), knn_monitor=False, proj_dim=16))
+    art = run_evaluate(_cfg(birds.root / "manifest.csv", tmp_path, from_artifact=str(sup.path), image_size=None,
+                            embedding_map=False, compare="frozen"))
+    metrics = json.loads((art.path / "report" / "metrics.json").read_text())
+    test = birds.rows("test")
+    preds = run_predict(sup.path, [birds.root / p for p in test.table["path"]], top_k=5, device="cpu", workers=0,
+                        open_set=False)
+    truth = dict(zip((str(birds.root / p) for p in test.table["path"]), test.table["label"]))
+    named = preds["path"].map(truth)
+    assert metrics["classifier_top1"] == pytest.approx((preds["pred_1"] == named).mean())
+    ranked = [c for c in preds.columns if c.startswith("pred_")]  # top 5 of 4 species: all 4
+    assert metrics["classifier_top5"] == pytest.approx(pd.concat([preds[c] == named for c in ranked], axis=1).any(axis=1).mean())
+    frozen = metrics["baselines"]["frozen"]
+    assert frozen["classifier_top1"] == frozen["linear_top1"] and frozen["knn_pseudo_top1"] == frozen["knn_top1"]
+    assert metrics["knn_pseudo_top1"] is None  # a supcon artifact carries no pseudo-labelled photos

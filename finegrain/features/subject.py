@@ -39,6 +39,7 @@ class Subject:
             self.image_size = image_size or test_size(info["image_size"])
             self.mean, self.std = info["mean"], info["std"]
             self.source = f"{info['stage']} artifact {artifact.path}"
+            self.weights_source = f"artifact:{artifact.path}"  # as a training stage records its start
         else:
             backbone, weights, pretrained = bare
             self.model, source = build_backbone(backbone, weights=weights, pretrained=pretrained)
@@ -46,6 +47,7 @@ class Subject:
             self.name, self.image_size = backbone, image_size or 224
             self.mean, self.std = dc["mean"], dc["std"]
             self.source = f"{backbone} ({source} weights)"
+            self.weights_source = source  # builtin, none, timm-hub or a file, as build_backbone names it
         self.model.eval()
         self.identity = weights_hash(self.name, self.model)
 

@@ -19,7 +19,9 @@ from finegrain.report.photo_sections import confident_mistakes, sections_html
 from finegrain.report.plots import plot_confusion_matrix, plot_open_set_roc, plot_per_class_accuracy
 from finegrain.report.tables import confused_pairs, per_class_accuracy
 
-COMPARED = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")  # the metrics the comparison shows
+# the metrics the comparison shows; a baseline without its own classifier or pseudo-labels shows its linear probe
+# and its kNN there
+COMPARED = ("classifier_top1", "knn_top1", "knn_pseudo_top1", "linear_top1", "recall_at_1", "map_at_r")
 TABLE_TITLES = {  # table name -> its section title on the page, in page order
     "audit": "Audit (finegrain audit): photos flagged for a second look, listed in the audit page",
     "confused_pairs": "Most confused species", "per_class": "Per-class accuracy",
@@ -113,7 +115,8 @@ def _notes(chance: float | None, context: dict) -> dict[str, str]:
     if chance is None:
         return {}
     photos = f"{context.get('query_images')} {context.get('query_split')} photos of {context.get('classes')} species"
-    out = {f"{kind}_top{k}": f"chance {min(1.0, k * chance):.1%}; {photos}" for kind in ("knn", "linear") for k in (1, 5)}
+    out = {f"{kind}_top{k}": f"chance {min(1.0, k * chance):.1%}; {photos}"
+           for kind in ("knn", "linear", "classifier", "knn_pseudo") for k in (1, 5)}
     if context.get("retrieval_queries"):
         out.update({f"recall_at_{k}": f"{context['retrieval_queries']} {context['retrieval_split']} photos as queries"
                     for k in (1, 2, 4, 8)})
@@ -124,8 +127,8 @@ def _comparison(metrics: dict, baselines: dict, chance: float | None, context: d
     """The "Compared with" table: chance, each baseline, then this subject (rows), COMPARED metrics (columns)."""
     if chance is None:
         return None
-    rows = [{"compared with": f"chance (1 of {context.get('classes')} species)", "knn_top1": chance,
-             "linear_top1": chance}]
+    rows = [{"compared with": f"chance (1 of {context.get('classes')} species)",
+             **{k: chance for k in ("classifier_top1", "knn_top1", "knn_pseudo_top1", "linear_top1")}}]
     rows += [{"compared with": b["label"], **{k: b.get(k) for k in COMPARED}} for b in baselines.values()]
     rows.append({"compared with": f"this: {context['evaluated']}", **{k: metrics.get(k) for k in COMPARED}})
     return pd.DataFrame(rows, columns=["compared with", *COMPARED])

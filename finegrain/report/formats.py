@@ -16,6 +16,9 @@ METRIC_NAMES = {  # metric key -> what a person reads
     "knn_top1": "kNN top-1", "knn_top5": "kNN top-5", "linear_top1": "linear probe top-1",
     "linear_top5": "linear probe top-5", "recall_at_1": "Recall@1 (retrieval)", "recall_at_2": "Recall@2 (retrieval)",
     "recall_at_4": "Recall@4 (retrieval)", "recall_at_8": "Recall@8 (retrieval)", "map_at_r": "MAP@R (retrieval)",
+    "classifier_top1": "classifier top-1 (what predict names)", "classifier_top5": "classifier top-5 (what predict ranks)",
+    "knn_pseudo_top1": "kNN top-1, gallery + pseudo-labelled photos",
+    "knn_pseudo_top5": "kNN top-5, gallery + pseudo-labelled photos",
     "open_set_auroc": "unknown species: AUROC", "open_set_fpr95": "unknown species: accepted at 95% known (FPR95)",
 }
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from finegrain.config import AuditConfig, EvaluateConfig, PretrainConfig, StageConfig, SuggestConfig, SupconConfig
+from finegrain.config import (AuditConfig, EvaluateConfig, PretrainConfig, PseudoLabelConfig, StageConfig, SuggestConfig,
+                              SupconConfig)
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,11 @@ STAGES = {
     "evaluate": Stage(EvaluateConfig, "finegrain.stages.evaluate:run_evaluate"),
     "audit": Stage(AuditConfig, "finegrain.stages.audit:run_audit"),
     "suggest": Stage(SuggestConfig, "finegrain.stages.suggest:run_suggest"),
+    "pseudo-label": Stage(PseudoLabelConfig, "finegrain.stages.pseudo_label:run_pseudo_label"),
 }
 
 # What a pipeline file may name, in the order it runs them. distill: a second supcon whose teacher is the
 # artifact before it (supcon --teacher); its student starts from the backbone weights (Su et al.'s self-training).
+# pseudo_label: names the unlabelled photos with the features of the artifact before it (or the backbone's).
 PIPELINE_STAGES = {"pretrain": STAGES["pretrain"], "supcon": STAGES["supcon"], "distill": STAGES["supcon"],
-                   "evaluate": STAGES["evaluate"]}
+                   "pseudo_label": STAGES["pseudo-label"], "evaluate": STAGES["evaluate"]}

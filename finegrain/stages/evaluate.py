@@ -6,6 +6,10 @@ features averaged with the mirror image's) or a bare backbone on a manifest. Pro
   when there is no test); test images of classes never seen in training are left out of both (and
   counted). Nothing is tuned on the queries: k and T are fixed (20, 0.07 by default) and the
   probe's regularisation is chosen on val (or a hold-out of train).
+- The artifact's own classifier (classifier_top1/5): the class `predict` names for each query (open
+  set off), read as predict reads photos. With pseudo-labelled photos in the artifact (`pseudo-label`),
+  knn_pseudo_top1/5: kNN whose gallery is the labelled train photos plus those photos with their
+  pseudo-labels (knn_top1 keeps the labelled gallery only).
 - Retrieval (Recall@K, MAP@R): leave-one-out within `retrieval_split`, any classes, as in the
   zero-shot CUB protocol.
 - Open set, when the queries hold classes never seen in training: how well a score tells those
@@ -36,6 +40,7 @@ from finegrain.config import EvaluateConfig
 from finegrain.data.manifest import Manifest
 from finegrain.curation.audit import SUMMARY_FILE as AUDIT_SUMMARY_FILE
 from finegrain.errors import FinegrainError
+from finegrain.eval.classifier import classifier_logits, named_topk_accuracy
 from finegrain.eval.index import resolve_kind
 from finegrain.eval.knn import knn_scores, topk_accuracy
 from finegrain.eval.open_set import (DEFAULT_K, RelativeMahalanobis, choose_k, knn_distance_scores, max_logit_scores,
@@ -52,6 +57,10 @@ log = logging.getLogger("finegrain")
 
 METRIC_KEYS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "recall_at_1", "recall_at_2", "recall_at_4",
                "recall_at_8", "map_at_r")
+# The artifact's own classifier on the queries (what `predict` names, open set off), and kNN whose gallery adds the
+# artifact's pseudo-labelled photos to the labelled ones; None for a bare backbone or an artifact without them.
+ARTIFACT_KEYS = ("classifier_top1", "classifier_top5", "knn_pseudo_top1", "knn_pseudo_top5")
+STAND_INS = {"classifier_top1": "linear_top1", "knn_pseudo_top1": "knn_top1"}  # in the comparison, for a baseline
 OPEN_SET_KEYS = ("open_set_auroc", "open_set_fpr95")  # of the artifact's open-set score; None without unseen classes
 
 
@@ -89,7 +98,7 @@ def _measure(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, *, op
 
     open_set: False skips the unknown-species scores (a baseline of the comparison shows none)."""
     subject = store.subject
-    metrics: dict = {k: None for k in METRIC_KEYS + OPEN_SET_KEYS}
+    metrics: dict = {k: None for k in METRIC_KEYS + ARTIFACT_KEYS + OPEN_SET_KEYS}
     context = {"evaluated": subject.source, "backbone": subject.name, "manifest": str(cfg.manifest),
                "image_size": subject.image_size, "bbox_crop": cfg.bbox_crop, "flip_tta": cfg.flip_tta,
                "retrieval_split": cfg.retrieval_split}
@@ -144,7 +153,9 @@ def _headline_of(cfg: EvaluateConfig, run, label: str) -> dict | None:
     log.info("compare: %s", label)
     store = FeatureStore(cfg, subject, run.device, amp_dtype=run.amp_dtype)
     metrics = _measure(cfg, run.manifest, store, open_set=False)[0]
-    return {"label": label, **{k: metrics.get(k) for k in COMPARED}}
+    # a subject without its own classifier or pseudo-labels answers with its linear probe and labelled-gallery kNN
+    filled = {k: metrics.get(k) if metrics.get(k) is not None else metrics.get(instead) for k, instead in STAND_INS.items()}
+    return {"label": label, **{k: metrics.get(k) for k in COMPARED}, **filled}
 
 
 def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metrics: dict, context: dict,
@@ -180,6 +191,9 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
         timings["linear_s"] = seconds
         metrics.update(linear_top1=lin_acc[1], linear_top5=lin_acc[5])
         context.update(linear_C=probe.C_reg, linear_C_chosen_on=selected_on)
+    if store.subject.artifact is not None:
+        _artifact_classifier(cfg, store, queries, query_split, metrics, context)
+        _pseudo_gallery_knn(cfg, manifest, store, (ftr, ytr), (fq, yq), classes, metrics, context)
     unseen = all_queries.rows(query_split, sorted(set(all_queries.table["label"]) - set(classes)))
     open_set = _open_set(store, unseen, ftr, ytr, fq, probe, metrics, context) if open_set else None
     confidence, predictions = probs.max(1)
@@ -187,6 +201,50 @@ def _classify(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, metr
                     _photo_refs(train), ytr.numpy())
     return probe, dict(y_true=yq.numpy(), y_pred=predictions.numpy(), classes=classes, photos=photos,
                        predicted_by="linear probe" if cfg.linear else "kNN", features=fq.numpy(), open_set=open_set)
+
+
+def _artifact_classifier(cfg: EvaluateConfig, store: FeatureStore, queries: Manifest, query_split: str, metrics: dict,
+                         context: dict) -> None:
+    """classifier_top1/5: the artifact's own classifier on the queries, read as `predict` reads photos (the
+    classifier's image size and flip averaging, open set off); nothing when the artifact has no classifier."""
+    artifact = store.subject.artifact
+    head, names = artifact.state_dict("classifier."), artifact.info.get("class_names") or []
+    if not head or not names:
+        return
+    fitted = artifact.info.get("classifier") or {}
+    size, flip = fitted.get("image_size", artifact.info["image_size"]), fitted.get("flip_tta", False)
+    read = store
+    if (size, flip) != (store.subject.image_size, cfg.flip_tta):
+        as_predict = dataclasses.replace(cfg, image_size=size, flip_tta=flip)
+        read = FeatureStore(as_predict, Subject(as_predict), store.device, amp_dtype=store.amp_dtype)
+    logits = classifier_logits(read.features(queries, query_split), head["weight"], head["bias"])
+    acc = named_topk_accuracy(logits, names, queries.table["label"].astype(str).to_numpy())
+    metrics.update(classifier_top1=acc[1], classifier_top5=acc[5])
+    context.update(classifier_image_size=size, classifier_flip_tta=flip)
+
+
+def _pseudo_gallery_knn(cfg: EvaluateConfig, manifest: Manifest, store: FeatureStore, train: tuple, queries: tuple,
+                        classes: list[str], metrics: dict, context: dict) -> None:
+    """knn_pseudo_top1/5: kNN of the queries against the labelled train photos plus the artifact's pseudo-labelled
+    photos (its PSEUDO_LABELS_FILE, rows of this manifest outside the query split, with their pseudo-labels)."""
+    from finegrain.stages.pseudo_label import read_pseudo_labels
+
+    table = read_pseudo_labels(store.subject.artifact)
+    if table is None:
+        return
+    named = dict(zip(table["path"], table["label"].astype(str)))
+    pool = manifest.table[manifest.table["path"].isin(named) & ~manifest.table["split"].isin([context["query_split"]])]
+    pool = pool[pool["path"].map(named).isin(classes)].assign(label=lambda t: t["path"].map(named))
+    context["pseudo_gallery_images"] = len(pool)
+    if not len(pool):
+        log.warning("the artifact's pseudo-labelled photos are not in %s: knn_pseudo left out", cfg.manifest)
+        return
+    rows = dataclasses.replace(manifest, table=pool.reset_index(drop=True))
+    fg = torch.cat([train[0], store.features(rows, "pseudo_gallery")])
+    yg = torch.cat([train[1], rows.class_codes(classes)])
+    acc = topk_accuracy(knn_scores(fg, yg, queries[0], num_classes=len(classes), k=cfg.knn_k, temperature=cfg.knn_t,
+                                   index=cfg.index), queries[1])
+    metrics.update(knn_pseudo_top1=acc[1], knn_pseudo_top5=acc[5])
 
 
 def _open_set(store: FeatureStore, unseen: Manifest, ftr, ytr, fq, probe, metrics: dict,
