@@ -429,7 +429,7 @@ class AuditConfig(FeatureConfig, StageConfig):
 
 
 @dataclass
-class PseudoLabelConfig(FeatureConfig):
+class PseudoLabelConfig(BackboneOptions, FeatureConfig, StageConfig):
     """`finegrain pseudo-label`: name the manifest's unlabelled photos from its labelled ones, on fixed features.
 
     Labelled photos are the train rows, candidates the 'unlabeled' rows. The rounds are chosen on a held-out part of

@@ -139,6 +139,12 @@ RUNS = {
                 ["--manifest", "{root}/data/few.csv", "-o", "{out}/s2.csv", "--backbone", "test_efficientnet",
                  "--weights", "none", "--image-size", "32", "--budget", "2", *FEATURES]],
     "predict": [["{root}/sup", "{root}/data/images", "-o", "{out}/preds.csv", "--workers", "0"]],
+    # its own caches: features read from a cache do not read the extraction options
+    "pseudo-label": [["--manifest", "{root}/data/few.csv", "-o", "{out}/pl", "--backbone", "test_efficientnet",
+                      "--weights", "none", "--image-size", "32", "--wandb", "disabled", "--workers", "0",
+                      "--cache-dir", "{out}/plcache", "--features-dir", "{out}/plfeatures"],
+                     ["--manifest", "{root}/data/few.csv", "-o", "{out}/pl2", "--from", "{root}/sup", "--wandb",
+                      "disabled", *FEATURES]],
 }
 
 

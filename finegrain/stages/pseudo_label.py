@@ -49,7 +49,7 @@ def read_pseudo_labels(artifact: Artifact) -> pd.DataFrame | None:
 
 def run_pseudo_label(cfg: PseudoLabelConfig) -> Artifact:
     """Pseudo-label as `cfg` says; write the artifact to cfg.out and return it."""
-    with stage_run("pseudo-label", cfg, allow_unseen_classes=True) as run:
+    with stage_run("pseudo-label", cfg) as run:
         train, unlabelled, classes = _rows(cfg, run.manifest)
         read = dataclasses.replace(cfg, image_size=cfg.image_size or (None if cfg.from_artifact else
                                                                      test_size(DEFAULT_TRAIN_SIZE)))
