@@ -16,6 +16,6 @@ def test_a_piped_training_log_has_a_line_per_epoch_and_no_blank_lines(birds, tmp
         capture_output=True, text=True, timeout=600, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     log = out.stdout + out.stderr
-    epochs = re.findall(r"epoch (\d)/2: step (\d+)/(\d+), loss [\d.]+", log)
+    epochs = re.findall(r"epoch (\d)/2: step (\d+)/(\d+), mean loss [\d.]+", log)
     assert [e[0] for e in epochs] == ["1", "2"] and epochs[-1][1] == epochs[-1][2]
     assert "\n\n" not in log.strip() and "\r" not in log

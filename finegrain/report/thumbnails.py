@@ -18,8 +18,8 @@ THUMB_SIDE = 96  # px, the longer side
 JPEG_QUALITY = 80
 
 
-def thumbnail_data_uri(source: str | os.PathLike, side: int = THUMB_SIDE) -> str | None:
-    """A JPEG of the image file, its longer side `side` px, as a data: URI; None when it cannot be read."""
+def thumbnail_jpeg(source: str | os.PathLike, side: int = THUMB_SIDE, quality: int = JPEG_QUALITY) -> bytes | None:
+    """The image file (or a shard record) as JPEG bytes, its longer side `side` px; None when it cannot be read."""
     from PIL import Image
 
     from finegrain.data.images import decode_image
@@ -32,8 +32,14 @@ def thumbnail_data_uri(source: str | os.PathLike, side: int = THUMB_SIDE) -> str
     img = Image.fromarray(pixels)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def thumbnail_data_uri(source: str | os.PathLike, side: int = THUMB_SIDE) -> str | None:
+    """A JPEG of the image file, its longer side `side` px, as a data: URI; None when it cannot be read."""
+    data = thumbnail_jpeg(source, side)
+    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from pathlib import Path
 
-from finegrain.errors import BadImageError
 from finegrain.fsutil import atomic_path
+from finegrain.report.thumbnails import thumbnail_jpeg
 
 SIZES = {"small": 200, "large": 720}  # name -> longer side in px
 JPEG_QUALITY = 85
@@ -25,27 +24,10 @@ def thumbnail(photos, i: int, size: str, folder: Path) -> Path | None:
     with lock:  # two requests for one thumbnail make it once
         if out.is_file():
             return out
-        data = _encode(photos.sources[i], SIZES[size])
+        data = thumbnail_jpeg(photos.sources[i], SIZES[size], quality=JPEG_QUALITY)
         if data is None:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             Path(tmp).write_bytes(data)
     return out
-
-
-def _encode(source, side: int) -> bytes | None:
-    from PIL import Image
-
-    from finegrain.data.images import decode_image
-
-    try:
-        read = getattr(source, "read", None)  # a shard record rather than a file
-        pixels = (read(min_side=side) if read else decode_image(source, min_side=side)).pixels
-    except BadImageError:
-        return None
-    img = Image.fromarray(pixels)
-    img.thumbnail((side, side), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()

@@ -16,13 +16,13 @@ import pandas as pd
 import torch
 
 from finegrain.artifacts import Artifact, load_artifact
-from finegrain.data.images import IMAGE_EXTENSIONS
 from finegrain.data.manifest import Manifest
 from finegrain.data.validate import check_manifest_or_raise
 from finegrain.engine.device import resolve_amp, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.eval.open_set import OpenSetReference
 from finegrain.fsutil import atomic_write_text
+from finegrain.runtime.runner import RunnerError, collect_photos
 
 log = logging.getLogger("finegrain")
 
@@ -31,18 +31,10 @@ UNKNOWN = "unknown"  # pred_1 of a photo whose open-set score is past the thresh
 
 def collect_images(inputs) -> list[Path]:
     """Image files named by `inputs` (files, or folders searched recursively), sorted, absolute."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FinegrainError(f"no such file or folder: {item}")
-    if not found:
-        raise FinegrainError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(map(str, inputs))}")
-    return [p.resolve() for p in found]
+    try:
+        return collect_photos(inputs)  # the runner's, so predict and the exported runner read the same photos
+    except RunnerError as e:
+        raise FinegrainError(str(e)) from None
 
 
 def open_set_reference(artifact: Artifact, open_set: bool | None) -> OpenSetReference | None:
