@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -199,7 +200,7 @@ def main() -> None:
     result["speed"] = speed(args.artifact, out, manifest, args.photos_1, args.batches_32, args.threads)
     result["install"] = install_sizes(args.runtime_venv, args.wheels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print_table(result)
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
+from _results import code_version, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -154,11 +154,8 @@ def main() -> None:
     runs, out = Path(args.runs_dir), Path(args.out)
     runs.mkdir(parents=True, exist_ok=True)
     record = json.loads(out.read_text()) if out.is_file() else {"results": {}}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                      text=True).stdout.strip():
-        commit += "+uncommitted changes"
+    version = code_version()
+    commit = (version["commit"] or "unknown")[:7] + ("+uncommitted changes" if version["dirty"] else "")
     record.update(machine=f"{platform.machine()}, Python {platform.python_version()}", manifest="data_manifests/cub50.csv",
                   reading="tf_efficientnet_lite0 offline ImageNet, 144 px flip-averaged (evaluate's reading of 128 px)",
                   command="python benchmarks/bench_few_labels.py " + " ".join(sys.argv[1:]))
@@ -174,7 +171,7 @@ def main() -> None:
             start = time.perf_counter()
             row[arm] = {**run_arm(arm, features), "seconds": round(time.perf_counter() - start, 1), "commit": commit,
                         "date": time.strftime("%Y-%m-%d")}
-            out.write_text(json.dumps(record, indent=2) + "\n")
+            write_results(out, record, resumed=True)
             print(json.dumps({cell: {arm: row[arm]}}), flush=True)
     summary(record)
 

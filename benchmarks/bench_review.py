@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _results import write_results
 
 
 def _data(work: Path, photos: int) -> Path:
@@ -111,7 +112,7 @@ def main() -> None:
     for k, v in result.items():
         print(f"{k:32s} {v}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

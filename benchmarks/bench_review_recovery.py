@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from _runner import finegrain
+from _results import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
@@ -114,7 +115,8 @@ def main() -> None:
         finegrain("audit", str(w / "frozen"), "--manifest", str(noisy), "-o", str(w / "audit"), *COMMON)
     if not (w / "fixed.csv").is_file():
         answers = _review(w, noisy, truth, args.findings)
-        (w / "answers.json").write_text(json.dumps(answers))
+        with open(w / "answers.json", "w") as f:  # a work file, not a result
+            json.dump(answers, f)
         finegrain("manifest", "relabel", str(noisy), "--from", str(w / "review"), "-o", str(w / "fixed.csv"))
     answers = json.loads((w / "answers.json").read_text())
     fixed = Manifest.load(w / "fixed.csv").table.set_index("path")
@@ -137,7 +139,7 @@ def main() -> None:
               "gap_closed": {k: None if v is None else round(v, 3) for k, v in closed.items()}}
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

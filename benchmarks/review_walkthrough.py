@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from _runner import finegrain
+from _results import write_results
 
 TRAIN = ["--image-size", "64", "--batch-size", "24", "--classes-per-batch", "6", "--epochs", "12", "--loss",
          "supcon_ce", "--device", "cpu", "--workers", "0", "--wandb", "disabled"]
@@ -158,7 +159,8 @@ def main() -> None:
         manifest, truth = w / "mine.csv", json.loads((w / "truth.json").read_text())
     else:
         manifest, truth = _collection(w)
-        (w / "truth.json").write_text(json.dumps(truth))
+        with open(w / "truth.json", "w") as f:  # a work file, not a result
+            json.dump(truth, f)
     if not (w / "supcon" / "artifact.json").is_file():
         finegrain("supcon", "--manifest", str(manifest), "--out", str(w / "supcon"), *TRAIN)
     if not (w / "audit" / "audit.csv").is_file():
@@ -192,7 +194,7 @@ def main() -> None:
     for k, v in result.items():
         print(f"{k:24s} {v}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":
