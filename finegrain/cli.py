@@ -568,10 +568,17 @@ def _register_other_commands() -> None:
     """)
 
 
-def _register_review() -> None:
-    from finegrain.review.config import ReviewConfig, run_review
+def _run_review(config) -> None:
+    """Load the queues (exit 2 on a missing or malformed file), then serve until Ctrl-C."""
+    from finegrain.review.server import serve
 
-    _command(app, "review", ReviewConfig, run_review, """Decide in the browser, one key each: probable label errors, twins and outliers (--audit), photos to
+    serve(config)
+
+
+def _register_review() -> None:
+    from finegrain.review.config import ReviewConfig
+
+    _command(app, "review", ReviewConfig, _run_review, """Decide in the browser, one key each: probable label errors, twins and outliers (--audit), photos to
     label (--suggest, or every unlabelled photo) and unknown or unsure predictions (--predict).
 
     Starts a local web app and prints its URL. Each decision is saved at once in REVIEW_DIR; run the command again

@@ -1,5 +1,5 @@
-"""`finegrain review`: its checked options and the runner the command line calls (imports no web framework: the
-server is imported when it runs, so `finegrain --help` stays fast)."""
+"""`finegrain review`: its checked options (no web framework imported here: the command line imports the server
+when the command runs, so `finegrain --help` stays fast)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,3 @@ class ReviewConfig(CommandConfig):
     host: str = option("127.0.0.1", "Address to listen on. Any address other than the loopback one needs the random "
                                     "token printed at start on every request.")
 
-
-def run_review(config: ReviewConfig) -> None:
-    """Load the queues (exit 2 on a missing or malformed file), then serve until Ctrl-C."""
-    from finegrain.review.server import serve
-
-    serve(config)
