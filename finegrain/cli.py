@@ -464,12 +464,14 @@ def _print_comparison(metrics_file: Path) -> None:
     metrics = json.loads(metrics_file.read_text())
     if metrics.get("chance") is None:
         return
-    table = Table("on the same test photos", "kNN top-1", "linear probe top-1", title="Compared with")
+    keys = (["classifier_top1"] if metrics.get("classifier_top1") is not None else []) + ["knn_top1", "linear_top1"]
+    names = {"classifier_top1": "what predict names", "knn_top1": "kNN top-1", "linear_top1": "linear probe top-1"}
+    table = Table("on the same test photos", *(names[k] for k in keys), title="Compared with")
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    table.add_row("chance", pct(metrics["chance"]), pct(metrics["chance"]))
-    for name, b in (metrics.get("baselines") or {}).items():
-        table.add_row("frozen start" if name == "frozen" else name, pct(b.get("knn_top1")), pct(b.get("linear_top1")))
-    table.add_row("[bold]this model[/]", pct(metrics.get("knn_top1")), pct(metrics.get("linear_top1")))
+    table.add_row("chance", *(pct(metrics["chance"]) for _ in keys))
+    for name, b in (metrics.get("baselines") or {}).items():  # a baseline's classifier is its linear probe
+        table.add_row("frozen start" if name == "frozen" else name, *(pct(b.get(k)) for k in keys))
+    table.add_row("[bold]this model[/]", *(pct(metrics.get(k)) for k in keys))
     out.print(table)
 
 
