@@ -53,6 +53,7 @@ def between(low, high) -> Check:
 
 POSITIVE = Check(lambda v: v > 0, "greater than 0")
 FRACTION_BELOW_1 = Check(lambda v: 0 <= v < 1, "at least 0 and below 1")
+FRACTION_ABOVE_0 = Check(lambda v: 0 < v <= 1, "above 0 and at most 1")
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None = None, choices=None,
@@ -235,7 +236,7 @@ class TrainConfig(BackboneOptions, StageConfig):
     knn_monitor_share: float = option(0.1, "Most of the run's time the kNN monitor may take: an epoch end's reading is "
                                            "skipped when it would take the monitor past this share; the first and last "
                                            "readings are always taken. 1 reads after every epoch.",
-                                      check=Check(lambda v: 0 < v <= 1, "above 0 and at most 1"))
+                                      check=FRACTION_ABOVE_0)
     ema_decay: float = option(0.0, "Keep an exponential moving average of the weights (decay per optimizer step, "
                                    "warmed up from 0 as in timm's ModelEmaV3) and write it as the result; 0 is off.",
                               check=Check(lambda v: 0 <= v < 1, "at least 0 and below 1"))
@@ -290,8 +291,7 @@ class SupconConfig(TrainConfig):
     classes_per_batch: int = option(16, "P of the P x K sampler; K = batch size / P.", check=at_least(1))
     backbone_lr_scale: float = option(0.1, "Backbone learning rate as a fraction of the head's.", check=at_least(0))
     layer_decay: float | None = option(None, "timm layer-wise learning-rate decay over the backbone's blocks (e.g. "
-                                             "0.75; default off).", check=Check(lambda v: 0 < v <= 1,
-                                                                                "above 0 and at most 1"))
+                                             "0.75; default off).", check=FRACTION_ABOVE_0)
     head_warmup_epochs: float = option(1.0, "Epochs that train only the new head before the backbone is unfrozen "
                                             "(LP-FT).", check=at_least(0))
     classifier: bool = option(True, "Fit a logistic-regression classifier on the embedding after training (used by "
@@ -451,7 +451,7 @@ class PseudoLabelConfig(BackboneOptions, FeatureConfig, StageConfig):
     open_set_keep: float = option(0.95, "Unknown species stay unnamed: a photo is named only when its open-set score "
                                         "(relative Mahalanobis to the labelled photos) is below the one that accepts "
                                         "this fraction of held-out labelled photos (1: no filter).",
-                                  check=Check(lambda v: 0 < v <= 1, "in (0, 1]"))
+                                  check=FRACTION_ABOVE_0)
 
 
 SUGGEST_STRATEGIES = ("auto", "typiclust", "probcover", "uncertainty")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from finegrain.config import FRACTION_BELOW_1, Check, CommandConfig, ConfigError, at_least, between, option
+from finegrain.config import FRACTION_ABOVE_0, FRACTION_BELOW_1, CommandConfig, ConfigError, at_least, between, option
 from finegrain.errors import FinegrainError
 
 MANIFEST_OUT = "Manifest to write: .csv or .parquet."
@@ -100,7 +100,7 @@ class ManifestSplitConfig(CommandConfig):
     label_fraction: float | None = option(None, "Keep labels on this stratified fraction of each class's train images "
                                                 "(at least one a class); the rest become 'unlabeled' (pretrain uses "
                                                 "them, supcon and the linear probe do not).",
-                                          check=Check(lambda v: 0 < v <= 1, "above 0 and at most 1"))
+                                          check=FRACTION_ABOVE_0)
     seed: int = option(0, "Random seed.")
 
     def check(self) -> None:
