@@ -1,204 +1,95 @@
-"""Few labels, many photos: which path turns the unlabelled photos into accuracy?
+"""Few labels, many photos: which path turns the unlabelled photos into accuracy, measured against the frozen
+features and the seconds-cheap scikit-learn baselines?
 
-On ../shared/data/cub50 (1452 train / 1500 test images, 50 species) at --image-size, from the offline
-ImageNet tf_efficientnet_lite0. For each label fraction F (labels kept on a stratified F of each
-class's train images with `finegrain manifest split --label-fraction F --seed S`, the rest unlabelled),
-each arm is trained, then evaluated with `finegrain evaluate` at its defaults (1.125 x the training
-size, flip TTA; kNN and the linear probe fit on the labelled train images):
+On ../shared/data/cub50 (1452 train / 1500 test photos, 50 species), from offline ImageNet tf_efficientnet_lite0.
+Labels kept on a stratified F of each species' train photos (`finegrain manifest split --label-fraction F --seed
+S`), the rest unlabelled. Cells: 10% with seeds 0, 1, 2, then 5% and 30% (seed 0), then the label-less variant
+(10% seed 0 with 10 species that have no labelled photo at all: their train photos unlabelled, their test photos
+left out; `named_labelless` is the fraction of their photos that got a, necessarily wrong, name).
 
-    frozen              the ImageNet backbone as it is (evaluated at the same size)
-    supcon              supcon on the labelled photos only
-    pseudo              supcon --unlabeled pseudo (EMA teacher, confident pseudo-labels in the SupCon term)
-    pseudo_ce           the same with --pseudo-ce (pseudo-labels in the cross-entropy term too)
-    teacher             supcon --teacher <the supcon arm's artifact>: a student from ImageNet weights
-                        distils it on labelled + unlabelled photos (Su et al. 2021)
-    probe               supcon --backbone-lr-scale 0 for --probe-steps: the frozen backbone (BatchNorm
-                        statistics adapted) with the artifact's logistic-regression classifier
-    teacher_probe       supcon --teacher <the probe arm's artifact>
-    teacher_round2      supcon --teacher <the teacher arm's artifact>: a second round of self-training
-    pretrain_then_X     pretrain at its defaults on every train photo (labels unused; one run shared
-                        by all cells), then X = the better of pseudo / teacher in that cell (picked on
-                        test accuracy, which flatters this arm)
+Feature arms, in this process on the very same features (read as `evaluate` reads a 128 px model: 144 px,
+flip-averaged, through the shared features cache), scored on the test photos:
 
-Every fine-tuning arm gets the same number of optimizer steps (--steps) and the same warm-ups in
-steps (--warmup-steps for the learning rate and for the head-only phase), whatever the label
-fraction: the budget is optimizer steps, not epochs. Batches hold 64 labelled photos, plus 64
-unlabelled ones in the pseudo and teacher arms.
+    frozen          kNN (k 20, T 0.07) and the linear probe on the labelled photos: evaluate's knn_top1 and
+                    linear_top1 of the bare backbone; the probe is what a probe artifact's predict answers
+    sklearn_st      the probe names every unlabelled photo, is refit on all of them (C chosen again as
+                    evaluate's probe chooses it), and they join the kNN gallery
+    sklearn_spread  sklearn.semi_supervised.LabelSpreading (knn kernel, k 10, alpha 0.8) names them instead
+    pseudo_label    `finegrain pseudo-label` at its defaults (curation/pseudo_labels.py): classifier = the
+                    artifact's classifier (what predict answers), knn_pseudo = kNN with the named photos in the
+                    gallery, as `evaluate --from` reports them
 
-Cells: each fraction with seed 0, the first fraction also with seeds 1.. (--seeds-first), and the
-"label-less species" variant: at the first fraction, --label-less species have no labelled photo at
-all (every train photo of theirs is unlabelled) and their test photos are left out of the metrics.
+Trained arms, `finegrain` commands at --image-size 128, each then `finegrain evaluate --from` it at its defaults
+(classifier_top1: what predict answers; knn_top1 / linear_top1: refits on the labelled photos; knn_pseudo_top1
+where the artifact names photos). Every fine-tuning run gets --steps optimizer steps, --warmup-steps of warm-up
+(learning rate and head-only), 64 labelled photos a batch (+ 64 unlabelled for a teacher):
 
-Resumable: each finished arm is written to --out as soon as it is done and skipped on the next run;
-finished artifacts in --runs-dir are reused, and an interrupted training resumes from its checkpoint.
+    teacher_probe    the path pipelines/few_labels.yaml shipped before issue 35: a probe artifact (supcon
+                     --backbone-lr-scale 0 for 20 steps) teaches a student on labelled + unlabelled photos
+                     (supcon --teacher)
+    noisy_student    supcon --teacher <the cell's pseudo-label artifact>: the student, from ImageNet weights and
+                     with its strong augmentation, distils the pseudo-label classifier on labelled + unlabelled
+                     photos (Noisy Student, Xie et al. 2020)
+    named_supcon_ce  supcon --loss supcon_ce on the pseudo-label artifact's pseudo_manifest.csv: fine-tuning on
+                     labelled + named photos as if all were labelled
+    relabel          pseudo-label --from <the noisy_student artifact>: the photos named again on the student's
+                     features, the next round of the loop
 
-Usage: python benchmarks/bench_label_fraction.py [--fractions 0.1 0.3 1.0] [--steps 100] [--image-size 128]
-       [--seeds-first 2] [--label-less 10]
-       [--arms frozen supcon probe teacher_probe teacher pseudo pretrain]
+Resumable: each finished arm is written to --out (with the commit measured) as soon as it is done and skipped on
+the next run; finished artifacts in --runs-dir are reused and an interrupted training resumes from its checkpoint.
+
+Usage: python benchmarks/bench_label_fraction.py [--cells 10pct_s0 ...] [--arms frozen pseudo_label noisy_student ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import yaml
+import numpy as np
 
 from _runner import finegrain  # benchmarks/ is on sys.path when a script here runs
-from _results import write_results  # benchmarks/ is on sys.path when a script here runs
+from _results import code_version, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "cub50.csv"
-KEYS = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r")
+CELLS = ("10pct_s0", "10pct_s1", "10pct_s2", "5pct_s0", "30pct_s0", "10pct_s0_10_labelless")
+FEATURE_ARMS = ("frozen", "sklearn_st", "sklearn_spread", "pseudo_label")
+TRAINED_ARMS = ("teacher_probe", "noisy_student", "named_supcon_ce", "relabel")
+EVALUATED = ("classifier_top1", "knn_top1", "linear_top1", "knn_pseudo_top1")
 BATCH = 64
-SEMI_ARMS = ("pseudo", "pseudo_ce", "teacher", "teacher_probe", "teacher_round2")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
-    parser.add_argument("--seeds-first", type=int, default=2, help="seeds at the first fraction")
-    parser.add_argument("--label-less", type=int, default=10, help="species without labels in the variant (0: none)")
-    parser.add_argument("--arms", nargs="+", default=["frozen", "supcon", "probe", "teacher_probe", "teacher", "pseudo", "pretrain"])
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every fine-tuning arm")
-    parser.add_argument("--probe-steps", type=int, default=20, help="steps of the probe arm (its backbone is frozen)")
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--arms", nargs="+", default=list(FEATURE_ARMS + TRAINED_ARMS),
+                        choices=FEATURE_ARMS + TRAINED_ARMS)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every fine-tuning run")
     parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_label_fraction"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "label_fraction.json"))
     return parser.parse_args()
 
 
-class Study:
-    """The runs folder, the results file (read back on start, rewritten after every arm) and the shared flags."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args, self.runs, self.out = args, Path(args.runs_dir), Path(args.out)
-        self.runs.mkdir(parents=True, exist_ok=True)
-        old = json.loads(self.out.read_text()) if self.out.is_file() else {}
-        same = old.get("steps") == args.steps and old.get("image_size") == args.image_size
-        self.results: dict[str, dict] = old.get("results", {}) if same else {}
-        self.pretrain: dict = old.get("pretrain", {}) if same else {}
-
-    def cache(self) -> list[str]:
-        return ["--cache-dir", str(self.runs / "cache")]
-
-    def save(self) -> None:
-        record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
-                  "manifest": str(MANIFEST.relative_to(REPO)), "image_size": self.args.image_size,
-                  "steps": self.args.steps, "warmup_steps": self.args.warmup_steps, "batch": BATCH,
-                  "evaluated_at": "finegrain evaluate defaults (1.125 x image size, flip TTA)",
-                  "command": "python benchmarks/bench_label_fraction.py " + " ".join(sys.argv[1:]),
-                  "pretrain": self.pretrain, "results": self.results}
-        write_results(self.out, record, resumed=True)
-
-    def evaluate(self, name: str, manifest: Path, *model: str) -> dict:
-        """`finegrain evaluate` of `model` into runs/eval_<name>: the KEYS metrics and its wall time."""
-        out = self.runs / f"eval_{name}"
-        seconds = 0.0
-        if not (out / "report" / "metrics.json").is_file():
-            seconds = finegrain("evaluate", "--compare", "none", "--manifest", str(manifest), *self.cache(), "--out", str(out),
-                                "--no-embedding-map", *model)
-        metrics = json.loads((out / "report" / "metrics.json").read_text())
-        return {**{k: metrics[k] for k in KEYS}, "evaluate_s": round(seconds, 1)}
-
-    def train(self, stage: str, out: Path, *options: str) -> float:
-        """Run a training stage into `out` unless it finished there; resume an interrupted one. Wall seconds."""
-        if (out / "artifact.json").is_file():
-            return 0.0
-        resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
-        return finegrain(stage, *self.cache(), "--out", str(out), "--image-size", str(self.args.image_size), *options,
-                         *resume)
-
-
-def supcon_options(study: Study, manifest: Path, labelled: int, unlabelled: int, semi: bool,
-                   steps: int | None = None) -> list[str]:
-    """The same step budget (unless `steps`) and warm-ups (in steps) for every fine-tuning arm."""
-    per_epoch = max(labelled // BATCH, unlabelled // BATCH if semi else 0, 1)
-    args = study.args
-    steps = steps or args.steps
-    warm = f"{args.warmup_steps / per_epoch:.4f}"
-    return ["--manifest", str(manifest), "--batch-size", str(BATCH), "--max-steps", str(steps),
-            "--epochs", str(-(-steps // per_epoch)), "--warmup-epochs", warm, "--head-warmup-epochs", warm,
-            "--no-knn-monitor"]
-
-
-def run_cell(study: Study, tag: str, manifest: Path) -> None:
-    """Every arm of one cell (a manifest), each skipped when its result is already in the results file."""
-    from finegrain.data.manifest import Manifest
-
-    table = Manifest.load(manifest).split_counts()
-    labelled, unlabelled = table.get("train", 0), table.get("unlabeled", 0)
-    row = study.results.setdefault(tag, {"labelled_images": labelled, "unlabelled_images": unlabelled})
-    size = str(study.args.image_size * 9 // 8)
-    arms = study.args.arms
-    if "frozen" in arms and "frozen" not in row:
-        row["frozen"] = study.evaluate(f"{tag}_frozen", manifest, "--backbone", "tf_efficientnet_lite0", "--image-size", size)
-        study.save()
-    starts = {"supcon": [], "probe": ["--backbone-lr-scale", "0"],
-              "teacher_probe": ["--teacher", str(study.runs / f"{tag}_probe")],
-              "teacher_round2": ["--teacher", str(study.runs / f"{tag}_teacher")],  # the supcon teacher's student
-              "teacher": ["--teacher", str(study.runs / f"{tag}_supcon")],
-              "pseudo": ["--unlabeled", "pseudo"], "pseudo_ce": ["--unlabeled", "pseudo", "--pseudo-ce"]}
-    for arm, extra in starts.items():
-        if arm not in arms or arm in row or (arm.startswith("pseudo") and not unlabelled):
-            continue
-        out = study.runs / f"{tag}_{arm}"
-        steps = study.args.probe_steps if arm == "probe" else None
-        train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, arm in SEMI_ARMS,
-                                                             steps), *extra)
-        row[arm] = {**study.evaluate(f"{tag}_{arm}", manifest, "--from", str(out)), "train_s": round(train_s, 1)}
-        study.save()
-        print(json.dumps({tag: {arm: row[arm]}}), flush=True)
-    semi = [a for a in SEMI_ARMS if a in row]
-    if "pretrain" in arms and semi and not any(k.startswith("pretrain_then_") for k in row):
-        best = max(semi, key=lambda a: row[a]["knn_top1"] + row[a]["linear_top1"])
-        out = study.runs / f"{tag}_pretrain_then_{best}"
-        train_s = study.train("supcon", out, *supcon_options(study, manifest, labelled, unlabelled, True),
-                              *starts[best], "--from", str(pretrain(study)))
-        row[f"pretrain_then_{best}"] = {**study.evaluate(f"{tag}_pretrain_then_{best}", manifest, "--from", str(out)),
-                                        "train_s": round(train_s, 1)}
-        study.save()
-
-
-def pretrain(study: Study) -> Path:
-    """The pretrain artifact at its defaults on every cub50 train photo (labels unused), with its kNN monitor."""
-    out = study.runs / "pretrain"
-    seconds = study.train("pretrain", out, "--manifest", str(MANIFEST), "--batch-size", str(BATCH),
-                          "--epochs", str(study.args.pretrain_epochs))
-    if not study.pretrain:
-        monitor = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "monitor/knn_top1_test" in line]
-        config = yaml.safe_load((out / "config.yaml").read_text())
-        study.pretrain = {"train_s": round(seconds, 1), "method": config["method"], "lr": config["resolved_lr"],
-                          "train_layers": config["resolved_train_layers"], "views": config["resolved_views"],
-                          "knn_monitor_start": monitor[0]["monitor/knn_top1_test"],
-                          "knn_monitor_end": monitor[-1]["monitor/knn_top1_test"]}
-        study.save()
-    return out
-
-
-def cells(study: Study) -> dict[str, Path]:
-    """Tag -> manifest of every cell, written into the runs folder (deterministic for the seeds)."""
-    args, out = study.args, {}
-    for i, fraction in enumerate(args.fractions):
-        for seed in range(args.seeds_first if i == 0 else 1):
-            tag = f"{round(fraction * 100)}pct_s{seed}"
-            out[tag] = study.runs / f"cub50_{tag}.csv"
-            if not out[tag].is_file():
-                finegrain("manifest", "split", str(MANIFEST), "--label-fraction", str(fraction), "--seed", str(seed),
-                          "-o", str(out[tag]))
-    if args.label_less:
-        first = next(iter(out.values()))
-        tag = f"{round(args.fractions[0] * 100)}pct_s0_{args.label_less}_labelless"
-        out[tag] = study.runs / f"cub50_{tag}.csv"
-        if not out[tag].is_file():
-            label_less_species(first, args.label_less, out[tag])
-    return out
+def manifest_of(cell: str, runs: Path) -> Path:
+    """The cell's manifest in `runs` (written once: `finegrain manifest split`, or the label-less variant)."""
+    path = runs / f"cub50_{cell}.csv"
+    if path.is_file():
+        return path
+    fraction, seed = cell.split("_")[0], cell.split("_")[1]
+    if cell.endswith("labelless"):
+        label_less_species(manifest_of(f"{fraction}_{seed}", runs), int(cell.split("_")[2]), path)
+    else:
+        finegrain("manifest", "split", str(MANIFEST), "--label-fraction", str(int(fraction[:-3]) / 100), "--seed",
+                  seed[1:], "-o", str(path))
+    return path
 
 
 def label_less_species(manifest: Path, n: int, dest: Path) -> None:
@@ -215,23 +106,187 @@ def label_less_species(manifest: Path, n: int, dest: Path) -> None:
     Manifest.from_table(table, m.root).save(dest)
 
 
-def print_table(study: Study) -> None:
-    print(f"{'cell':>24s} {'arm':>24s} " + " ".join(f"{k:>12s}" for k in KEYS))
-    for tag, row in study.results.items():
-        for arm, r in row.items():
-            if isinstance(r, dict):
-                print(f"{tag:>24s} {arm:>24s} " + " ".join(f"{r[k]:12.3f}" for k in KEYS))
-    print(f"wrote {study.out}")
+class Features:
+    """The cell's photos read as evaluate reads a 128 px lite0 (144 px, flip), from the shared features cache."""
+
+    def __init__(self, manifest: Path):
+        import torch
+
+        from finegrain.config import EvaluateConfig
+        from finegrain.data.manifest import Manifest
+        from finegrain.features.store import FeatureStore
+        from finegrain.features.subject import Subject
+
+        cfg = EvaluateConfig(manifest=str(manifest), out="unused", backbone="tf_efficientnet_lite0", image_size=144,
+                             workers=1)
+        self.manifest = Manifest.load(manifest)
+        store = FeatureStore(cfg, Subject(cfg), torch.device("cpu"))
+        train, unlabelled = self.manifest.rows("train"), self.manifest.rows("unlabeled")
+        self.classes = sorted(set(train.table["label"].astype(str)))
+        test = self.manifest.rows("test", self.classes)
+        self.xl, self.yl = store.features(train, "train").numpy(), train.class_codes(self.classes).numpy()
+        self.xu = store.features(unlabelled, "unlabeled").numpy()
+        self.xt, self.yt = store.features(test, "test").numpy(), test.class_codes(self.classes).numpy()
+        truth = Manifest.load(MANIFEST).table.set_index("path")["label"]
+        self.true_u = unlabelled.table["path"].map(truth).to_numpy()  # for scoring the pseudo-labels only
+
+    def knn_top1(self, xg, yg) -> float:
+        import torch
+
+        from finegrain.eval.knn import knn_scores, topk_accuracy
+
+        scores = knn_scores(torch.from_numpy(xg), torch.from_numpy(yg), torch.from_numpy(self.xt),
+                            num_classes=len(self.classes), k=20, temperature=0.07)
+        return topk_accuracy(scores, torch.from_numpy(self.yt))[1]
+
+    def scored(self, labels: np.ndarray, classifier) -> dict:
+        """Metrics of a labelling of the unlabelled photos ((U,) ids, -1 unnamed) and its classifier (a LinearProbe)."""
+        named = labels >= 0
+        names = np.asarray(self.classes, dtype=object)[np.maximum(labels, 0)]
+        out = {"classifier_top1": float((classifier.predict(self.xt) == self.yt).mean()),
+               "knn_pseudo_top1": self.knn_top1(np.concatenate([self.xl, self.xu[named]]),
+                                                np.concatenate([self.yl, labels[named]])),
+               "named": int(named.sum()),
+               "pseudo_label_accuracy": float((names[named] == self.true_u[named]).mean()) if named.any() else None}
+        labelless = ~np.isin(self.true_u, self.classes)
+        if labelless.any():
+            out["named_labelless"] = float(named[labelless].mean())
+        return out
+
+
+def feature_arm(arm: str, f: Features) -> dict:
+    """One feature arm's test metrics on the cell's features."""
+    from finegrain.eval.linear import fit_linear_probe
+
+    C = len(f.classes)
+    if arm == "frozen":
+        probe = fit_linear_probe(f.xl, f.yl, num_classes=C)
+        top1 = float((probe.predict(f.xt) == f.yt).mean())
+        return {"classifier_top1": top1, "linear_top1": top1, "knn_top1": f.knn_top1(f.xl, f.yl)}
+    if arm == "sklearn_st":
+        labels = fit_linear_probe(f.xl, f.yl, num_classes=C).predict(f.xu)
+    elif arm == "sklearn_spread":
+        from sklearn.semi_supervised import LabelSpreading
+
+        x = np.concatenate([f.xl, f.xu]) / np.linalg.norm(np.concatenate([f.xl, f.xu]), axis=1, keepdims=True)
+        spread = LabelSpreading(kernel="knn", n_neighbors=10, alpha=0.8, max_iter=100)
+        spread.fit(x, np.concatenate([f.yl, np.full(len(f.xu), -1)]))
+        labels = spread.transduction_[len(f.xl):].astype(np.int64)
+    else:
+        from finegrain.curation.pseudo_labels import pseudo_label
+
+        found = pseudo_label(f.xl, f.yl, f.xu, num_classes=C)
+        return {**f.scored(found.labelling.labels, found.probe), "rounds": found.labelling.rounds,
+                "held_top1": found.held_top1, "held_top1_labels_only": found.held_top1_labels_only}
+    probe = fit_linear_probe(np.concatenate([f.xl, f.xu]), np.concatenate([f.yl, labels]), num_classes=C)
+    return f.scored(labels, probe)
+
+
+class Trained:
+    """The trained arms of one cell: artifacts in the runs folder (reused when finished, resumed when interrupted)."""
+
+    def __init__(self, args: argparse.Namespace, cell: str, manifest: Path):
+        self.args, self.cell, self.manifest, self.runs = args, cell, manifest, Path(args.runs_dir)
+
+    def out(self, name: str) -> Path:
+        return self.runs / f"{self.cell}_{name}"
+
+    def run(self, stage: str, name: str, *options: str) -> float:
+        """`finegrain STAGE ... --out runs/<cell>_<name>` unless it finished; wall seconds (0 when reused)."""
+        out = self.out(name)
+        if (out / "artifact.json").is_file():
+            return 0.0
+        resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+        return finegrain(stage, "--out", str(out), *options, *resume)
+
+    def supcon(self, name: str, manifest: Path, *options: str, steps: int | None = None) -> float:
+        """A supcon run at the study's step budget: 64 labelled photos a batch (+ 64 unlabelled with a teacher, whose
+        epoch is a pass over the unlabelled photos), warm-ups in steps."""
+        from finegrain.data.manifest import Manifest
+
+        counts = Manifest.load(manifest).split_counts()
+        taught = "--teacher" in options
+        per_epoch = max(counts.get("train", 0) // BATCH, counts.get("unlabeled", 0) // BATCH if taught else 0, 1)
+        steps = steps or self.args.steps
+        warm = f"{self.args.warmup_steps / per_epoch:.4f}"
+        return self.run("supcon", name, "--manifest", str(manifest), "--image-size", "128", "--batch-size",
+                        str(BATCH), "--max-steps", str(steps), "--epochs", str(-(-steps // per_epoch)),
+                        "--warmup-epochs", warm, "--head-warmup-epochs", warm, "--no-knn-monitor", *options)
+
+    def pseudo_label(self, name: str = "pseudo_label", *options: str) -> tuple[Path, float]:
+        seconds = self.run("pseudo-label", name, "--manifest", str(self.manifest), *options)
+        return self.out(name), seconds
+
+    def arm(self, arm: str) -> dict:
+        """Train the arm (and what it starts from), evaluate it; its metrics and training seconds."""
+        seconds = 0.0
+        if arm == "teacher_probe":
+            seconds += self.supcon("probe", self.manifest, "--backbone-lr-scale", "0", steps=20)
+            seconds += self.supcon(arm, self.manifest, "--teacher", str(self.out("probe")))
+        elif arm == "noisy_student":
+            teacher, seconds = self.pseudo_label()
+            seconds += self.supcon(arm, self.manifest, "--teacher", str(teacher))
+        elif arm == "named_supcon_ce":
+            named, seconds = self.pseudo_label()
+            seconds += self.supcon(arm, named / "pseudo_manifest.csv", "--loss", "supcon_ce")
+        else:  # relabel
+            seconds = self.arm("noisy_student")["train_s"]
+            seconds += self.pseudo_label(arm, "--from", str(self.out("noisy_student")))[1]
+        evaluation = self.runs / f"eval_{self.cell}_{arm}"
+        if not (evaluation / "report" / "metrics.json").is_file():
+            finegrain("evaluate", "--compare", "none", "--manifest", str(self.manifest), "--out", str(evaluation),
+                      "--no-embedding-map", "--from", str(self.out(arm)))
+        metrics = json.loads((evaluation / "report" / "metrics.json").read_text())
+        return {**{k: metrics[k] for k in EVALUATED if metrics.get(k) is not None}, "train_s": round(seconds, 1)}
 
 
 def main() -> None:
     args = parse_args()
     if not (REPO.parent / "shared" / "data" / "cub50" / "images.txt").is_file():
         sys.exit("needs ../shared/data/cub50 (the real CUB subset)")
-    study = Study(args)
-    for tag, manifest in cells(study).items():
-        run_cell(study, tag, manifest)
-    print_table(study)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+    runs, out = Path(args.runs_dir), Path(args.out)
+    runs.mkdir(parents=True, exist_ok=True)
+    record = json.loads(out.read_text()) if out.is_file() else {"results": {}}
+    version = code_version()
+    commit = (version["commit"] or "unknown")[:7] + ("+uncommitted changes" if version["dirty"] else "")
+    record.update(machine=f"{platform.machine()}, Python {platform.python_version()}", manifest="data_manifests/cub50.csv",
+                  reading="tf_efficientnet_lite0 offline ImageNet, 144 px flip-averaged (evaluate's reading of 128 px)",
+                  steps=args.steps, warmup_steps=args.warmup_steps, batch=BATCH,
+                  command="python benchmarks/bench_label_fraction.py " + " ".join(sys.argv[1:]))
+    for cell in args.cells:
+        manifest, features = manifest_of(cell, runs), None
+        row = record["results"].setdefault(cell, {})
+        for arm in args.arms:
+            if arm in row:
+                continue
+            start = time.perf_counter()
+            if arm in FEATURE_ARMS:
+                features = features or Features(manifest)
+                row.setdefault("labelled_images", len(features.xl))
+                row.setdefault("unlabelled_images", len(features.xu))
+                result = feature_arm(arm, features)
+            else:
+                result = Trained(args, cell, manifest).arm(arm)
+            row[arm] = {**result, "seconds": round(time.perf_counter() - start, 1), "commit": commit,
+                        "date": time.strftime("%Y-%m-%d")}
+            write_results(out, record, resumed=True)
+            print(json.dumps({cell: {arm: row[arm]}}), flush=True)
+    summary(record)
+
+
+def summary(record: dict) -> None:
+    """Each cell and arm as classifier / kNN top-1 (kNN with the named photos in the gallery where there are any)."""
+    arms = FEATURE_ARMS + TRAINED_ARMS
+    print(f"{'cell':>24s} " + " ".join(f"{a:>16s}" for a in arms))
+    for cell, row in record["results"].items():
+        cols = []
+        for arm in arms:
+            r = row.get(arm) or {}
+            knn = r.get("knn_pseudo_top1", r.get("knn_top1"))
+            cols.append(f"{r['classifier_top1']:.3f} / {knn:.3f}" if r else "-")
+        print(f"{cell:>24s} " + " ".join(f"{c:>16s}" for c in cols))
 
 
 if __name__ == "__main__":

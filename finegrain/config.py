@@ -432,7 +432,7 @@ class AuditConfig(FeatureConfig, StageConfig):
 class PseudoLabelConfig(BackboneOptions, FeatureConfig, StageConfig):
     """`finegrain pseudo-label`: name the manifest's unlabelled photos from its labelled ones, on fixed features.
 
-    Labelled photos are the train rows, candidates the 'unlabeled' rows. The rounds are chosen on a held-out part of
+    Labelled photos are the train rows, candidates the 'unlabeled' rows. The rounds are chosen on held-out parts of
     the labelled photos; the artifact's classifier is the probe refit on labelled + named photos.
     """
 
@@ -443,8 +443,8 @@ class PseudoLabelConfig(BackboneOptions, FeatureConfig, StageConfig):
     image_size: int | None = option(None, "Feature image side (default: 1.125 x the artifact's training size; 144 "
                                           "without --from, the reading of a 128 px model).", check=at_least(8))
     rounds: int = option(5, "Curriculum length N: round r names the r/N of each species' predicted photos the "
-                            "probe is surest of, then refits it; how many rounds to keep is chosen on a held-out "
-                            "part of the labelled photos.", check=at_least(1))
+                            "probe is surest of, then refits it; the most rounds within one standard error of the "
+                            "best held-out top-1 (five hold-outs of the labelled photos) are kept.", check=at_least(1))
     balance: bool = option(True, "Balance the probe's class probabilities (Sinkhorn-Knopp) so the named photos' "
                                  "species come in the labelled photos' proportions; turn off when the unlabelled "
                                  "photos are known to be spread very differently.")

@@ -11,9 +11,13 @@ the labelled photos' proportions (as in SwAV and transductive few-shot work), wh
 species from absorbing most photos. Photos outside `allowed` (unknown species by the open-set score)
 are never named and take no part in the balancing.
 
-The number of rounds is chosen by `choose_rounds` on a held-out part of the LABELLED photos (never on
-test labels): the rounds are run on the rest, the probe after each round is scored on the held-out
-photos, and the best round wins (ties: the later round, which names more photos).
+The number of rounds is chosen by `choose_rounds` on held-out parts of the LABELLED photos (never on
+test labels): over several draws of a stratified hold-out, the rounds are run on the rest and the probe
+after each round is scored on the held-out photos. The most rounds whose held-out top-1 is within one
+standard error of the best are kept (the one-standard-error rule of Breiman et al., CART 1984, here
+towards more rounds): the simulation runs on fewer labels than the real run, so its pseudo-labels are
+worse and it understates what later rounds gain; a round is dropped only when the held-out photos say
+it costs more than their noise.
 """
 
 from __future__ import annotations
@@ -117,22 +121,33 @@ def label_rounds(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes:
 
 
 def choose_rounds(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes: int, of: int, C: float,
-                  seed: int = 0, **kw) -> tuple[int, list[dict]]:
-    """(rounds in 0..of, table) with the best top-1 on a stratified hold-out of the labelled photos.
+                  seed: int = 0, draws: int = 5, **kw) -> tuple[int, list[dict]]:
+    """(rounds in 0..of, table) by the one-standard-error rule on `draws` stratified hold-outs of the labelled photos.
 
-    Table rows: rounds, held_top1 (rounds 0: the probe on the labels alone). With no class having two
-    labelled photos to hold out, nothing is chosen: (of, []).
+    Table rows: rounds, held_top1 (mean over every held-out photo of every draw; rounds 0: the probe on the labels
+    alone), behind_best (held_top1 of the best row minus this one) and se (standard error of that paired
+    difference). With no class having two labelled photos to hold out, nothing is chosen: (of, []).
     """
-    fit, held = stratified_holdout(yl, seed)
-    if not len(held):
-        return of, []
-    score = lambda probe: float((probe.predict(xl[held]) == yl[held]).mean())  # noqa: E731
-    base = _probe(xl[fit], yl[fit], num_classes=num_classes, C=C, seed=seed)
-    table = [{"rounds": 0, "held_top1": score(base)}]
-    label_rounds(xl[fit], yl[fit], xu, num_classes=num_classes, rounds=of, of=of, C=C, seed=seed,
-                 on_round=lambda r, probe: table.append({"rounds": r, "held_top1": score(probe)}), **kw)
-    best = max(table, key=lambda row: (row["held_top1"], row["rounds"]))
-    return best["rounds"], table
+    correct = [[] for _ in range(of + 1)]  # correct[r]: (held,) bool per draw, concatenated below
+    for draw in range(draws):
+        fit, held = stratified_holdout(yl, seed + draw)
+        if not len(held):
+            return of, []
+        hit = lambda r, probe: correct[r].append(probe.predict(xl[held]) == yl[held])  # noqa: E731
+        hit(0, _probe(xl[fit], yl[fit], num_classes=num_classes, C=C, seed=seed))
+        named = label_rounds(xl[fit], yl[fit], xu, num_classes=num_classes, rounds=of, of=of, C=C, seed=seed,
+                             on_round=hit, **kw).rounds
+        for r in range(named + 1, of + 1):  # rounds that named nothing keep the last classifier
+            correct[r].append(correct[named][-1])
+    hits = np.stack([np.concatenate(c) for c in correct]).astype(float)  # (of + 1, held photos of all draws)
+    best = int(hits.mean(1).argmax())
+    table = []
+    for r in range(of + 1):
+        gap = hits[best] - hits[r]
+        table.append({"rounds": r, "held_top1": float(hits[r].mean()), "behind_best": float(gap.mean()),
+                      "se": float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else 0.0})
+    chosen = max(row["rounds"] for row in table if row["behind_best"] <= row["se"])
+    return chosen, table
 
 
 @dataclass
@@ -178,4 +193,5 @@ def pseudo_label(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes:
     held = next((r["held_top1"] for r in table if r["rounds"] == chosen), None)
     return Found(labelling, labelling.probe, allowed, unknown_score, table, held,
                  table[0]["held_top1"] if table else None,
-                 "held-out labelled photos" if table else "not chosen (no species has 2 labels)")
+                 "5 hold-outs of the labelled photos, one-standard-error rule" if table
+                 else "not chosen (no species has 2 labels)")

@@ -6,6 +6,8 @@ POINT is where the process kills itself, without any cleanup (no finally blocks,
     step:N        just before optimizer step N+1 starts (N steps are done)
     checkpoint:N  in the middle of writing the N-th checkpoint: half its bytes are on disk
     artifact:N    in the middle of writing the artifact's weights (N is ignored)
+    features:N    when N batches of photo features are written, each flushed (extraction resumes from the file)
+    round:N       right after pseudo-label's N-th labelling round (those that choose the rounds count too)
 
 Only the test imports this; the package has no kill hooks of its own.
 """
@@ -69,6 +71,35 @@ def install(point: str, n: int) -> None:
             _half_write(to_bytes(tensors, metadata=metadata), path)
 
         artifacts.save_file = save_file
+    elif point == "features":
+        from finegrain.features import feature_file, store
+
+        feature_file.FLUSH_SECONDS = 0.0  # every batch reaches the disk before the next one starts
+
+        batches = store.feature_batches
+
+        def feature_batches(*args, **kwargs):
+            for i, batch in enumerate(batches(*args, **kwargs)):
+                if i == n:
+                    _die()
+                yield batch
+
+        store.feature_batches = feature_batches
+    elif point == "round":
+        from finegrain.curation import pseudo_labels
+
+        rounds, done = pseudo_labels.label_rounds, {"n": 0}
+
+        def label_rounds(*args, on_round=None, **kwargs):
+            def then(r, probe):
+                done["n"] += 1
+                if done["n"] == n:
+                    _die()
+                if on_round is not None:
+                    on_round(r, probe)
+            return rounds(*args, on_round=then, **kwargs)
+
+        pseudo_labels.label_rounds = label_rounds
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 from finegrain.artifacts import load_artifact
 from finegrain.cli import app
+from finegrain.data.split import keep_label_fraction
 from finegrain.errors import FinegrainError
+from finegrain.stages.pseudo_label import PSEUDO_LABELS_FILE
 
 KILLER = Path(__file__).with_name("killed_run.py")
 # 24 train images, batches of 8 -> 3 steps an epoch, 6 in all; checkpoints after steps 2, 3 (epoch end), 4, 6.
@@ -82,3 +84,31 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(_birds_master, tmp_
         assert torch.equal(resumed[k], expected[k]), k
     assert load_artifact(out).info["stage"] == stage
     assert not list(out.glob(".*.tmp")), "the resumed run should clear the dead run's temporary files"
+
+
+PSEUDO_LABEL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "36", "--batch-size", "4",
+                "--workers", "0", "--wandb", "disabled", "--rounds", "3"]
+
+
+@pytest.mark.parametrize("point", ["features:2", "round:4"])  # mid-extraction; while choosing the rounds
+def test_a_sigkilled_pseudo_label_run_run_again_names_the_photos_an_uninterrupted_one_names(birds, tmp_path, point):
+    keep_label_fraction(birds, 0.5, seed=0).save(birds.root / "few.csv")
+    args = lambda name: ["pseudo-label", "--manifest", str(birds.root / "few.csv"), "--out", str(tmp_path / name),  # noqa: E731
+                         "--features-dir", str(tmp_path / f"features-{name}"), *PSEUDO_LABEL]
+    r = CliRunner().invoke(app, args("whole"))
+    assert r.exit_code == 0, r.output
+    killed = subprocess.run([sys.executable, str(KILLER), point, *args("killed")], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "artifact.json").exists()
+
+    r = CliRunner().invoke(app, args("killed"))  # the same command again
+    assert r.exit_code == 0, r.output
+    if point.startswith("features"):
+        assert "resumes at photo 9 of" in r.output  # two batches of 4 were kept
+    whole, again = tmp_path / "whole", tmp_path / "killed"
+    assert (again / PSEUDO_LABELS_FILE).read_text() == (whole / PSEUDO_LABELS_FILE).read_text()
+    expected, resumed = _weights(whole), _weights(again)
+    for k in ("classifier.weight", "classifier.bias"):
+        assert torch.allclose(resumed[k], expected[k], atol=1e-5), k
+    assert load_artifact(again).info["pseudo_labels"] == load_artifact(whole).info["pseudo_labels"]
