@@ -49,7 +49,6 @@ import logging
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +244,6 @@ def main() -> None:
     if not (REPO.parent / "shared" / "data" / "cub50" / "images.txt").is_file():
         sys.exit("needs ../shared/data/cub50 (the real CUB subset)")
     logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
     runs, out = Path(args.runs_dir), Path(args.out)
     runs.mkdir(parents=True, exist_ok=True)
     record = json.loads(out.read_text()) if out.is_file() else {"results": {}}

@@ -297,11 +297,18 @@ def _run_supcon(config) -> None:
 def _run_evaluate(config) -> None:
     artifact = STAGES["evaluate"].run(config)
     if artifact is not None:
-        metrics = artifact.info["metrics"]
-        keys = ("classifier_top1", "knn_top1", "knn_pseudo_top1", "linear_top1", "recall_at_1", "map_at_r",
-                "open_set_auroc")
-        headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
-        out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{headline}")
+        out.print(f"report: {artifact.path / 'report' / 'index.html'}\n{_headline('evaluate', artifact.info['metrics'])}")
+
+
+HEADLINES = {"evaluate": ("classifier_top1", "knn_top1", "knn_pseudo_top1", "linear_top1", "recall_at_1", "map_at_r",
+                          "open_set_auroc"),
+             "pseudo_label": ("named", "held_top1", "held_top1_labels_only")}
+
+
+def _headline(stage: str, metrics: dict) -> str:
+    """A stage's main metrics on one line (a training stage's: its final loss and steps)."""
+    keys = HEADLINES.get(stage, ("final_loss", "steps"))
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
 
 
 def _run_audit(config) -> None:
@@ -445,9 +452,7 @@ def _run_pipeline(config: RunConfig) -> None:
         return
     table = Table("stage", "status", "folder", "headline")
     for r in results:
-        m = r.info.get("metrics") or {}
-        keys = ("knn_top1", "linear_top1", "recall_at_1", "map_at_r") if r.stage == "evaluate" else ("final_loss", "steps")
-        table.add_row(r.stage, r.status, str(r.path), ", ".join(f"{k} {m[k]:.4g}" for k in keys if m.get(k) is not None))
+        table.add_row(r.stage, r.status, str(r.path), _headline(r.stage, r.info.get("metrics") or {}))
     out.print(table)
     last = results[-1]
     if last.stage == "evaluate":
@@ -464,8 +469,10 @@ def _print_comparison(metrics_file: Path) -> None:
     metrics = json.loads(metrics_file.read_text())
     if metrics.get("chance") is None:
         return
-    keys = (["classifier_top1"] if metrics.get("classifier_top1") is not None else []) + ["knn_top1", "linear_top1"]
-    names = {"classifier_top1": "what predict names", "knn_top1": "kNN top-1", "linear_top1": "linear probe top-1"}
+    keys = [k for k in ("classifier_top1", "knn_top1", "knn_pseudo_top1", "linear_top1")
+            if k in ("knn_top1", "linear_top1") or metrics.get(k) is not None]
+    names = {"classifier_top1": "what predict names", "knn_top1": "kNN top-1",
+             "knn_pseudo_top1": "kNN + named photos", "linear_top1": "linear probe top-1"}
     table = Table("on the same test photos", *(names[k] for k in keys), title="Compared with")
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     table.add_row("chance", *(pct(metrics["chance"]) for _ in keys))

@@ -124,7 +124,11 @@ def test_a_pipeline_names_the_photos_then_evaluates_the_pseudo_label_artifact(fe
                          "cache_dir": str(tmp_path / "cache")},
             "stages": {"pseudo_label": {"image_size": 36, "rounds": 2}, "evaluate": {"embedding_map": False}}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
-    labelled, evaluated = run_pipeline(load_pipeline(tmp_path / "p.yaml"))
+    printed = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
+    assert printed.exit_code == 0, printed.output
+    assert "named " in printed.output and "held_top1 " in printed.output  # the pseudo_label stage's headline
+    assert "kNN + named" in printed.output and "what predict" in printed.output  # the comparison's columns
+    labelled, evaluated = run_pipeline(load_pipeline(tmp_path / "p.yaml"))  # reused from the run above
     assert labelled.stage == "pseudo_label" and labelled.info["pseudo_labels"]["of"] == 2
     assert evaluated.info["parent"]["path"] == str(labelled.path.resolve())
     assert evaluated.info["image_size"] == 36  # evaluate reads the photos as the classifier was fitted

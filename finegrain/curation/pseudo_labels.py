@@ -23,7 +23,6 @@ it costs more than their noise.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,10 +52,8 @@ class Labelling:
 
 
 def _probe(x: np.ndarray, y: np.ndarray, *, num_classes: int, C: float, seed: int) -> LinearProbe:
-    """The probe at a fixed C (sklearn's note that few photos a class look like regression targets is expected)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-        return fit_linear_probe(x, y, num_classes=num_classes, Cs=(C,), seed=seed)
+    """The probe at a fixed C."""
+    return fit_linear_probe(x, y, num_classes=num_classes, Cs=(C,), seed=seed)
 
 
 def balanced(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -175,9 +172,7 @@ def pseudo_label(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes:
 
     from finegrain.eval.open_set import fit_open_set
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-        C = fit_linear_probe(xl, yl, num_classes=num_classes, seed=seed).C_reg
+    C = fit_linear_probe(xl, yl, num_classes=num_classes, seed=seed).C_reg
     allowed, unknown_score = np.ones(len(xu), bool), np.zeros(len(xu), np.float32)
     reference = fit_open_set(torch.from_numpy(xl), torch.from_numpy(yl), keep=open_set_keep, seed=seed) \
         if open_set_keep < 1 else None

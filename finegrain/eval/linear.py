@@ -14,6 +14,7 @@ log = logging.getLogger("finegrain")
 # Bias of classes that had no training image: finite (fits float16, no NaN in a softmax or a
 # loss), far below any score a trained class reaches, so they are never predicted.
 ABSENT_CLASS_BIAS = -1.0e4
+FEW_PER_CLASS = "The number of unique classes is greater than 50%"  # sklearn's UserWarning; a few photos a class is normal here
 HOLDOUT_FRACTION = 0.2
 
 
@@ -89,12 +90,12 @@ def _fit_one(x: np.ndarray, y: np.ndarray, *, num_classes: int, C: float, max_it
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
+        warnings.simplefilter("always")  # record every warning; only the unexpected ones are passed on below
         clf.fit(scaler.transform(x), y)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         log.warning("linear probe: lbfgs did not converge in %d iterations (C=%g)", max_iter, C)
-    for w in caught:  # pass on anything else
-        if not issubclass(w.category, ConvergenceWarning):
+    for w in caught:  # pass on anything else but sklearn's guess that a few photos a class look like regression targets
+        if not issubclass(w.category, ConvergenceWarning) and not str(w.message).startswith(FEW_PER_CLASS):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     coef, intercept = clf.coef_, clf.intercept_
