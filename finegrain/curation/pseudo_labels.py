@@ -32,6 +32,8 @@ from finegrain.eval.linear import LinearProbe, fit_linear_probe, stratified_hold
 
 log = logging.getLogger("finegrain")
 
+HOLDOUT_DRAWS = 5  # hold-out draws of the labelled photos that choose the rounds
+
 
 @dataclass
 class Labelling:
@@ -118,7 +120,7 @@ def label_rounds(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes:
 
 
 def choose_rounds(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes: int, of: int, C: float,
-                  seed: int = 0, draws: int = 5, **kw) -> tuple[int, list[dict]]:
+                  seed: int = 0, draws: int = HOLDOUT_DRAWS, **kw) -> tuple[int, list[dict]]:
     """(rounds in 0..of, table) by the one-standard-error rule on `draws` stratified hold-outs of the labelled photos.
 
     Table rows: rounds, held_top1 (mean over every held-out photo of every draw; rounds 0: the probe on the labels
@@ -188,5 +190,5 @@ def pseudo_label(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray, *, num_classes:
     held = next((r["held_top1"] for r in table if r["rounds"] == chosen), None)
     return Found(labelling, labelling.probe, allowed, unknown_score, table, held,
                  table[0]["held_top1"] if table else None,
-                 "5 hold-outs of the labelled photos, one-standard-error rule" if table
+                 f"{HOLDOUT_DRAWS} hold-outs of the labelled photos, one-standard-error rule" if table
                  else "not chosen (no species has 2 labels)")
